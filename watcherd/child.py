@@ -1,0 +1,174 @@
+"""The OCR child: loads the engine once, then OCRs one file per request until told to stop.
+
+It is started as a fresh interpreter (`python -m watcherd.child`), never forked from a process
+that may hold CUDA state, in its own process group so the parent can SIGKILL it and anything it
+started. It talks to the parent over two dedicated pipes with length-framed JSON messages; its
+stdout goes to stderr, because models print (DeepSeek-OCR streams its text to stdout).
+
+Every reply carries the request's id. The child never writes outputs or moves files: if it is
+killed at any instant, the parent still holds everything it needs to finish the file.
+
+Messages, child → parent:
+  ready {engine, model, device, load_time, pid}      | load_failed {detail, config_error}
+  pages {id, count, sha256, kind}                    (the file opened; the clock restarts)
+  page_start {id, page}                              (the parent restarts the page clock)
+  page {id, page, text, processing_time, size, resized_from}
+  done {id, gpu_info_before, gpu_info_after}         | failed {id, code, detail, sha256}
+parent → child: ocr {id, path} | idle {} (queue drained: clear the cache) | exit {}
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import os
+import signal
+import sys
+import time
+import traceback
+from multiprocessing.connection import Connection
+from typing import Any
+
+from . import gpu
+from .engines import EngineNotFound, resolve
+from .pages import Document, InputError
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """If the daemon is SIGKILLed, take the child (and its GPU memory) down with it."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+class Child:
+    def __init__(self, conn_in: Connection, conn_out: Connection, spec: dict[str, Any]):
+        self.conn_in = conn_in
+        self.conn_out = conn_out
+        self.spec = spec
+        self.engine: Any = None
+        self.files_done = 0
+
+    def send(self, op: str, **fields: Any) -> None:
+        self.conn_out.send_bytes(json.dumps({"op": op, **fields}).encode())
+
+    def load(self) -> bool:
+        started = time.monotonic()
+        try:
+            engine_class = resolve(self.spec["engine"])
+        except EngineNotFound as exc:
+            self.send("load_failed", detail=str(exc), config_error=True)
+            return False
+        try:
+            self.engine = engine_class(
+                model=self.spec.get("model"),
+                prompt=self.spec.get("prompt"),
+                device=self.spec.get("device"),
+                **self.spec.get("options", {}),
+            )
+        except Exception as exc:  # noqa: BLE001 - any engine failure is reported, then we exit
+            detail = f"{type(exc).__name__}: {exc}"
+            traceback.print_exc()
+            self.send("load_failed", detail=detail, config_error=isinstance(exc, TypeError))
+            return False
+        self.send(
+            "ready",
+            engine=self.spec["engine"],
+            model=getattr(self.engine, "model", None) or self.spec.get("model"),
+            device=self.spec.get("device"),
+            load_time=round(time.monotonic() - started, 3),
+            pid=os.getpid(),
+        )
+        return True
+
+    def serve(self) -> None:
+        while True:
+            try:
+                message = json.loads(self.conn_in.recv_bytes())
+            except EOFError:
+                return  # the parent closed the pipe: we are done
+            op = message["op"]
+            if op == "ocr":
+                self.ocr_file(message["id"], message["path"])
+            elif op == "idle":
+                gpu.clear_cache(self.engine)
+            elif op == "exit":
+                return
+
+    def ocr_file(self, request_id: int, path: str) -> None:
+        sha256 = None
+        try:
+            with open(path, "rb", opener=_open_nofollow) as f:
+                data = f.read(self.spec["max_file_bytes"] + 1)
+            if len(data) > self.spec["max_file_bytes"]:
+                raise InputError("too_large", f"larger than ocr.max_file_mb ({self.spec['max_file_mb']:g} MB)")
+            sha256 = hashlib.sha256(data).hexdigest()
+            document = Document(data, max_side_px=self.spec["max_side_px"], max_pages=self.spec["max_pages"])
+            del data
+            self.send("pages", id=request_id, count=len(document), sha256=sha256, kind=document.kind)
+            before = gpu.info(self.engine)
+            for page in document:
+                self.send("page_start", id=request_id, page=page.number)
+                started = time.monotonic()
+                try:
+                    text = self.engine.ocr(page.image)
+                except Exception as exc:  # noqa: BLE001 - MemoryError included: the model's failure
+                    traceback.print_exc()
+                    raise _EngineError(f"{type(exc).__name__}: {exc}") from None
+                if not isinstance(text, str):
+                    raise _EngineError(f"engine returned {type(text).__name__}, not text")
+                self.send(
+                    "page",
+                    id=request_id,
+                    page=page.number,
+                    text=text,
+                    processing_time=round(time.monotonic() - started, 3),
+                    size=list(page.size),
+                    resized_from=list(page.resized_from) if page.resized_from else None,
+                )
+            self.files_done += 1
+            if self.files_done % self.spec["clear_cache_every"] == 0:
+                gpu.clear_cache(self.engine)
+            self.send("done", id=request_id, gpu_info_before=before, gpu_info_after=gpu.info(self.engine))
+        except InputError as exc:
+            self.send("failed", id=request_id, code=exc.code, detail=exc.detail, sha256=sha256)
+        except _EngineError as exc:
+            self.send("failed", id=request_id, code="engine_error", detail=str(exc), sha256=sha256)
+        except OSError as exc:
+            self.send("failed", id=request_id, code="unreadable", detail=f"{exc.strerror or exc}", sha256=sha256)
+        except MemoryError:
+            self.send("failed", id=request_id, code="too_large", detail="out of memory decoding it", sha256=sha256)
+
+
+class _EngineError(Exception):
+    pass
+
+
+def _open_nofollow(path: str, flags: int) -> int:
+    return os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK)
+
+
+def main() -> None:
+    _die_with_parent()
+    fd_in, fd_out = int(sys.argv[1]), int(sys.argv[2])
+    spec = json.loads(sys.argv[3])
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in a terminal is the parent's to handle
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    child = Child(Connection(fd_in, writable=False), Connection(fd_out, readable=False), spec)
+    if not child.load():
+        sys.exit(3)
+    child.serve()
+    close = getattr(child.engine, "close", None)
+    if close is not None:
+        close()
+
+
+if __name__ == "__main__":
+    main()

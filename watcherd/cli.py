@@ -1,0 +1,211 @@
+"""Command line: `watcherd run | check | ocr FILE...` (DESIGN §4).
+
+Exit codes: 0 fine; 1 something failed (a file, a check, the engine at run time); 78 (EX_CONFIG)
+the configuration is wrong — systemd's RestartPreventExitStatus=78 keeps that from looping.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from multiprocessing.connection import wait
+from pathlib import Path
+
+from . import __version__, logs, mounts, settings as settings_mod
+from .outputs import now_iso
+from .settings import EX_CONFIG, ConfigError, Settings
+from .spool import Job
+from .supervisor import CHILD_BOOTSTRAP, PACKAGE_ROOT, EngineLoadError, Outcome, Worker
+
+log = logging.getLogger("watcherd")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="watcherd", description="OCR hot-folder daemon")
+    parser.add_argument("--version", action="version", version=f"watcherd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (("run", "run the daemon in the foreground"),
+                            ("check", "validate config, folders, permissions and engine")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--config", help="config file (default: $WATCHERD_CONFIG or /etc/watcherd/watcherd.yaml)")
+    p = sub.add_parser("ocr", help="OCR files now through the supervised child; prints JSON")
+    p.add_argument("files", nargs="+", type=Path)
+    p.add_argument("--config", help="config file for the ocr.* settings (optional)")
+    p.add_argument("--engine", help="override ocr.engine")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "run":
+            return cmd_run(args)
+        if args.command == "check":
+            return cmd_check(args)
+        return cmd_ocr(args)
+    except ConfigError as exc:
+        print(f"watcherd: configuration error: {exc}", file=sys.stderr)
+        return EX_CONFIG
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .service import Service
+
+    settings = settings_mod.load(args.config)
+    logs.setup(settings.logging.level)
+    settings.require_paths()
+    _prepare_folders(settings)
+    try:
+        return Service(settings).run()
+    except EngineLoadError as exc:
+        if exc.config_error:
+            log.critical("Cannot load the OCR engine (check ocr.engine and ocr.options): %s", exc)
+            return EX_CONFIG
+        log.critical("The OCR engine keeps failing to load, giving up: %s", exc)
+        return 1
+
+
+def _prepare_folders(settings: Settings) -> None:
+    inbox = settings.paths.inbox
+    assert inbox is not None
+    if not inbox.is_dir():
+        raise ConfigError(f"{inbox} is not an existing folder", key="paths.inbox", source=settings.source)
+    for key in ("outbox", "failed", "archive"):
+        folder = getattr(settings.paths, key)
+        if folder is None:
+            continue
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot create {folder}: {exc.strerror}", key=f"paths.{key}",
+                              source=settings.source) from None
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    settings = settings_mod.load(args.config)
+    settings.require_paths()
+    print(f"ok    config        {settings.source}")
+    failures = 0
+
+    def report(ok: bool, what: str, detail: str) -> None:
+        nonlocal failures
+        failures += not ok
+        print(f"{'ok  ' if ok else 'FAIL'}  {what:<13} {detail}")
+
+    inbox = settings.paths.inbox
+    assert inbox is not None
+    report(*_check_inbox(inbox))
+    for key in ("outbox", "failed", "archive"):
+        folder = getattr(settings.paths, key)
+        if folder is not None:
+            report(*_check_writable(folder, f"paths.{key}"))
+    fstype = mounts.filesystem_type(inbox) if inbox.exists() else "?"
+    mode = "polling" if settings.watch.mode == "polling" else "events"
+    report(True, "watch", f"{mode} (watch.mode: {settings.watch.mode}; inbox filesystem: {fstype})")
+    report(*_check_engine(settings))
+    return 0 if failures == 0 else 1
+
+
+def _check_inbox(inbox: Path) -> tuple[bool, str, str]:
+    if not inbox.is_dir():
+        return False, "paths.inbox", f"{inbox}: not an existing folder"
+    try:
+        work = inbox / ".watcherd"
+        work.mkdir(exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=inbox, prefix=".watcherd-check-")
+        os.close(fd)
+        moved = work / os.path.basename(probe)
+        os.rename(probe, moved)  # what claiming does
+        os.unlink(moved)  # what on_success: delete does
+    except OSError as exc:
+        return False, "paths.inbox", f"{inbox}: cannot create, rename and delete files: {exc.strerror}"
+    return True, "paths.inbox", f"{inbox} (create, rename, delete: allowed)"
+
+
+def _check_writable(folder: Path, key: str) -> tuple[bool, str, str]:
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return False, key, f"{folder}: no write permission on {existing}"
+    note = "" if existing == folder else " (will be created)"
+    return True, key, f"{folder}{note}"
+
+
+def _check_engine(settings: Settings) -> tuple[bool, str, str]:
+    python = settings.ocr.python or sys.executable
+    probe = f"{CHILD_BOOTSTRAP.split('; runpy')[0]}; from watcherd.engines import resolve; print(resolve(sys.argv[1]))"
+    try:
+        result = subprocess.run([python, "-c", probe, PACKAGE_ROOT, settings.ocr.engine], capture_output=True,
+                                text=True, timeout=settings.ocr.load_timeout_s)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return False, "ocr.engine", f"cannot run {python}: {exc}"
+    if result.returncode != 0:
+        last = (result.stderr.strip().splitlines() or ["?"])[-1]
+        return False, "ocr.engine", last
+    return True, "ocr.engine", f"{settings.ocr.engine} imports under {python}"
+
+
+def cmd_ocr(args: argparse.Namespace) -> int:
+    from .service import document_for, precheck
+
+    explicit = args.config or os.environ.get("WATCHERD_CONFIG")
+    if explicit or settings_mod.DEFAULT_CONFIG.exists():
+        settings = settings_mod.load(explicit)
+    else:
+        settings = settings_mod.from_dict({})
+    if args.engine:
+        settings = dataclasses.replace(settings, ocr=dataclasses.replace(settings.ocr, engine=args.engine))
+    logs.setup("warning" if len(args.files) > 1 else settings.logging.level)
+    worker = Worker(ocr=settings.ocr, gpu=settings.gpu)
+    documents = []
+    progress = None
+    if len(args.files) > 1:
+        from tqdm import tqdm
+
+        progress = tqdm(total=len(args.files), unit="file", file=sys.stderr)
+    try:
+        worker.spawn()
+        for path in args.files:
+            job = Job(rel=path.name, path=Path(os.path.abspath(path)), received_at=now_iso())
+            outcome = (precheck(job, settings) if os.path.lexists(path)
+                       else Outcome(job=job, ok=False, code="unreadable", detail="no such file"))
+            outcome = outcome or _run_one(worker, job)
+            document, _ = document_for(outcome, settings=settings, received_at=job.received_at)
+            document["image_path"] = str(job.path)
+            documents.append(document)
+            if progress is not None:
+                progress.update()
+    except EngineLoadError as exc:
+        print(f"watcherd: cannot load the OCR engine: {exc}", file=sys.stderr)
+        return EX_CONFIG if exc.config_error else 1
+    finally:
+        worker.stop()
+        if progress is not None:
+            progress.close()
+    output = documents[0] if len(documents) == 1 else documents
+    print(json.dumps(output, ensure_ascii=False, indent=2))
+    return 0 if all(d["status"] == "ok" for d in documents) else 1
+
+
+def _run_one(worker: Worker, job: Job) -> Outcome:
+    """Drive one file through the worker, respawning and retrying exactly as the daemon does."""
+    assigned = False
+    while True:
+        if worker.ready and not assigned:
+            worker.assign(job)
+            assigned = True
+        due = worker.next_wakeup()
+        timeout = None if due is None else max(0.0, due - worker.clock())
+        if worker.conn_in is not None:
+            wait([worker], timeout)
+        elif timeout:
+            time.sleep(timeout)  # a crashed child's respawn backoff
+        for outcome in worker.pump() + worker.tick():
+            if outcome.retry:
+                assigned = False
+            else:
+                return outcome

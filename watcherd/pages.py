@@ -1,0 +1,133 @@
+"""Turn a file's bytes into page images. Runs in the child only: decoding hostile files is work
+that may crash or blow up memory, and the child is the process we can afford to lose.
+
+Decoding is by content (`formats.sniff`), so a PNG named `.jpg` still works and a text file named
+`.jpg` is `unsupported_type`. Pillow's decompression-bomb guard is strict here (its warning is an
+error), and `max_pages` / `max_side_px` bound the work per file.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from struct import error as struct_error  # Pillow lets it escape on some damaged headers
+
+from PIL import Image, ImageOps
+
+from . import formats
+
+PDF_DPI = 200  # enough for OCR of 8-10 pt text; A4 renders at 1654 x 2339
+
+
+class InputError(Exception):
+    """The file itself is the problem; `code` is one of the DESIGN §5 error codes."""
+
+    def __init__(self, code: str, detail: str):
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
+
+
+@dataclass
+class Page:
+    number: int
+    image: Image.Image
+    size: tuple[int, int]
+    resized_from: tuple[int, int] | None
+
+
+class Document:
+    """An opened file: `len(doc)` pages, iterated lazily so a 500-page PDF is never all in memory."""
+
+    def __init__(self, data: bytes, *, max_side_px: int, max_pages: int):
+        self.max_side_px = max_side_px
+        if not data:
+            raise InputError("unreadable", "empty file (0 bytes)")
+        self.kind = formats.sniff(data[: formats.SNIFF_BYTES])
+        self._pdf = None
+        self._image: Image.Image | None = None
+        if self.kind == "pdf":
+            self._open_pdf(data)
+        else:
+            self._open_image(data)
+        if self.count > max_pages:
+            raise InputError("too_large", f"{self.count} pages, more than ocr.max_pages ({max_pages})")
+
+    def _open_pdf(self, data: bytes) -> None:
+        import pypdfium2 as pdfium
+
+        try:
+            self._pdf = pdfium.PdfDocument(data)
+        except pdfium.PdfiumError as exc:
+            raise InputError("unreadable", f"PDF cannot be opened: {exc}") from None
+        self.count = len(self._pdf)
+        if self.count == 0:
+            raise InputError("unreadable", "PDF has no pages")
+
+    def _open_image(self, data: bytes) -> None:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                self._image = Image.open(io.BytesIO(data))
+                self.count = getattr(self._image, "n_frames", 1)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise InputError("too_large", str(exc)) from None
+        except Image.UnidentifiedImageError:
+            if self.kind is None:
+                start = data[:16]
+                raise InputError("unsupported_type", f"not an image or PDF (starts with {start!r})") from None
+            raise InputError("unreadable", f"{self.kind.upper()} header is damaged") from None
+        except (OSError, ValueError, SyntaxError, struct_error) as exc:
+            raise InputError("unreadable", f"{type(exc).__name__}: {exc}") from None
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self) -> Iterator[Page]:
+        for index in range(self.count):
+            yield self._render_pdf(index) if self._pdf is not None else self._decode_frame(index)
+
+    def _render_pdf(self, index: int) -> Page:
+        import pypdfium2 as pdfium
+
+        assert self._pdf is not None
+        try:
+            page = self._pdf[index]
+            width_pt, height_pt = page.get_size()
+            scale = PDF_DPI / 72
+            nominal = (round(width_pt * scale), round(height_pt * scale))
+            resized_from = None
+            if max(nominal) > self.max_side_px:
+                scale = self.max_side_px / max(width_pt, height_pt)
+                resized_from = nominal
+            image = page.render(scale=scale).to_pil().convert("RGB")
+        except pdfium.PdfiumError as exc:
+            raise InputError("unreadable", f"PDF page {index + 1} cannot be rendered: {exc}") from None
+        return Page(index + 1, image, image.size, resized_from)
+
+    def _decode_frame(self, index: int) -> Page:
+        assert self._image is not None
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                self._image.seek(index)
+                frame = ImageOps.exif_transpose(self._image)  # scanners and phones rotate by EXIF
+                frame = _to_rgb(frame)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise InputError("too_large", str(exc)) from None
+        except (OSError, ValueError, SyntaxError, EOFError, struct_error) as exc:
+            raise InputError("unreadable", f"page {index + 1}: {type(exc).__name__}: {exc}") from None
+        resized_from = None
+        if max(frame.size) > self.max_side_px:
+            resized_from = frame.size
+            frame.thumbnail((self.max_side_px, self.max_side_px), Image.Resampling.LANCZOS)
+        return Page(index + 1, frame, frame.size, resized_from)
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16-bit greyscale scans
+        image = image.convert("I").point(lambda v: v / 256).convert("L")
+    return image.convert("RGB")
+
