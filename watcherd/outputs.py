@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 NAME_MAX = 255  # bytes, for ext4, xfs, btrfs, SMB and NFS alike
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # mkstemp makes 0600 files; outputs get the mode the umask (UMask=) asks for
 
 ERROR_CODES = (
     "timeout",
@@ -161,6 +163,7 @@ def write_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:200]}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

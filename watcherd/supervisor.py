@@ -176,13 +176,16 @@ class Worker:
             self.proc.wait(timeout=grace_s if self.state == "idle" else 0)
         except (OSError, subprocess.TimeoutExpired):
             pass
-        self._reap(kill=True)
+        self._reap(kill=True, reason="stopping" if self.proc.poll() is None else None)
 
-    def kill(self) -> None:
-        self._reap(kill=True)
+    def kill(self, reason: str = "stopping") -> None:
+        self._reap(kill=True, reason=reason)
 
-    def _reap(self, *, kill: bool) -> int | None:
-        """Make sure the child and its process group are gone; return its exit status."""
+    def _reap(self, *, kill: bool, reason: str | None = None) -> int | None:
+        """Make sure the child and its process group are gone; return its exit status.
+
+        `reason` says why we killed it, so the log does not blame the child for our SIGKILL.
+        """
         proc = self.proc
         if proc is None:
             return None
@@ -206,8 +209,8 @@ class Worker:
         self.proc = self.conn_in = self.conn_out = None
         self.state = "stopped"
         self.deadline = None
-        self.on_event("child_exited", f"OCR child {proc.pid} {describe_exit(returncode)}",
-                      child_pid=proc.pid, level=logging.INFO)
+        how = f"killed by watcherd ({reason})" if reason else describe_exit(returncode)
+        self.on_event("child_exited", f"OCR child {proc.pid} {how}", child_pid=proc.pid, level=logging.INFO)
         return returncode
 
     def fileno(self) -> int:
@@ -305,7 +308,7 @@ class Worker:
         return None
 
     def _load_failed(self, detail: str, *, config_error: bool) -> None:
-        self._reap(kill=True)
+        self._reap(kill=True, reason="engine load failed")
         self.load_failures += 1
         if config_error or self.load_failures >= LOAD_RETRIES:
             raise EngineLoadError(detail, config_error=config_error)
@@ -355,7 +358,7 @@ class Worker:
         self.on_event("timeout", f"{job.rel}: page {self.current_page or 1} exceeded ocr.timeout_s "
                       f"({self.ocr.timeout_s:g} s); killing OCR child {pid}",
                       source=job.rel, child_pid=pid, level=logging.WARNING)
-        self._reap(kill=True)
+        self._reap(kill=True, reason=f"page timeout on {job.rel}")
         self.next_spawn_at = now  # respawn at once; the load is not charged to the next file
         return [Outcome(job=job, ok=False, code="timeout", detail=f"page {self.current_page or 1}, "
                         f"{elapsed:g} s", sha256=self._sha256, processing_time=elapsed,

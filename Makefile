@@ -1,0 +1,19 @@
+# The two commands (README.md): `make run` and `make test`. Both set up what they need.
+.PHONY: run test setup setup-test check
+
+run: setup
+	mkdir -p var/inbox
+	.venv/bin/watcherd run --config config/local.yaml
+
+test: setup-test
+	.venv/bin/python -m pytest $(PYTEST_ARGS)
+
+check: setup
+	mkdir -p var/inbox
+	.venv/bin/watcherd check --config config/local.yaml
+
+setup:
+	scripts/setup
+
+setup-test:
+	scripts/setup --test

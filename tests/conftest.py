@@ -1,0 +1,155 @@
+"""Fixtures that run the real daemon as a process on real folders.
+
+Tests wait on conditions with deadlines (`wait_until`), never on fixed sleeps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import yaml
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLES = REPO.parent / "shared" / "samples"
+
+
+def wait_until(condition: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
+    """Poll `condition` until it returns something truthy; fail the test after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def make_image(path: Path, width: int = 64, height: int = 48, fmt: str | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (width, height), "white").save(path, format=fmt or "PNG")
+    return path
+
+
+class Daemon:
+    """One `watcherd run` process over folders in a temp dir."""
+
+    def __init__(self, root: Path, **overrides: Any):
+        self.root = root
+        self.inbox = root / "inbox"
+        self.outbox = root / "outbox"
+        self.failed = root / "failed"
+        self.archive = root / "archive"
+        self.inbox.mkdir(parents=True, exist_ok=True)
+        self.config_path = root / "watcherd.yaml"
+        self.log_path = root / "daemon.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.configure(**overrides)
+
+    def configure(self, **overrides: Any) -> None:
+        config: dict[str, Any] = {
+            "paths": {k: str(getattr(self, k)) for k in ("inbox", "outbox", "failed", "archive")},
+            "watch": {"settle_s": 0.3, "mode": "events"},
+            "ocr": {"engine": "tests.engines:Echo", "timeout_s": 20},
+            "output": {"locale": "en"},
+        }
+        for section, values in overrides.items():
+            config.setdefault(section, {}).update(values)
+        self.config_path.write_text(yaml.safe_dump(config, allow_unicode=True))
+
+    def start(self, wait_ready: bool = True, env: dict[str, str] | None = None) -> Daemon:
+        self._log = open(self.log_path, "ab")
+        self._log_start = self.log_path.stat().st_size
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "watcherd", "run", "--config", str(self.config_path)],
+            cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+        )
+        if wait_ready:
+            wait_until(lambda: " ready: " in self.log() or self.proc.poll() is not None, 60, "the child to load")
+            assert self.proc.poll() is None, self.log()
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_bytes()[self._log_start:].decode("utf-8", "replace")
+
+    def child_pids(self) -> list[int]:
+        """Every OCR child this daemon started, oldest first, from its log."""
+        text = self.log_path.read_text("utf-8", "replace")
+        return [int(line.split("(pid ")[1].split(",")[0]) for line in text.splitlines()
+                if "OCR child started (pid " in line]
+
+    def child_pid(self) -> int:
+        pids = self.child_pids()
+        assert pids, self.log()
+        return pids[-1]
+
+    def results(self, folder: Path | None = None) -> list[Path]:
+        folder = folder or self.outbox
+        return sorted(p for p in folder.rglob("*.json") if not p.name.startswith(".")) if folder.exists() else []
+
+    def wait_json(self, name: str, folder: Path | None = None, timeout: float = 30) -> dict[str, Any]:
+        """Wait for `<name>.json` in the outbox or failed folder (folder=None: either)."""
+        folders = [folder] if folder else [self.outbox, self.failed]
+
+        def find() -> Path | None:
+            for f in folders:
+                if (f / f"{name}.json").exists():
+                    return f / f"{name}.json"
+            return None
+
+        path = wait_until(find, timeout, f"{name}.json ({self.log()[-2000:]})")
+        return json.loads(path.read_bytes())
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            code = self.proc.wait(timeout=timeout)
+        finally:
+            self._log.close()
+        return code
+
+
+@pytest.fixture
+def daemon_factory(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
+    daemons: list[Daemon] = []
+
+    def make(**overrides: Any) -> Daemon:
+        d = Daemon(tmp_path, **overrides)
+        daemons.append(d)
+        return d
+
+    yield make
+    for d in daemons:
+        if d.alive():
+            d.stop(signal.SIGKILL)
+    for d in daemons:  # a leaked OCR child would hold GPU memory in production
+        wait_until(lambda: all(gone_or_zombie(pid) for pid in d.child_pids()), 10, "OCR children to exit")
+
+
+def gone_or_zombie(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+@pytest.fixture
+def samples() -> Path:
+    assert (SAMPLES / "truth.json").exists(), f"sample scans missing: {SAMPLES}"
+    return SAMPLES

@@ -1,0 +1,75 @@
+"""Fake engines for tests, chosen by configuration (`ocr.engine: "tests.engines:Hang"`).
+
+Each one behaves like a model for ordinary pages and misbehaves only on a page whose width is its
+trigger, so one daemon can show a bad page costing one file and the next file succeeding.
+Echo's text is "echo <width>x<height>", which lets tests check which page went where.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+from PIL import Image
+
+HANG_WIDTH = 17
+SEGFAULT_WIDTH = 13
+
+
+class Echo:
+    def __init__(self, *, model: Any = None, prompt: Any = None, device: Any = None, **options: Any):
+        self.model = model or "echo"
+        self.delay_s = float(options.get("delay_s", 0))
+
+    def ocr(self, image: Image.Image) -> str:
+        if self.delay_s:
+            time.sleep(self.delay_s)  # a model that takes this long per page
+        return f"echo {image.width}x{image.height}"
+
+
+class Hang(Echo):
+    """Hangs inside native code with every signal blocked, after starting a grandchild: only a
+    SIGKILL of the whole process group ends it (what SIGALRM-based timeouts never managed)."""
+
+    def ocr(self, image: Image.Image) -> str:
+        if image.width != HANG_WIDTH:
+            return super().ocr(image)
+        subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
+        signal.pthread_sigmask(signal.SIG_BLOCK, set(signal.Signals) - {signal.SIGKILL, signal.SIGSTOP})
+        libc = ctypes.CDLL(None)
+        while True:
+            libc.pause()
+
+
+class Segfault(Echo):
+    def ocr(self, image: Image.Image) -> str:
+        if image.width == SEGFAULT_WIDTH:
+            ctypes.string_at(0)  # SIGSEGV in native code
+        return super().ocr(image)
+
+
+class Slow(Echo):
+    """Sleeps `seconds` on every page (default 3600): a file stays in the child until killed."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.seconds = float(kwargs.get("seconds", 3600))
+
+    def ocr(self, image: Image.Image) -> str:
+        time.sleep(self.seconds)
+        return super().ocr(image)
+
+
+class Broken:
+    """Cannot load: the model folder is missing."""
+
+    def __init__(self, **kwargs: Any):
+        raise FileNotFoundError("model folder /nonexistent not found")
+
+    def ocr(self, image: Image.Image) -> str:  # pragma: no cover
+        raise AssertionError

@@ -1,0 +1,106 @@
+"""Configuration errors: one clear message naming the key and the file, exit code 78."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, make_image
+from watcherd import settings
+
+
+def run_watcherd(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "watcherd", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=60, env=env)
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    (tmp_path / "inbox").mkdir(exist_ok=True)
+    path = tmp_path / "watcherd.yaml"
+    path.write_text(text.replace("ROOT", str(tmp_path)))
+    return path
+
+
+GOOD = """
+paths: {inbox: ROOT/inbox, outbox: ROOT/outbox, failed: ROOT/failed, archive: ROOT/archive}
+"""
+
+
+@pytest.mark.parametrize(
+    ("extra", "key", "words"),
+    [
+        ("ocr: {timeout: 5}", "ocr.timeout", "unknown key"),
+        ("ocr: {timeout_s: soon}", "ocr.timeout_s", "expected a number"),
+        ("watch: {mode: inotify}", "watch.mode", "must be one of auto | events | polling"),
+        ("watch: {include: '*.jpg'}", "watch.include", "expected a list"),
+        ("gpu: {max_usage_percent: 120}", "gpu.max_usage_percent", "(0, 100]"),
+        ("output: {on_success: keep}", "output.on_success", "archive | delete"),
+        ("logging: {level: 3}", "logging.level", "must be one of"),
+        ("scanner: {}", "scanner", "unknown key"),
+    ],
+)
+def test_bad_values_exit_78_naming_the_key_and_file(tmp_path: Path, extra: str, key: str, words: str) -> None:
+    config = write(tmp_path, GOOD + extra)
+    result = run_watcherd("run", "--config", str(config))
+    assert result.returncode == 78
+    message = result.stderr.strip()
+    assert len(message.splitlines()) == 1, message
+    assert f"{config}: {key}:" in message and words in message
+
+
+def test_missing_paths_and_loops_are_refused(tmp_path: Path) -> None:
+    config = write(tmp_path, "paths: {inbox: ROOT/inbox, failed: ROOT/failed, archive: ROOT/a}")
+    result = run_watcherd("run", "--config", str(config))
+    assert result.returncode == 78 and "paths.outbox: is required" in result.stderr
+
+    config = write(tmp_path, "paths: {inbox: ROOT/inbox, outbox: ROOT/inbox/out, failed: ROOT/f, archive: ROOT/a}")
+    result = run_watcherd("run", "--config", str(config))
+    assert result.returncode == 78 and "paths.outbox" in result.stderr and "inside the inbox" in result.stderr
+
+    config = write(tmp_path, "paths: {inbox: ROOT/nowhere, outbox: ROOT/o, failed: ROOT/f, archive: ROOT/a}")
+    result = run_watcherd("run", "--config", str(config))
+    assert result.returncode == 78 and "paths.inbox" in result.stderr
+
+
+def test_unloadable_engine_is_a_config_error(tmp_path: Path) -> None:
+    config = write(tmp_path, GOOD + "ocr: {engine: 'tests.engines:Missing'}")
+    waiting = make_image(tmp_path / "inbox" / "waiting.png")
+    result = run_watcherd("run", "--config", str(config))
+    assert result.returncode == 78
+    assert "ocr.engine" in result.stderr and "Missing" in result.stderr
+    assert waiting.exists()  # files stay in the inbox while no engine can take them
+
+
+def test_config_from_environment_and_ocr_timeout_override(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = write(tmp_path, GOOD + "ocr: {timeout_s: 300}")
+    monkeypatch.setenv("WATCHERD_CONFIG", str(config))
+    monkeypatch.setenv("OCR_TIMEOUT", "42")
+    loaded = settings.load()
+    assert loaded.ocr.timeout_s == 42.0
+    assert loaded.paths.inbox == tmp_path / "inbox"
+    monkeypatch.setenv("OCR_TIMEOUT", "never")
+    with pytest.raises(settings.ConfigError, match="OCR_TIMEOUT"):
+        settings.load()
+
+
+def test_the_documented_example_config_is_complete_and_valid() -> None:
+    example = settings.load(REPO / "config" / "watcherd.yaml", env={})
+    assert example == settings.Settings(
+        paths=settings.PathsSettings(Path("/srv/ocr/inbox"), Path("/srv/ocr/outbox"), Path("/srv/ocr/failed"),
+                                     Path("/srv/ocr/archive")),
+        source=example.source,
+    ), "config/watcherd.yaml must list every key with its default"
+
+
+def test_check_reports_folders_and_engine(tmp_path: Path) -> None:
+    config = write(tmp_path, GOOD + "ocr: {engine: 'tests.engines:Echo'}")
+    result = run_watcherd("check", "--config", str(config))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "create, rename, delete: allowed" in result.stdout
+    assert "tests.engines:Echo imports" in result.stdout
+    config = write(tmp_path, GOOD + "ocr: {engine: 'nosuchpackage:Engine'}")
+    result = run_watcherd("check", "--config", str(config))
+    assert result.returncode == 1 and "FAIL  ocr.engine" in result.stdout

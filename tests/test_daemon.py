@@ -1,0 +1,262 @@
+"""The real daemon, end to end: real processes, real files, real children killed from outside."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import struct
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import psutil
+
+from tests.conftest import Daemon, gone_or_zombie, make_image, wait_until
+from tests.engines import HANG_WIDTH, SEGFAULT_WIDTH
+
+
+def cer(expected: str, actual: str) -> float:
+    """Character error rate after removing whitespace (Levenshtein distance / length)."""
+    a, b = "".join(expected.split()), "".join(actual.split())
+    previous = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        current = [i]
+        for j, cb in enumerate(b, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb)))
+        previous = current
+    return previous[-1] / max(1, len(a))
+
+
+def test_samples_are_read_by_the_embedded_engine(daemon_factory, samples: Path) -> None:
+    daemon = daemon_factory(ocr={"engine": "rapidocr", "timeout_s": 120}).start()
+    truth = json.loads((samples / "truth.json").read_text())
+    for name in truth:
+        shutil.copy(samples / name, daemon.inbox / name)
+    for name, pages in truth.items():
+        result = daemon.wait_json(name, daemon.outbox, timeout=120)
+        assert result["status"] == "ok"
+        assert result["engine"] == "rapidocr"
+        assert [p["page"] for p in result["pages"]] == list(range(1, len(pages) + 1))
+        for expected, page in zip(pages, result["pages"]):
+            assert cer(expected, page["text"]) <= 0.02, (name, page["text"])
+        assert result["sha256"] == hashlib.sha256((daemon.archive / name).read_bytes()).hexdigest()
+        assert result["image_path"] == str(daemon.archive / name)
+        assert (daemon.outbox / f"{name}.md").read_text() == result["text"]
+        assert not (daemon.inbox / name).exists()
+    assert daemon.alive()
+
+
+def test_a_hung_engine_costs_one_file_and_its_whole_process_group(daemon_factory) -> None:
+    daemon = daemon_factory(ocr={"engine": "tests.engines:Hang", "timeout_s": 2}).start()
+    child = psutil.Process(daemon.child_pid())
+    make_image(daemon.inbox / "hang.png", width=HANG_WIDTH)
+    grandchildren = wait_until(lambda: child.children(recursive=True), 30, "the hung engine's grandchild")
+    started = time.monotonic()
+    error = daemon.wait_json("hang.png", daemon.failed, timeout=30)
+    assert time.monotonic() - started < 2 + 5
+    assert error["error_code"] == "timeout"
+    assert error["error"] == "OCR timed out (2 s); try a smaller image or raise ocr.timeout_s"
+    assert error["attempts"] == 1
+    assert (daemon.failed / "hang.png").exists()
+    wait_until(lambda: all(gone_or_zombie(p.pid) for p in [child, *grandchildren]), 10, "the child's group to die")
+    make_image(daemon.inbox / "next.png", width=40)
+    assert daemon.wait_json("next.png")["text"] == "echo 40x48"
+    assert daemon.alive()
+
+
+def test_timeout_message_is_the_seed_wording_in_zh_tw(daemon_factory) -> None:
+    daemon = daemon_factory(ocr={"engine": "tests.engines:Hang", "timeout_s": 1}, output={"locale": "zh-TW"})
+    daemon.start(env={"OCR_TIMEOUT": "1.5"})
+    make_image(daemon.inbox / "hang.png", width=HANG_WIDTH)
+    error = daemon.wait_json("hang.png", daemon.failed)
+    assert error["error"] == "OCR 處理超時 (1.5 秒)，請嘗試使用更小的圖片或增加超時設定"
+
+
+def test_a_segfaulting_engine_is_retried_once_then_fails_and_the_daemon_serves_on(daemon_factory) -> None:
+    daemon = daemon_factory(ocr={"engine": "tests.engines:Segfault"}).start()
+    make_image(daemon.inbox / "crash.png", width=SEGFAULT_WIDTH)
+    error = daemon.wait_json("crash.png", daemon.failed)
+    assert error["error_code"] == "child_crashed"
+    assert "SIGSEGV" in error["detail"]
+    assert error["attempts"] == 2
+    wait_until(lambda: len(daemon.child_pids()) >= 3, 10, "a third child")  # first, the retry's, the next
+    make_image(daemon.inbox / "fine.png", width=30)
+    assert daemon.wait_json("fine.png")["status"] == "ok"
+    assert daemon.alive()
+
+
+def test_kill_9_of_the_daemon_mid_file_then_restart_gives_exactly_one_result(daemon_factory) -> None:
+    daemon = daemon_factory(ocr={"engine": "tests.engines:Slow"}).start()
+    make_image(daemon.inbox / "inflight.png", width=50)
+    wait_until(lambda: "inflight.png: OCR started" in daemon.log(), 30, "the file to reach the child")
+    child = daemon.child_pid()
+    assert (daemon.inbox / ".watcherd" / "processing" / "inflight.png").exists()
+    daemon.stop(signal.SIGKILL)
+    wait_until(lambda: gone_or_zombie(child), 10, "the orphaned child to die with its parent")
+
+    daemon.configure(ocr={"engine": "tests.engines:Echo"})
+    daemon.start()
+    result = daemon.wait_json("inflight.png", daemon.outbox)
+    assert result["text"] == "echo 50x48"
+    assert daemon.results() == [daemon.outbox / "inflight.png.json"]
+    assert daemon.results(daemon.failed) == []
+    assert places_of("inflight.png", daemon) == [daemon.archive / "inflight.png"]
+
+
+def places_of(name: str, daemon: Daemon) -> list[Path]:
+    return sorted(p for root in (daemon.inbox, daemon.archive, daemon.failed) for p in root.rglob(name))
+
+
+def test_a_file_written_slowly_is_processed_once_when_complete(daemon_factory, samples: Path) -> None:
+    daemon = daemon_factory(watch={"settle_s": 0.4}).start()
+    data = (samples / "receipt_zh.jpg").read_bytes()
+    target = daemon.inbox / "slow.jpg"
+    chunks = [data[i : i + len(data) // 6 + 1] for i in range(0, len(data), len(data) // 6 + 1)]
+
+    def scanner() -> None:
+        with open(target, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+                f.flush()
+                time.sleep(0.6)  # the scanner's pace, longer than settle_s: only completeness holds it
+
+    writer = threading.Thread(target=scanner)
+    writer.start()
+    result = daemon.wait_json("slow.jpg")
+    writer.join()
+    assert result["status"] == "ok"
+    assert result["sha256"] == hashlib.sha256(data).hexdigest()
+    assert daemon.results() == [daemon.outbox / "slow.jpg.json"]
+    assert daemon.results(daemon.failed) == []
+
+
+def bomb_png(path: Path, side: int = 30000) -> None:
+    """A tiny PNG whose header claims side x side pixels."""
+    make_image(path, 8, 8)
+    data = bytearray(path.read_bytes())
+    ihdr = bytearray(data[12:29])  # b"IHDR" + 13 bytes
+    ihdr[4:12] = struct.pack(">II", side, side)
+    data[12:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(ihdr)))
+    path.write_bytes(bytes(data))
+
+
+def test_bad_inputs_get_the_right_error_code(daemon_factory, samples: Path, tmp_path: Path) -> None:
+    daemon = daemon_factory(watch={"settle_s": 0.2}).start()
+    inbox = daemon.inbox
+    (inbox / "empty.jpg").write_bytes(b"")
+    (inbox / "truncated.jpg").write_bytes((samples / "receipt_zh.jpg").read_bytes()[:5000])
+    (inbox / "notes.jpg").write_text("this is a text file\n")
+    bomb_png(inbox / "bomb.png")
+    secret = tmp_path / "outside.jpg"
+    shutil.copy(samples / "receipt_zh.jpg", secret)
+    (inbox / "link.jpg").symlink_to(secret)
+    os.mkfifo(inbox / "pipe.jpg")
+    (inbox / "folder.jpg").mkdir()
+    expected = {
+        "empty.jpg": "unreadable",
+        "truncated.jpg": "unreadable",
+        "notes.jpg": "unsupported_type",
+        "bomb.png": "too_large",
+        "link.jpg": "not_regular_file",
+        "pipe.jpg": "not_regular_file",
+        "folder.jpg": "not_regular_file",
+    }
+    for name, code in expected.items():
+        error = daemon.wait_json(name, daemon.failed)
+        assert error["status"] == "failed"
+        assert error["error_code"] == code, (name, error)
+        assert error["error"] and error["detail"]
+        assert os.path.lexists(daemon.failed / name)
+        assert not os.path.lexists(inbox / name)
+    assert (daemon.failed / "link.jpg").is_symlink() and secret.exists()  # moved, never followed
+    assert daemon.results() == []
+    make_image(inbox / "good.png")
+    assert daemon.wait_json("good.png")["status"] == "ok"
+    assert daemon.alive()
+
+
+def test_names_survive_the_round_trip(daemon_factory) -> None:
+    daemon = daemon_factory().start()
+    make_image(daemon.inbox / "收據 2024 年.png", 20, 10)
+    make_image(daemon.inbox / "scans" / "with space.png", 21, 10)
+    raw = os.fsencode(daemon.inbox) + b"/caf\xe9.png"  # Latin-1 name from an old share
+    make_image(Path(os.fsdecode(raw)), 22, 10)
+
+    assert daemon.wait_json("收據 2024 年.png")["source"] == "收據 2024 年.png"
+    assert daemon.wait_json("scans/with space.png")["source"] == "scans/with space.png"
+    assert (daemon.archive / "scans" / "with space.png").exists()
+    json_path = Path(os.fsdecode(os.fsencode(daemon.outbox) + b"/caf\xe9.png.json"))
+    wait_until(json_path.exists, 30, "the non-UTF-8 name's JSON")
+    document = json.loads(json_path.read_bytes().decode("utf-8"))  # strict UTF-8: valid JSON
+    assert document["source"] == "caf\\xe9.png"
+    assert document["source_b64"] == "Y2Fm6S5wbmc="
+    assert os.path.exists(os.fsdecode(os.fsencode(daemon.archive) + b"/caf\xe9.png"))
+
+
+def test_the_same_name_twice_overwrites_nothing(daemon_factory) -> None:
+    daemon = daemon_factory().start()
+    make_image(daemon.inbox / "a.png", 31, 10)
+    first = daemon.wait_json("a.png")
+    make_image(daemon.inbox / "a.png", 32, 10)
+    second = daemon.wait_json("a_1.png")
+    assert first["text"] == "echo 31x10" and second["text"] == "echo 32x10"
+    assert second["source"] == "a.png"
+    assert second["image_path"] == str(daemon.archive / "a_1.png")
+    assert second["text_path"] == str(daemon.outbox / "a_1.png.md")
+    assert json.loads((daemon.outbox / "a.png.json").read_bytes()) == first
+    assert sorted(p.name for p in daemon.archive.iterdir()) == ["a.png", "a_1.png"]
+
+
+def test_files_present_at_startup_and_repeated_events_are_queued_once(daemon_factory) -> None:
+    daemon = daemon_factory()
+    for i in range(5):
+        make_image(daemon.inbox / f"early{i}.png", 40 + i, 10)
+    daemon.start()
+    for i in range(5):
+        daemon.wait_json(f"early{i}.png")
+    target = make_image(daemon.inbox / "touched.png", 50, 10)
+    for _ in range(20):  # a NAS touching metadata over and over
+        os.utime(target)
+        os.chmod(target, 0o644)
+    daemon.wait_json("touched.png")
+    wait_until(lambda: "touched.png: 1 page" in daemon.log(), 10)
+    assert daemon.log().count("touched.png: OCR started") == 1
+    assert len(daemon.results()) == 6
+
+
+def test_polling_mode_sees_new_files_and_ignores_temporary_names(daemon_factory) -> None:
+    daemon = daemon_factory(watch={"mode": "polling", "poll_interval_s": 0.2, "settle_s": 0.2}).start()
+    assert "(polling)" in daemon.log()
+    make_image(daemon.inbox / "deep" / "er" / "polled.PNG")
+    (daemon.inbox / "upload.png.part").write_bytes(b"partial")
+    make_image(daemon.inbox / ".hidden.png")
+    make_image(daemon.inbox / "@eaDir" / "thumb.png")
+    assert daemon.wait_json("deep/er/polled.PNG")["status"] == "ok"
+    assert (daemon.inbox / "upload.png.part").exists() and (daemon.inbox / ".hidden.png").exists()
+    assert (daemon.inbox / "@eaDir" / "thumb.png").exists()
+    assert len(daemon.results()) == 1
+
+
+def test_delete_on_success_removes_the_original_after_its_json(daemon_factory) -> None:
+    daemon = daemon_factory(output={"on_success": "delete", "text_file": "txt"}).start()
+    make_image(daemon.inbox / "gone.png", 25, 10)
+    result = daemon.wait_json("gone.png")
+    assert result["image_path"] is None
+    assert (daemon.outbox / "gone.png.txt").read_text() == "echo 25x10"
+    wait_until(lambda: not (daemon.inbox / ".watcherd" / "processing" / "gone.png").exists(), 10)
+    assert not daemon.archive.exists() or not any(daemon.archive.iterdir())
+
+
+def test_sigterm_while_a_file_is_in_the_child_returns_it_to_the_inbox(daemon_factory) -> None:
+    daemon = daemon_factory(ocr={"engine": "tests.engines:Slow", "timeout_s": 300})
+    daemon.start()
+    make_image(daemon.inbox / "busy.png")
+    wait_until(lambda: "busy.png: OCR started" in daemon.log(), 30)
+    assert daemon.stop(signal.SIGTERM, timeout=60) == 0  # after the 30 s grace for the page
+    assert (daemon.inbox / "busy.png").exists()
+    assert daemon.results(daemon.failed) == [] and daemon.results() == []

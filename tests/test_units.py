@@ -1,0 +1,131 @@
+"""Small pieces on their own: readiness, completeness checks, names, atomic writes."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import SAMPLES
+from watcherd import formats, outputs
+from watcherd.intake import INCOMPLETE_GRACE, PathFilter, StabilityTracker
+from watcherd.settings import WatchSettings
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def fake_stat(size: int, mtime_ns: int) -> os.stat_result:
+    fields = [stat.S_IFREG | 0o644, 0, 0, 1, 0, 0, size, 0, 0, 0, 0.0, 0.0, 0.0, 0, mtime_ns, 0]
+    return os.stat_result(fields)
+
+
+def test_a_file_is_ready_only_after_settle_s_without_change() -> None:
+    clock = FakeClock()
+    state = {"size": 10, "mtime": 1, "complete": True}
+    tracker = StabilityTracker(2.0, clock=clock, lstat=lambda p: fake_stat(state["size"], state["mtime"]),
+                               complete=lambda p: state["complete"])
+    path = Path("/inbox/a.jpg")
+    tracker.track(path)
+    tracker.track(path)  # repeated events change nothing
+    assert len(tracker) == 1 and tracker.ready() == []
+    clock.now += 1.5
+    state.update(size=20, mtime=2)  # still growing
+    assert tracker.ready() == []
+    clock.now += 0.6
+    assert tracker.ready() == []  # the change reset the quiet period at the last look
+    clock.now += 2.0
+    assert tracker.ready() == [(path, (stat.S_IFREG, 20, 2))]
+    assert len(tracker) == 0
+
+
+def test_an_incomplete_file_waits_then_is_handed_over_after_the_grace() -> None:
+    clock = FakeClock()
+    tracker = StabilityTracker(1.0, clock=clock, lstat=lambda p: fake_stat(5, 1), complete=lambda p: False)
+    tracker.track(Path("/inbox/b.jpg"))
+    clock.now += 1.0
+    assert tracker.ready() == []
+    clock.now += INCOMPLETE_GRACE * 1.0
+    assert [p for p, _ in tracker.ready()] == [Path("/inbox/b.jpg")]
+
+
+def test_vanished_files_are_forgotten() -> None:
+    def missing(path: Path) -> os.stat_result:
+        raise FileNotFoundError(path)
+
+    clock = FakeClock()
+    tracker = StabilityTracker(1.0, clock=clock, lstat=missing)
+    tracker.track(Path("/inbox/gone.jpg"))
+    assert len(tracker) == 0
+
+
+def test_filter_uses_include_case_insensitively_and_ignores_every_component() -> None:
+    f = PathFilter(WatchSettings(ignore=("drafts",)))
+    assert f.wanted(("a", "B.JPG"))
+    assert not f.wanted(("a", "b.txt"))
+    assert not f.wanted((".watcherd", "processing", "b.jpg"))
+    assert not f.wanted(("@eaDir", "b.jpg"))
+    assert not f.wanted(("~$b.jpg",))
+    assert not f.wanted(("drafts", "b.jpg"))
+    assert not PathFilter(WatchSettings(recursive=False)).wanted(("a", "b.jpg"))
+
+
+@pytest.mark.parametrize("name", ["receipt_zh.jpg", "memo_en.png", "two_pages.tif"])
+def test_completeness_follows_the_bytes_written(tmp_path: Path, name: str) -> None:
+    data = (SAMPLES / name).read_bytes()
+    target = tmp_path / name
+    target.write_bytes(b"")
+    assert not formats.looks_complete(target)
+    for cut in (len(data) // 3, len(data) - 50):
+        target.write_bytes(data[:cut])
+        assert not formats.looks_complete(target), cut
+    target.write_bytes(data)
+    assert formats.looks_complete(target)
+
+
+def test_unknown_content_counts_as_complete(tmp_path: Path) -> None:
+    (tmp_path / "x.jpg").write_text("hello")
+    assert formats.looks_complete(tmp_path / "x.jpg")
+    assert formats.sniff(b"%PDF-1.7\n") == "pdf"
+
+
+def test_names_get_one_shared_suffix_and_fit_name_max(tmp_path: Path) -> None:
+    out, arc = tmp_path / "out", tmp_path / "arc"
+    targets = {"json": (out, ".json"), "original": (arc, "")}
+    first = outputs.choose_names("sub/a.jpg", targets=targets)
+    assert first == {"json": out / "sub" / "a.jpg.json", "original": arc / "sub" / "a.jpg"}
+    (arc / "sub").mkdir(parents=True)
+    (arc / "sub" / "a.jpg").write_bytes(b"x")
+    assert outputs.choose_names("sub/a.jpg", targets=targets)["json"] == out / "sub" / "a_1.jpg.json"
+    long_name = "長" * 84 + ".jpg"  # 256 bytes
+    chosen = outputs.choose_names(long_name, targets=targets)
+    assert len(os.fsencode(chosen["json"].name)) <= 255 and chosen["json"].name.endswith(".jpg.json")
+
+
+def test_write_atomic_never_replaces_another_file(tmp_path: Path) -> None:
+    target = tmp_path / "r.json"
+    outputs.write_atomic(target, b"one")
+    outputs.write_atomic(target, b"one")  # the same publish again after a crash: fine
+    with pytest.raises(FileExistsError):
+        outputs.write_atomic(target, b"two")
+    assert target.read_bytes() == b"one"
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temp files left
+
+
+def test_move_is_safe_to_repeat(tmp_path: Path) -> None:
+    src, dst = tmp_path / "a", tmp_path / "b" / "a"
+    src.write_bytes(b"data")
+    outputs.move(src, dst)
+    outputs.move(src, dst)  # repeated after a crash: nothing to do
+    assert dst.read_bytes() == b"data" and not src.exists()
+    other = tmp_path / "c"
+    other.write_bytes(b"different")
+    with pytest.raises(FileExistsError):
+        outputs.move(other, dst)
