@@ -85,6 +85,8 @@ class Daemon:
 
     def child_pids(self) -> list[int]:
         """Every OCR child this daemon started, oldest first, from its log."""
+        if not self.log_path.exists():
+            return []
         text = self.log_path.read_text("utf-8", "replace")
         return [int(line.split("(pid ")[1].split(",")[0]) for line in text.splitlines()
                 if "OCR child started (pid " in line]

@@ -73,3 +73,56 @@ class Broken:
 
     def ocr(self, image: Image.Image) -> str:  # pragma: no cover
         raise AssertionError
+
+
+class ScriptedMemory(Echo):
+    """Reports GPU memory read from a file the test writes (`options.memory_file`: free MB), the
+    seam engines such as onnxruntime or vLLM use to report their own device memory."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.memory_file = kwargs["memory_file"]
+
+    def gpu_info(self) -> dict[str, Any]:
+        with open(self.memory_file) as f:
+            free = int(f.read().strip() or 0)
+        total = 16000
+        return {"available": True, "device": "cuda:0 (scripted)", "total_mb": total, "used_mb": total - free,
+                "free_mb": free, "usage_percent": round(100 * (total - free) / total, 1),
+                "torch_reserved_mb": 0, "torch_allocated_mb": 0}
+
+    def clear_cache(self) -> None:
+        pass
+
+
+class CountingClears(Echo):
+    """Appends the number of pages read so far to `options.log` on every cache clear."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.log = kwargs["log"]
+        self.pages = 0
+
+    def ocr(self, image: Image.Image) -> str:
+        self.pages += 1
+        return super().ocr(image)
+
+    def clear_cache(self) -> None:
+        with open(self.log, "a") as f:
+            f.write(f"{self.pages}\n")
+
+
+class DeviceEcho(Echo):
+    """Says which GPU the child was given (CUDA_VISIBLE_DEVICES) and its pid."""
+
+    def ocr(self, image: Image.Image) -> str:
+        super().ocr(image)
+        return f"device {os.environ.get('CUDA_VISIBLE_DEVICES')} pid {os.getpid()}"
+
+
+class SlowLoad(Echo):
+    """Takes `load_s` seconds to load, like a real model."""
+
+    def __init__(self, **kwargs: Any):
+        time.sleep(float(kwargs.get("load_s", 1)))
+        super().__init__(**kwargs)

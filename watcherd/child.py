@@ -14,6 +14,8 @@ Messages, child → parent:
   page_start {id, page}                              (the parent restarts the page clock)
   page {id, page, text, processing_time, size, resized_from}
   done {id, gpu_info_before, gpu_info_after}         | failed {id, code, detail, sha256}
+  deferred {id, gpu_info, sha256}   (too little GPU memory even after clearing: try again later)
+  cleared {files_done, before, after}                (the GPU cache was cleared)
 parent → child: ocr {id, path} | idle {} (queue drained: clear the cache) | exit {}
 """
 
@@ -98,9 +100,31 @@ class Child:
             if op == "ocr":
                 self.ocr_file(message["id"], message["path"])
             elif op == "idle":
-                gpu.clear_cache(self.engine)
+                self.clear_cache()
             elif op == "exit":
                 return
+
+    def memory_shortage(self) -> dict[str, Any] | None:
+        """None if the GPU has room for a page (or there is no GPU); else the figures that say
+        it has not, read again after clearing our own cache (DESIGN §7)."""
+        info = gpu.info(self.engine)
+        if not self._short(info):
+            return None
+        self.clear_cache()
+        info = gpu.info(self.engine)
+        return info if self._short(info) else None
+
+    def _short(self, info: dict[str, Any]) -> bool:
+        if not info.get("available"):
+            return False
+        return info["free_mb"] < self.spec["min_free_mb"] or info["usage_percent"] > self.spec["max_usage_percent"]
+
+    def clear_cache(self) -> None:
+        """Give cached GPU memory back (the engine's own clear_cache, else torch's), and say what it freed."""
+        before = gpu.info(self.engine)
+        gpu.clear_cache(self.engine)
+        after = gpu.info(self.engine)
+        self.send("cleared", files_done=self.files_done, before=before, after=after)
 
     def ocr_file(self, request_id: int, path: str) -> None:
         sha256 = None
@@ -115,6 +139,10 @@ class Child:
             self.send("pages", id=request_id, count=len(document), sha256=sha256, kind=document.kind)
             before = gpu.info(self.engine)
             for page in document:
+                shortage = self.memory_shortage()
+                if shortage is not None:
+                    self.send("deferred", id=request_id, gpu_info=shortage, sha256=sha256)
+                    return
                 self.send("page_start", id=request_id, page=page.number)
                 started = time.monotonic()
                 try:
@@ -135,7 +163,7 @@ class Child:
                 )
             self.files_done += 1
             if self.files_done % self.spec["clear_cache_every"] == 0:
-                gpu.clear_cache(self.engine)
+                self.clear_cache()
             self.send("done", id=request_id, gpu_info_before=before, gpu_info_after=gpu.info(self.engine))
         except InputError as exc:
             self.send("failed", id=request_id, code=exc.code, detail=exc.detail, sha256=sha256)

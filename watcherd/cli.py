@@ -18,7 +18,7 @@ import time
 from multiprocessing.connection import wait
 from pathlib import Path
 
-from . import __version__, logs, mounts, settings as settings_mod
+from . import __version__, admin, logs, mounts, settings as settings_mod
 from .outputs import now_iso
 from .settings import EX_CONFIG, ConfigError, Settings
 from .spool import Job
@@ -35,6 +35,12 @@ def main(argv: list[str] | None = None) -> int:
                             ("check", "validate config, folders, permissions and engine")):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--config", help="config file (default: $WATCHERD_CONFIG or /etc/watcherd/watcherd.yaml)")
+    p = sub.add_parser("status", help="what the running daemon is doing")
+    p.add_argument("--config", help="config file (to find the daemon's work area)")
+    p.add_argument("--json", action="store_true", help="print the status file as JSON")
+    p = sub.add_parser("retry", help="move failed originals back into the inbox")
+    p.add_argument("pattern", nargs="?", default="*", help="glob relative to the failed folder (default: all)")
+    p.add_argument("--config", help="config file")
     p = sub.add_parser("ocr", help="OCR files now through the supervised child; prints JSON")
     p.add_argument("files", nargs="+", type=Path)
     p.add_argument("--config", help="config file for the ocr.* settings (optional)")
@@ -45,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_run(args)
         if args.command == "check":
             return cmd_check(args)
+        if args.command == "status":
+            return cmd_status(args)
+        if args.command == "retry":
+            return cmd_retry(args)
         return cmd_ocr(args)
     except ConfigError as exc:
         print(f"watcherd: configuration error: {exc}", file=sys.stderr)
@@ -55,7 +65,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .service import Service
 
     settings = settings_mod.load(args.config)
-    logs.setup(settings.logging.level)
+    logs.setup(settings.logging.level, settings.logging.target)
     settings.require_paths()
     _prepare_folders(settings)
     try:
@@ -147,6 +157,31 @@ def _check_engine(settings: Settings) -> tuple[bool, str, str]:
         last = (result.stderr.strip().splitlines() or ["?"])[-1]
         return False, "ocr.engine", last
     return True, "ocr.engine", f"{settings.ocr.engine} imports under {python}"
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Exit 0 when the daemon runs, 3 when it does not (like `systemctl status`)."""
+    explicit = args.config or os.environ.get("WATCHERD_CONFIG")
+    settings = None
+    if explicit or settings_mod.DEFAULT_CONFIG.exists():
+        settings = settings_mod.load(explicit)
+    path = admin.find_status(settings)
+    if path is None:
+        print("watcherd: no status file found: is the daemon running? (try --config)", file=sys.stderr)
+        return 3
+    status = admin.load_status(path)
+    print(json.dumps(status, ensure_ascii=False, indent=2) if args.json else admin.format_status(status))
+    return 0 if admin.running(status) else 3
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    settings = settings_mod.load(args.config)
+    settings.require_paths()
+    moved = admin.retry(settings, args.pattern)
+    for original, back in moved:
+        print(f"{original} → {back}")
+    print(f"{len(moved)} file(s) back in the inbox")
+    return 0
 
 
 def cmd_ocr(args: argparse.Namespace) -> int:

@@ -2,12 +2,16 @@
 
 Callbacks (watchdog, signals) only enqueue and wake the loop through a pipe; the loop sleeps in
 one `wait()` on that pipe and every child's protocol pipe until a message, an event, or the next
-deadline (a settle period ending, a page timeout, a rescan) is due.
+deadline (a settle period ending, a page timeout, a deferred file's retry, a rescan, the systemd
+watchdog) is due. Nothing in the loop waits on OCR, so the watchdog ping is never late because a
+model is slow: a missed ping means the daemon itself is stuck.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
+import json
 import logging
 import os
 import signal
@@ -18,14 +22,17 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__, intake, logs, outputs
+from . import settings as settings_mod
 from .intake import Intake, StabilityTracker
-from .settings import Settings
+from .sdnotify import Notifier
+from .settings import ConfigError, Settings
 from .spool import Job, Spool
 from .supervisor import Outcome, Worker
 
 log = logging.getLogger("watcherd")
 
 STOP_GRACE_S = 30.0  # SIGTERM: how long the page in progress may take to finish
+MAX_DEFER_BACKOFF_S = 30.0
 
 
 def document_for(outcome: Outcome, *, settings: Settings, received_at: str) -> tuple[dict[str, Any], str | None]:
@@ -90,24 +97,44 @@ def precheck(job: Job, settings: Settings) -> Outcome | None:
     return None
 
 
+def status_path(settings: Settings) -> Path:
+    """Where the daemon keeps its status file: systemd's RuntimeDirectory, else the work area."""
+    runtime = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
+    return Path(runtime) / "status.json" if runtime else settings.processing_dir / "status.json"
+
+
 class Service:
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, *, notifier: Notifier | None = None):
         assert settings.paths.inbox is not None
         self.settings = settings
+        self.notifier = notifier or Notifier(unset_environment=True)  # children must not inherit it
         self.spool = Spool(settings)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.intake = Intake(settings.paths.inbox, settings.watch, wake=self._wake)
         self.tracker = StabilityTracker(settings.watch.settle_s)
-        devices = settings.ocr.devices or (None,)
-        self.workers = [Worker(ocr=settings.ocr, gpu=settings.gpu, device=d, on_event=logs.event) for d in devices]
+        self.workers = self._make_workers(settings)
+        self.retiring: list[Worker] = []  # busy workers to replace once their file is done (reload)
         self.ready: collections.deque[tuple[Path, tuple[int, int, int]]] = collections.deque()
         self.queued: set[Path] = set()  # paths in `ready`, so repeated events never queue twice
         self.jobs: collections.deque[Job] = collections.deque()  # claimed, waiting for a worker
+        self.deferred: list[tuple[float, Job]] = []  # (retry at, job): waiting for GPU memory
         self.blocked: list[tuple[Path, tuple[int, int, int]]] = []  # same name still in progress
         self.signals: collections.deque[int] = collections.deque()
         self.counts = {"ok": 0, "failed": 0}
+        self.last_error: dict[str, Any] | None = None
+        self.last_gpu: dict[str, Any] = {"available": False}
         self.stopping_since: float | None = None
+        self.is_ready = False
+        self.started_at = outputs.now_iso()
         self.next_rescan = 0.0
+        self.next_watchdog = 0.0
+        self._status_line = ""
+        self._status_written = 0.0
+
+    @staticmethod
+    def _make_workers(settings: Settings) -> list[Worker]:
+        devices = settings.ocr.devices or (None,)
+        return [Worker(ocr=settings.ocr, gpu=settings.gpu, device=d, on_event=logs.event) for d in devices]
 
     # -- callbacks: enqueue and wake, nothing else ----------------------------------------
 
@@ -141,28 +168,31 @@ class Service:
                 self._intake()
                 self._dispatch()
                 self._wait()
-                for worker in self.workers:
+                for worker in self.workers + self.retiring:
                     self._settle(worker.pump())
                     self._settle(worker.tick())
+                self._replace_retired()
+                self._systemd()
         finally:
             self.intake.stop()
-            for worker in self.workers:
+            for worker in self.workers + self.retiring:
                 worker.stop()
+            self._write_status(state="stopped")
         log.info("Stopped: %d ok, %d failed", self.counts["ok"], self.counts["failed"])
         return 0
 
     def _finished(self) -> bool:
         if self.stopping_since is None:
             return False
-        busy = [w for w in self.workers if w.state == "busy"]
+        busy = [w for w in self.workers + self.retiring if w.state == "busy"]
         if busy and time.monotonic() - self.stopping_since < STOP_GRACE_S:
             return False
         for worker in busy:  # grace is over: the page goes back to the inbox, never to failed
             job = worker.job
-            worker.kill()
+            worker.kill(f"stopping after the {STOP_GRACE_S:g} s grace")
             if job is not None:
                 self.jobs.appendleft(job)
-        for job in self.jobs:
+        for job in [*self.jobs, *(job for _, job in self.deferred)]:
             back = self.spool.unclaim(job)
             log.info("Returned %s to the inbox as %s", job.rel, back.name)
         return True
@@ -171,12 +201,13 @@ class Service:
         while self.signals:
             signum = self.signals.popleft()
             if signum in (signal.SIGTERM, signal.SIGINT) and self.stopping_since is None:
+                self.notifier.stopping()
                 logs.event("stopping", f"{signal.Signals(signum).name}: finishing the page in progress "
                            f"(at most {STOP_GRACE_S:g} s), then stopping")
                 self.stopping_since = time.monotonic()
                 self.intake.stop()
-            elif signum == signal.SIGHUP:
-                log.info("SIGHUP: configuration reload is not supported yet; restart the service")
+            elif signum == signal.SIGHUP and self.stopping_since is None:
+                self._reload()
 
     def _intake(self) -> None:
         if self.stopping_since is not None:
@@ -210,12 +241,16 @@ class Service:
                 worker.assign(job)
         if not self.jobs and not self.ready:
             for worker in self.workers:
-                if worker.ready and worker.files_done:
-                    worker.drained()
+                worker.drained()
 
     def _next_job(self) -> Job | None:
         if self.jobs:
             return self.jobs.popleft()
+        now = time.monotonic()
+        for i, (retry_at, job) in enumerate(self.deferred):
+            if retry_at <= now:
+                del self.deferred[i]
+                return job
         while self.ready:
             path, signature = self.ready.popleft()
             self.queued.discard(path)
@@ -232,14 +267,18 @@ class Service:
 
     def _wait(self) -> None:
         now = time.monotonic()
-        times = [self.next_rescan, *(w.next_wakeup() for w in self.workers), self.tracker.next_due()]
+        times = [self.next_rescan, *(w.next_wakeup() for w in self.workers + self.retiring), self.tracker.next_due(),
+                 min((t for t, _ in self.deferred), default=None)]
         if self.stopping_since is not None:
             times.append(self.stopping_since + STOP_GRACE_S)
+        if self.notifier.watchdog_interval_s:
+            times.append(self.next_watchdog)
         due = min(t for t in times if t is not None)
-        timeout = max(0.0, min(due - now, 5.0))
+        busy = any(w.state == "busy" for w in self.workers)
+        timeout = max(0.0, min(due - now, 1.0 if busy else 5.0))  # busy: keep STATUS elapsed current
         if self.signals:
             timeout = 0.0
-        sources: list[Any] = [self._wake_r] + [w for w in self.workers if w.conn_in is not None]
+        sources: list[Any] = [self._wake_r] + [w for w in self.workers + self.retiring if w.conn_in is not None]
         readable = wait(sources, timeout)
         if self._wake_r in readable:
             try:
@@ -252,10 +291,33 @@ class Service:
 
     def _settle(self, outcomes: list[Outcome]) -> None:
         for outcome in outcomes:
+            if outcome.gpu_info_after.get("available"):
+                self.last_gpu = outcome.gpu_info_after
             if outcome.retry:
                 self.jobs.appendleft(outcome.job)
+            elif outcome.deferred:
+                self._defer(outcome)
             else:
                 self._finish(outcome)
+
+    def _defer(self, outcome: Outcome) -> None:
+        """Too little GPU memory: the file stays claimed and queued; others may go first."""
+        job, now = outcome.job, time.monotonic()
+        free = outcome.gpu_info_after.get("free_mb")
+        if job.deferred_since is None:
+            job.deferred_since = now
+            logs.event("deferred", f"{job.rel}: waiting for GPU memory ({free} MB free, "
+                       f"{outcome.gpu_info_after.get('usage_percent')}% used; need {self.settings.gpu.min_free_mb} MB "
+                       f"and at most {self.settings.gpu.max_usage_percent:g}%)", level=logging.WARNING,
+                       source=job.rel, gpu_free_mb=free)
+        if now - job.deferred_since >= self.settings.gpu.wait_for_memory_s:
+            waited = now - job.deferred_since
+            self._finish(dataclasses.replace(outcome, deferred=False, code="vram_insufficient",
+                                             detail=f"{free} MB free after waiting {waited:.0f} s"))
+            return
+        backoff = min(MAX_DEFER_BACKOFF_S, 2.0 ** job.deferrals * 0.5)
+        job.deferrals += 1
+        self.deferred.append((now + backoff, job))
 
     def _finish(self, outcome: Outcome) -> None:
         job = outcome.job
@@ -268,9 +330,140 @@ class Service:
                        processing_time=outcome.processing_time, pages=len(outcome.pages))
         else:
             self.counts["failed"] += 1
+            self.last_error = {"source": document["source"], "error_code": outcome.code, "detail": outcome.detail,
+                               "at": document["finished_at"]}
             logs.event("failed", f"{job.rel}: {outcome.code}: {outcome.detail}", level=logging.ERROR,
-                       source=job.rel, error_code=outcome.code, processing_time=outcome.processing_time)
+                       source=job.rel, error_code=outcome.code, processing_time=outcome.processing_time,
+                       gpu_free_mb=outcome.gpu_info_after.get("free_mb"))
         if self.blocked:  # a file waiting for this name may go now
             self.ready.extendleft(reversed(self.blocked))
             self.queued.update(p for p, _ in self.blocked)
             self.blocked.clear()
+
+    # -- configuration reload (SIGHUP) -------------------------------------------------------
+
+    def _reload(self) -> None:
+        """Re-read the config file; restart children only if engine or GPU settings changed.
+
+        A bad new config is logged and the running one kept: a typo must not stop a service.
+        """
+        self.notifier.reloading()
+        old = self.settings
+        try:
+            new = settings_mod.load(old.source)
+            new.require_paths()
+        except ConfigError as exc:
+            log.error("Reload failed, keeping the running configuration: %s", exc)
+            self.notifier.ready()
+            return
+        if new.paths != old.paths:
+            log.warning("paths.* changed: that takes a restart; keeping the current folders until then")
+            new = dataclasses.replace(new, paths=old.paths)
+        self.settings = new
+        self.spool.settings = new
+        logging.getLogger("watcherd").setLevel(new.logging.level.upper())
+        if new.watch != old.watch:
+            # Files still settling are found again at once by the rescan below and judged by the
+            # new rules; files already ready or claimed stay queued.
+            self.tracker = StabilityTracker(new.watch.settle_s)
+            self.intake.stop()
+            self.intake = Intake(new.paths.inbox, new.watch, wake=self._wake)  # type: ignore[arg-type]
+            self.intake.start()
+            self.next_rescan = 0.0  # pick up what the old patterns left out
+        if new.ocr != old.ocr or new.gpu != old.gpu:
+            log.info("Engine settings changed: replacing the OCR child(ren)")
+            for worker in self.workers:
+                if worker.state == "busy":
+                    self.retiring.append(worker)  # finishes its file first
+                else:
+                    worker.stop()
+            self.workers = self._make_workers(new)
+            for worker in self.workers:
+                worker.spawn()
+            self.is_ready = False  # READY=1 again once the new children have loaded
+        else:
+            self.notifier.ready()
+        log.info("Configuration reloaded from %s", new.source)
+
+    def _replace_retired(self) -> None:
+        for worker in list(self.retiring):
+            if worker.state != "busy":
+                worker.stop()
+                self.retiring.remove(worker)
+
+    # -- systemd and the status file -------------------------------------------------------
+
+    def _systemd(self) -> None:
+        now = time.monotonic()
+        if not self.is_ready and self.stopping_since is None and all(w.state in ("idle", "busy") for w in self.workers):
+            self.is_ready = True
+            self.notifier.ready(self._summary())
+            engines = ", ".join(sorted({w.engine_name or "?" for w in self.workers}))
+            logs.event("ready", f"watcherd ready: {len(self.workers)} OCR child(ren) with {engines}; "
+                       f"watching {self.settings.paths.inbox}")
+        if self.notifier.watchdog_interval_s and now >= self.next_watchdog:
+            self.notifier.watchdog()
+            self.next_watchdog = now + self.notifier.watchdog_interval_s
+        line = self._summary()
+        if line != self._status_line:
+            self._status_line = line
+            self.notifier.status(line)
+        if now - self._status_written >= 1.0:
+            self._write_status()
+            self._status_written = now
+
+    def _summary(self) -> str:
+        """One line for `systemctl status`: what it is doing, counts, queue, engine."""
+        busy = [w for w in self.workers if w.state == "busy" and w.job is not None]
+        if self.stopping_since is not None:
+            state = "stopping"
+        elif busy:
+            now = time.monotonic()
+            state = "; ".join(f"working on {w.job.rel} (page {w.current_page or 1}/{w.page_count or '?'}, "  # type: ignore[union-attr]
+                              f"{now - w.started_at:.0f} s)" for w in busy)
+        elif not self.is_ready:
+            state = "loading model"
+        else:
+            state = "idle"
+        queue = len(self.ready) + len(self.jobs) + len(self.deferred)
+        engine = self.settings.ocr.engine
+        where = "cpu" if self.settings.ocr.devices is None else "gpu " + ",".join(map(str, self.settings.ocr.devices))
+        parts = [state, f"{self.counts['ok']:,} ok", f"{self.counts['failed']:,} failed", f"queue {queue}",
+                 f"{engine} on {where}"]
+        if self.deferred:
+            parts.insert(4, f"{len(self.deferred)} waiting for GPU memory")
+        return " · ".join(parts)
+
+    def _write_status(self, state: str | None = None) -> None:
+        """The file `watcherd status` reads; replaced atomically, not fsync'ed (it is not data)."""
+        now = time.monotonic()
+        status = {
+            "pid": os.getpid(),
+            "state": state or ("stopping" if self.stopping_since is not None else
+                               "working" if any(w.state == "busy" for w in self.workers) else
+                               "idle" if self.is_ready else "starting"),
+            "summary": self._summary(),
+            "started_at": self.started_at,
+            "updated_at": outputs.now_iso(),
+            "inbox": str(self.settings.paths.inbox),
+            "watch_mode": self.intake.mode,
+            "engine": self.settings.ocr.engine,
+            "counts": self.counts,
+            "queue": {"ready": len(self.ready), "claimed": len(self.jobs), "waiting_for_memory": len(self.deferred),
+                      "settling": len(self.tracker)},
+            "in_flight": [{"source": w.job.rel, "child_pid": w.pid, "page": w.current_page, "pages": w.page_count,
+                           "elapsed_s": round(now - w.started_at, 1)}
+                          for w in self.workers + self.retiring if w.state == "busy" and w.job is not None],
+            "children": [{"pid": w.pid, "device": w.device, "state": w.state, "files_done": w.files_done}
+                         for w in self.workers],
+            "last_error": self.last_error,
+            "gpu": self.last_gpu,
+            "version": __version__,
+        }
+        path = status_path(self.settings)
+        tmp = path.with_name(f".{path.name}.tmp")
+        try:
+            tmp.write_text(json.dumps(status, ensure_ascii=False, indent=2))
+            os.replace(tmp, path)
+        except OSError as exc:
+            log.debug("Cannot write %s: %s", path, exc)

@@ -104,6 +104,7 @@ class OutputSettings:
 @dataclass(frozen=True)
 class LoggingSettings:
     level: Literal["debug", "info", "warning", "error"] = "info"
+    target: Literal["auto", "journal", "stderr"] = "auto"
 
 
 @dataclass(frozen=True)

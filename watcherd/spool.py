@@ -40,6 +40,8 @@ class Job:
     path: Path
     received_at: str
     attempts: int = 0
+    deferred_since: float | None = None  # monotonic time of the first deferral for GPU memory
+    deferrals: int = 0
 
 
 class Spool:

@@ -63,7 +63,8 @@ class Outcome:
     gpu_info_after: dict[str, Any] = field(default_factory=lambda: {"available": False})
     engine: str | None = None
     model: str | None = None
-    retry: bool = False
+    retry: bool = False  # the child died on it: run it again (once)
+    deferred: bool = False  # too little GPU memory: keep it queued and try again later
 
 
 def describe_exit(returncode: int | None) -> str:
@@ -106,13 +107,14 @@ class Worker:
         self.load_failures = 0
         self.crashes_in_a_row = 0
         self.files_done = 0
+        self.dirty = False  # files done since the cache was last cleared for an empty queue
         self.engine_name: str | None = None
         self.model: str | None = None
         self.job: Job | None = None
         self._request_id = 0
         self._pages: list[dict[str, Any]] = []
         self._sha256: str | None = None
-        self._started_at = 0.0
+        self.started_at = 0.0  # when the current file was handed over
         self._gpu_before: dict[str, Any] = {"available": False}
         self.current_page = 0
         self.page_count = 0
@@ -142,6 +144,8 @@ class Worker:
             "max_file_mb": self.ocr.max_file_mb,
             "max_file_bytes": int(self.ocr.max_file_mb * 1024 * 1024),
             "clear_cache_every": self.gpu.clear_cache_every,
+            "min_free_mb": self.gpu.min_free_mb,
+            "max_usage_percent": self.gpu.max_usage_percent,
         }
         env = dict(os.environ)
         if self.device is not None:
@@ -229,16 +233,17 @@ class Worker:
         self.current_page = 0
         self.page_count = 0
         self._gpu_before = {"available": False}
-        self._started_at = self.clock()
-        self.deadline = self._started_at + self.ocr.timeout_s  # opening the file counts too
+        self.started_at = self.clock()
+        self.deadline = self.started_at + self.ocr.timeout_s  # opening the file counts too
         self.state = "busy"
         self.conn_out.send_bytes(json.dumps({"op": "ocr", "id": self._request_id, "path": str(job.path)},
                                             ensure_ascii=True).encode())
 
     def drained(self) -> None:
         """The queue is empty: let the child clear the GPU cache while nothing waits."""
-        if self.state == "idle" and self.conn_out is not None:
+        if self.dirty and self.state == "idle" and self.conn_out is not None:
             self.conn_out.send_bytes(b'{"op": "idle"}')
+            self.dirty = False
 
     def pump(self) -> list[Outcome]:
         """Read every message the child has sent; handle its death."""
@@ -264,11 +269,19 @@ class Worker:
             self.load_failures = 0
             self.engine_name = message.get("engine")
             self.model = message.get("model")
-            self.on_event("ready", f"OCR child {message['pid']} ready: {self.engine_name} "
-                          f"loaded in {message['load_time']:.1f} s", child_pid=message["pid"])
+            log.info("OCR child %s ready: %s loaded in %.1f s", message["pid"], self.engine_name, message["load_time"])
             return None
         if op == "load_failed":
             self._load_failed(message["detail"], config_error=message.get("config_error", False))
+            return None
+        if op == "cleared":
+            before, after = message["before"], message["after"]
+            if after.get("available"):
+                freed = before.get("torch_reserved_mb", 0) - after.get("torch_reserved_mb", 0)
+                log.info("GPU cache cleared after %d file(s): %s MB reserved memory freed, %s MB free",
+                         message["files_done"], freed, after.get("free_mb"))
+            else:
+                log.debug("Engine cache cleared after %d file(s)", message["files_done"])
             return None
         if self.job is None or message.get("id") != self._request_id:
             return None  # a reply to a request we gave up on: never read it as the next answer
@@ -281,7 +294,16 @@ class Worker:
             self.deadline = now + self.ocr.timeout_s
         elif op == "page":
             self._pages.append({k: message[k] for k in ("page", "text", "processing_time", "size", "resized_from")})
+        elif op == "deferred":
+            job, self.job = self.job, None
+            job.attempts -= 1  # waiting for memory is not an attempt
+            self.state = "idle"
+            self.deadline = None
+            self.dirty = True
+            return Outcome(job=job, ok=False, deferred=True, sha256=message.get("sha256"),
+                           gpu_info_after=message["gpu_info"], engine=self.engine_name, model=self.model)
         elif op in ("done", "failed"):
+            self.dirty = True
             self.crashes_in_a_row = 0
             job, self.job = self.job, None
             self.state = "idle"
@@ -293,7 +315,7 @@ class Worker:
                 detail=message.get("detail"),
                 sha256=message.get("sha256", self._sha256) or self._sha256,
                 pages=self._pages,
-                processing_time=round(now - self._started_at, 3),
+                processing_time=round(now - self.started_at, 3),
                 gpu_info_before=message.get("gpu_info_before", {"available": False}),
                 gpu_info_after=message.get("gpu_info_after", {"available": False}),
                 engine=self.engine_name,
@@ -334,7 +356,7 @@ class Worker:
             log.warning("OCR child %s on %s; retrying the file once with a new child", why, job.rel)
             return [Outcome(job=job, ok=False, retry=True, detail=why)]
         return [Outcome(job=job, ok=False, code="child_crashed", detail=why, sha256=self._sha256,
-                        processing_time=round(self.clock() - self._started_at, 3),
+                        processing_time=round(self.clock() - self.started_at, 3),
                         engine=self.engine_name, model=self.model)]
 
     def tick(self) -> list[Outcome]:
@@ -353,7 +375,7 @@ class Worker:
         job = self.job
         assert job is not None
         self.job = None
-        elapsed = round(now - self._started_at, 3)
+        elapsed = round(now - self.started_at, 3)
         pid = self.pid
         self.on_event("timeout", f"{job.rel}: page {self.current_page or 1} exceeded ocr.timeout_s "
                       f"({self.ocr.timeout_s:g} s); killing OCR child {pid}",
