@@ -1,5 +1,5 @@
 # The two commands (README.md): `make run` and `make test`. Both set up what they need.
-.PHONY: run test setup setup-test check
+.PHONY: run test chaos bench setup setup-test check
 
 run: setup
 	mkdir -p var/inbox
@@ -7,6 +7,12 @@ run: setup
 
 test: setup-test
 	.venv/bin/python -m pytest $(PYTEST_ARGS)
+
+chaos: setup-test
+	.venv/bin/python -m pytest -m chaos -q $(PYTEST_ARGS)
+
+bench: setup-test
+	cd benchmarks && ../.venv/bin/python embedded.py && ../.venv/bin/python overhead.py
 
 check: setup
 	mkdir -p var/inbox

@@ -111,6 +111,9 @@ class Daemon:
             return None
 
         path = wait_until(find, timeout, f"{name}.json ({self.log()[-2000:]})")
+        # The JSON is published first, then the original moves: wait for the whole publication.
+        claimed = self.inbox / ".watcherd" / "processing" / name
+        wait_until(lambda: not os.path.lexists(claimed), 10, f"{name} to leave the work area")
         return json.loads(path.read_bytes())
 
     def alive(self) -> bool:
@@ -155,3 +158,18 @@ def gone_or_zombie(pid: int) -> bool:
 def samples() -> Path:
     assert (SAMPLES / "truth.json").exists(), f"sample scans missing: {SAMPLES}"
     return SAMPLES
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:  # type: ignore[no-untyped-def]
+    """The fault-injection table (tests/test_chaos.py), printed after a run that included it."""
+    from tests.test_chaos import CHAOS_ROWS
+
+    rows = config.stash.get(CHAOS_ROWS, [])
+    if not rows:
+        return
+    write = terminalreporter.write_line
+    write("")
+    write("| fault | iterations | files | lost | duplicated | outcome |")
+    write("|---|---|---|---|---|---|")
+    for row in rows:
+        write("| " + " | ".join(str(c) for c in row) + " |")

@@ -11,6 +11,7 @@ import ctypes
 import os
 import signal
 import subprocess
+import threading
 import sys
 import time
 from typing import Any
@@ -126,3 +127,32 @@ class SlowLoad(Echo):
     def __init__(self, **kwargs: Any):
         time.sleep(float(kwargs.get("load_s", 1)))
         super().__init__(**kwargs)
+
+
+MEMORY_ERROR_WIDTH = 23
+CHATTY_WIDTH = 29
+CLOSE_PIPE_WIDTH = 31
+
+
+class Misbehaving(Echo):
+    """One engine, several faults, each on its own trigger width: MemoryError, megabytes on
+    stdout, closing the protocol pipe; with `options.exit_once` (a marker path) the first child
+    exits right after it has loaded."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        marker = kwargs.get("exit_once")
+        if marker and not os.path.exists(marker):
+            open(marker, "w").close()
+            threading.Timer(0.05, os._exit, [0]).start()
+
+    def ocr(self, image: Image.Image) -> str:
+        if image.width == MEMORY_ERROR_WIDTH:
+            raise MemoryError("CUDA out of memory (simulated)")
+        if image.width == CHATTY_WIDTH:
+            for _ in range(4096):
+                print("x" * 1023)  # 4 MB on stdout, as DeepSeek-OCR streams its text
+            sys.stdout.flush()
+        if image.width == CLOSE_PIPE_WIDTH:
+            os.close(int(sys.argv[2]))  # the child's end of the reply pipe (see watcherd.child.main)
+        return super().ocr(image)

@@ -33,6 +33,7 @@ log = logging.getLogger("watcherd")
 
 STOP_GRACE_S = 30.0  # SIGTERM: how long the page in progress may take to finish
 MAX_DEFER_BACKOFF_S = 30.0
+OUTPUT_RETRY_S = 5.0  # how often results that could not be written are tried again
 
 
 def document_for(outcome: Outcome, *, settings: Settings, received_at: str) -> tuple[dict[str, Any], str | None]:
@@ -123,6 +124,9 @@ class Service:
         self.counts = {"ok": 0, "failed": 0}
         self.last_error: dict[str, Any] | None = None
         self.last_gpu: dict[str, Any] = {"available": False}
+        self.unpublished: list[Outcome] = []  # finished, but the outputs could not be written yet
+        self.unpublished_since: float | None = None
+        self.next_output_retry = 0.0
         self.stopping_since: float | None = None
         self.is_ready = False
         self.started_at = outputs.now_iso()
@@ -225,14 +229,19 @@ class Service:
             self.queued.add(path)
 
     def _dispatch(self) -> None:
-        if self.stopping_since is not None:
+        self._retry_outputs()
+        if self.stopping_since is not None or self.unpublished:
             return
         for worker in self.workers:
             while worker.ready:
                 job = self._next_job()
                 if job is None:
                     break
-                early = precheck(job, self.settings)
+                try:
+                    early = precheck(job, self.settings)
+                except FileNotFoundError:
+                    log.warning("%s vanished from the work area before OCR", job.rel)
+                    continue
                 if early is not None:
                     self._finish(early)
                     continue
@@ -257,7 +266,11 @@ class Service:
             if intake.signature_of(path) != signature:
                 self.tracker.track(path)  # changed (or vanished) since it was judged ready
                 continue
-            job = self.spool.claim(path)
+            try:
+                job = self.spool.claim(path)
+            except OSError as exc:
+                log.error("Cannot claim %s: %s; leaving it in the inbox", path, exc.strerror or exc)
+                continue
             if job is None:
                 if os.path.lexists(path):
                     self.blocked.append((path, signature))
@@ -268,7 +281,7 @@ class Service:
     def _wait(self) -> None:
         now = time.monotonic()
         times = [self.next_rescan, *(w.next_wakeup() for w in self.workers + self.retiring), self.tracker.next_due(),
-                 min((t for t, _ in self.deferred), default=None)]
+                 min((t for t, _ in self.deferred), default=None), self.next_output_retry if self.unpublished else None]
         if self.stopping_since is not None:
             times.append(self.stopping_since + STOP_GRACE_S)
         if self.notifier.watchdog_interval_s:
@@ -322,7 +335,14 @@ class Service:
     def _finish(self, outcome: Outcome) -> None:
         job = outcome.job
         document, text = document_for(outcome, settings=self.settings, received_at=job.received_at)
-        document = self.spool.finish(job, document, text)
+        try:
+            document = self.spool.finish(job, document, text)
+        except OSError as exc:
+            self._output_failed(outcome, exc)
+            return
+        if self.unpublished_since is not None and not self.unpublished:
+            log.warning("Results can be written again; resuming")
+            self.unpublished_since = None
         if outcome.ok:
             self.counts["ok"] += 1
             logs.event("done", f"{job.rel}: {len(outcome.pages)} page(s) in {outcome.processing_time:.2f} s → "
@@ -339,6 +359,28 @@ class Service:
             self.ready.extendleft(reversed(self.blocked))
             self.queued.update(p for p, _ in self.blocked)
             self.blocked.clear()
+
+    def _output_failed(self, outcome: Outcome, exc: OSError) -> None:
+        """The outbox/failed/archive cannot be written (disk full, read-only, permissions).
+
+        The file stays claimed with its outcome kept; claiming stops until writing works again,
+        so nothing new is taken on while results cannot be delivered. Said once, not per retry.
+        """
+        now = time.monotonic()
+        if self.unpublished_since is None:
+            self.unpublished_since = now
+            log.error("Cannot write results (%s: %s); %s stays in the work area, no new files are taken "
+                      "until this is fixed; retrying every %g s", exc.strerror or exc, exc.filename or "",
+                      outcome.job.rel, OUTPUT_RETRY_S)
+        self.unpublished.append(outcome)
+        self.next_output_retry = now + OUTPUT_RETRY_S
+
+    def _retry_outputs(self) -> None:
+        if not self.unpublished or time.monotonic() < self.next_output_retry:
+            return
+        waiting, self.unpublished = self.unpublished, []
+        for outcome in waiting:
+            self._finish(outcome)
 
     # -- configuration reload (SIGHUP) -------------------------------------------------------
 

@@ -103,6 +103,13 @@ class Spool:
 
     def finish(self, job: Job, document: dict[str, Any], text: str | None) -> dict[str, Any]:
         """Publish a result (status ok) or error document for `job`; returns it with final paths."""
+        record_path = self.pending / f"{hashlib.sha1(os.fsencode(job.rel)).hexdigest()}.json"
+        if record_path.exists():
+            # An earlier attempt for this very file was interrupted (outbox full, read-only):
+            # publish exactly what was decided then, so no output is written twice.
+            record = json.loads(record_path.read_bytes())
+            self._publish(record, record_path)
+            return record["document"]
         out = self.settings.output
         paths = self.settings.paths
         ok = document["status"] == "ok"
@@ -130,7 +137,7 @@ class Spool:
             "document": document,
             "text": text,
         }
-        record_path = self.pending / f"{hashlib.sha1(os.fsencode(job.rel)).hexdigest()}.json"
+        self.pending.mkdir(parents=True, exist_ok=True)  # the inbox may have been deleted and recreated
         # ensure_ascii keeps surrogate-escaped (non-UTF-8) names exact across the round trip.
         tmp = record_path.with_suffix(".tmp")
         with open(tmp, "wb") as f:

@@ -1,0 +1,266 @@
+"""Fault injection: each test injects a fault into the real daemon and checks DESIGN §1's
+invariants — one JSON per input, the original in exactly one place, the daemon alive (or cleanly
+restarted). Run alone with `make chaos`, which prints the table; CHAOS_ITERATIONS sets the kill -9
+loop's length (default 50).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Daemon, gone_or_zombie, make_image, wait_until
+from tests.engines import CHATTY_WIDTH, CLOSE_PIPE_WIDTH, MEMORY_ERROR_WIDTH
+
+pytestmark = pytest.mark.chaos
+
+ITERATIONS = int(os.environ.get("CHAOS_ITERATIONS", "50"))
+
+
+def audit(daemon: Daemon, names: list[str]) -> tuple[int, int]:
+    """(lost, duplicated) over `names`: each needs exactly one JSON and one original, in outputs.
+
+    A duplicate would carry a clash suffix (`a_1.png`), so those names are counted too.
+    """
+    lost = duplicated = 0
+    for name in names:
+        stem, _, ext = name.rpartition(".")
+        patterns = (name, f"{stem}_*.{ext}")
+        jsons = [p for folder in (daemon.outbox, daemon.failed) if folder.exists()
+                 for pattern in patterns for p in folder.glob(f"{pattern}.json")]
+        originals = [p for folder in (daemon.archive, daemon.failed, daemon.inbox) if folder.exists()
+                     for pattern in patterns for p in folder.glob(pattern)]
+        lost += not jsons or not originals
+        duplicated += max(0, len(jsons) - 1) + max(0, len(originals) - 1)
+    return lost, duplicated
+
+
+def record(request: pytest.FixtureRequest, fault: str, iterations: int, files: int, lost: int, duplicated: int,
+           outcome: str) -> None:
+    request.config.stash.setdefault(CHAOS_ROWS, []).append((fault, iterations, files, lost, duplicated, outcome))
+
+
+CHAOS_ROWS = pytest.StashKey[list]()
+
+
+def wait_all(daemon: Daemon, names: list[str], timeout: float = 60) -> None:
+    def done() -> bool:
+        return all((daemon.outbox / f"{n}.json").exists() or (daemon.failed / f"{n}.json").exists() for n in names)
+
+    wait_until(done, timeout, f"results for {len(names)} files")
+
+
+def test_child_faults_each_cost_at_most_their_own_file(daemon_factory, request, tmp_path: Path) -> None:
+    daemon = daemon_factory(ocr={"engine": "tests.engines:Misbehaving",
+                                 "options": {"exit_once": str(tmp_path / "exited")}}).start()
+    wait_until(lambda: (tmp_path / "exited").exists() and len(daemon.child_pids()) >= 2, 30, "exit after load")
+    cases = {"memory.png": (MEMORY_ERROR_WIDTH, "engine_error"), "chatty.png": (CHATTY_WIDTH, "ok"),
+             "closepipe.png": (CLOSE_PIPE_WIDTH, "child_crashed"), "plain.png": (40, "ok")}
+    for name, (width, _) in cases.items():
+        make_image(daemon.inbox / name, width, 10)
+    wait_all(daemon, list(cases))
+    for name, (_, expected) in cases.items():
+        document = daemon.wait_json(name)
+        assert (document.get("error_code") or document["status"]) == expected, (name, document)
+    lost, duplicated = audit(daemon, list(cases))
+    assert (lost, duplicated) == (0, 0) and daemon.alive()
+    record(request, "child exits right after loading", 1, 0, 0, 0, "respawned, then served")
+    record(request, "child raises MemoryError", 1, 1, 0, 0, "engine_error, child kept")
+    record(request, "child prints 4 MB to stdout", 1, 1, 0, 0, "ok (stdout goes to the log)")
+    record(request, "child closes its protocol pipe", 1, 1, 0, 0, "retried once, child_crashed")
+
+
+def test_child_sigkilled_mid_page_is_retried_on_a_new_child(daemon_factory, request) -> None:
+    daemon = daemon_factory(ocr={"engine": "tests.engines:Echo", "options": {"delay_s": 2}}).start()
+    make_image(daemon.inbox / "victim.png", 44, 10)
+    wait_until(lambda: "victim.png: OCR started" in daemon.log(), 30)
+    os.kill(daemon.child_pid(), signal.SIGKILL)
+    result = daemon.wait_json("victim.png")
+    assert result["status"] == "ok" and result["attempts"] == 2
+    assert audit(daemon, ["victim.png"]) == (0, 0) and daemon.alive()
+    record(request, "child SIGKILLed mid-page", 1, 1, 0, 0, "retried on a new child, ok")
+
+
+def test_hung_and_segfaulting_children(daemon_factory, request) -> None:
+    from tests.engines import HANG_WIDTH, SEGFAULT_WIDTH
+
+    daemon = daemon_factory(ocr={"engine": "tests.engines:Hang", "timeout_s": 1}).start()
+    make_image(daemon.inbox / "hang.png", HANG_WIDTH, 10)
+    assert daemon.wait_json("hang.png")["error_code"] == "timeout"
+    assert audit(daemon, ["hang.png"]) == (0, 0)
+    daemon.stop()
+    daemon.configure(ocr={"engine": "tests.engines:Segfault"})
+    daemon.start()
+    make_image(daemon.inbox / "segv.png", SEGFAULT_WIDTH, 10)
+    assert daemon.wait_json("segv.png")["error_code"] == "child_crashed"
+    assert audit(daemon, ["segv.png"]) == (0, 0) and daemon.alive()
+    record(request, "child hung in native code, signals blocked", 1, 1, 0, 0, "timeout, process group killed")
+    record(request, "child segfaults", 1, 1, 0, 0, "retried once, child_crashed")
+
+
+def test_daemon_kill_9_at_random_moments_loses_and_duplicates_nothing(daemon_factory, request) -> None:
+    seed = int(os.environ.get("CHAOS_SEED", time.time()))
+    rng = random.Random(seed)
+    daemon = daemon_factory(ocr={"engine": "tests.engines:Echo", "options": {"delay_s": 0.05}},
+                            watch={"settle_s": 0.05})
+    names: list[str] = []
+    for i in range(ITERATIONS):
+        for j in range(3):
+            name = f"k{i:03}_{j}.png"
+            make_image(daemon.inbox / name, 20 + j, 10)
+            names.append(name)
+        daemon.start(wait_ready=rng.random() < 0.7)  # sometimes kill it while it still loads
+        time.sleep(rng.uniform(0, 0.6))  # the random moment of the kill is the point of this test
+        child_pids = daemon.child_pids()
+        daemon.stop(signal.SIGKILL)
+        wait_until(lambda: all(gone_or_zombie(p) for p in child_pids), 10, "children to die with the daemon")
+    daemon.start()
+    wait_all(daemon, names, timeout=120)
+    lost, duplicated = audit(daemon, names)
+    record(request, f"daemon kill -9 at random moments (seed {seed})", ITERATIONS, len(names), lost, duplicated,
+           "restarted each time")
+    assert (lost, duplicated) == (0, 0), f"seed {seed}"
+    assert not list((daemon.inbox / ".watcherd" / "pending").iterdir())
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path):
+    assert os.geteuid() == 0, "mounting a tmpfs needs root (CI runs as root)"
+    mounts: list[Path] = []
+
+    def mount(path: Path, size: str = "256k") -> Path:
+        path.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
+        mounts.append(path)
+        return path
+
+    yield mount
+    for path in reversed(mounts):
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def test_outbox_full_keeps_files_safe_then_resumes(daemon_factory, request, small_tmpfs) -> None:
+    daemon = daemon_factory()
+    outbox = small_tmpfs(daemon.outbox)
+    filler = outbox / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    try:
+        while os.write(fd, b"\0" * 4096):  # fill it up
+            pass
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    daemon.start()
+    names = [f"full{i}.png" for i in range(5)]
+    for i, name in enumerate(names):
+        make_image(daemon.inbox / name, 20 + i, 10)
+    wait_until(lambda: "Cannot write results" in daemon.log(), 30, "the disk-full error")
+    assert daemon.log().count("Cannot write results") == 1
+    processing = daemon.inbox / ".watcherd" / "processing"
+    assert len(list(processing.iterdir())) == 1  # one claimed and held; the others wait in the inbox
+    assert sum((daemon.inbox / n).exists() for n in names) == 4
+    filler.unlink()
+    wait_all(daemon, names)
+    assert audit(daemon, names) == (0, 0) and daemon.alive()
+    assert "Results can be written again" in daemon.log()
+    record(request, "outbox filesystem full, then freed", 1, len(names), 0, 0, "held, one error, resumed")
+
+
+def test_outbox_read_only_then_writable(daemon_factory, request, small_tmpfs) -> None:
+    daemon = daemon_factory()
+    outbox = small_tmpfs(daemon.outbox, "4m")
+    subprocess.run(["mount", "-o", "remount,ro", str(outbox)], check=True)
+    daemon.start()
+    make_image(daemon.inbox / "ro.png")
+    wait_until(lambda: "Cannot write results" in daemon.log(), 30)
+    subprocess.run(["mount", "-o", "remount,rw", str(outbox)], check=True)
+    daemon.wait_json("ro.png")
+    assert audit(daemon, ["ro.png"]) == (0, 0) and daemon.alive()
+    record(request, "outbox not writable (read-only), then writable", 1, 1, 0, 0, "held, one error, resumed")
+
+
+def test_inbox_deleted_and_recreated(daemon_factory, request) -> None:
+    daemon = daemon_factory(watch={"rescan_interval_s": 1}).start()
+    make_image(daemon.inbox / "before.png")
+    daemon.wait_json("before.png")
+    shutil.rmtree(daemon.inbox)
+    daemon.inbox.mkdir()
+    make_image(daemon.inbox / "after.png")
+    daemon.wait_json("after.png")
+    assert audit(daemon, ["before.png", "after.png"]) == (0, 0) and daemon.alive()
+    record(request, "inbox folder deleted and recreated", 1, 2, 0, 0, "found by the rescan")
+
+
+def test_hostile_inputs(daemon_factory, request, samples: Path, tmp_path: Path) -> None:
+    import pypdfium2 as pdfium
+
+    from tests.test_daemon import bomb_png
+
+    daemon = daemon_factory(ocr={"engine": "tests.engines:Echo", "max_pages": 3}, watch={"settle_s": 0.2}).start()
+    inbox = daemon.inbox
+    expected = {}
+    (inbox / "empty.jpg").write_bytes(b"")
+    expected["empty.jpg"] = "unreadable"
+    (inbox / "truncated.jpg").write_bytes((samples / "receipt_zh.jpg").read_bytes()[:3000])
+    expected["truncated.jpg"] = "unreadable"
+    make_image(inbox / "tiny.png", 1, 1)
+    expected["tiny.png"] = "ok"
+    bomb_png(inbox / "bomb.png")
+    expected["bomb.png"] = "too_large"
+    (inbox / "text.jpg").write_text("hello")
+    expected["text.jpg"] = "unsupported_type"
+    pdf = pdfium.PdfDocument.new()
+    for _ in range(5):
+        pdf.new_page(200, 300)
+    pdf.save(str(tmp_path / "many.pdf"))
+    shutil.copy(tmp_path / "many.pdf", inbox / "many.pdf")
+    expected["many.pdf"] = "too_large"
+    (inbox / "shadow.jpg").symlink_to("/etc/shadow")
+    expected["shadow.jpg"] = "not_regular_file"
+    os.mkfifo(inbox / "fifo.jpg")
+    expected["fifo.jpg"] = "not_regular_file"
+    (inbox / "x.jpg").mkdir()
+    expected["x.jpg"] = "not_regular_file"
+    outside = make_image(tmp_path / "outside.png", 33, 10)
+    os.link(outside, inbox / "hardlink.png")
+    expected["hardlink.png"] = "ok"
+    wait_all(daemon, list(expected))
+    for name, code in expected.items():
+        document = daemon.wait_json(name)
+        assert (document.get("error_code") or document["status"]) == code, (name, document)
+    assert outside.exists() and Path("/etc/shadow").exists()
+    assert audit(daemon, list(expected)) == (0, 0) and daemon.alive()
+    record(request, "hostile inputs (empty, truncated, 1x1, bomb, text, 5-page PDF over max_pages, "
+           "symlink to /etc/shadow, FIFO, folder, hard link)", 1, len(expected), 0, 0, "right error_code each")
+
+
+def test_a_file_replaced_while_queued_is_read_as_its_final_bytes(daemon_factory, request) -> None:
+    daemon = daemon_factory(watch={"settle_s": 1.0}).start()
+    make_image(daemon.inbox / "swap.png", 50, 10)
+    replacement = make_image(daemon.root / "replacement.png", 51, 10)
+    os.replace(replacement, daemon.inbox / "swap.png")  # within the settle time
+    result = daemon.wait_json("swap.png")
+    assert result["text"] == "echo 51x10"
+    assert audit(daemon, ["swap.png"]) == (0, 0)
+    record(request, "file replaced while queued", 1, 1, 0, 0, "final bytes OCR'd, once")
+
+
+def test_five_thousand_files_at_once(daemon_factory, request) -> None:
+    daemon = daemon_factory(output={"text_file": "none"})
+    source = make_image(daemon.root / "one.png", 20, 10)
+    names = [f"burst{i:04}.png" for i in range(5000)]
+    daemon.start()
+    for name in names:
+        shutil.copy(source, daemon.inbox / name)
+    wait_until(lambda: len(daemon.results()) == len(names), 600, "5,000 results")
+    lost, duplicated = audit(daemon, names)
+    assert (lost, duplicated) == (0, 0) and daemon.alive()
+    record(request, "5,000 files at once", 1, len(names), lost, duplicated, "all processed once")
