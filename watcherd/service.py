@@ -172,9 +172,14 @@ class Service:
                 self._intake()
                 self._dispatch()
                 self._wait()
+                finished: list[Outcome] = []
                 for worker in self.workers + self.retiring:
-                    self._settle(worker.pump())
-                    self._settle(worker.tick())
+                    finished += self._settle(worker.pump() + worker.tick())
+                # Hand out the next files before publishing these: the children OCR while the
+                # parent fsyncs, instead of waiting for it.
+                self._dispatch()
+                for outcome in finished:
+                    self._finish(outcome)
                 self._replace_retired()
                 self._systemd()
         finally:
@@ -302,7 +307,9 @@ class Service:
 
     # -- outcomes ----------------------------------------------------------------------------
 
-    def _settle(self, outcomes: list[Outcome]) -> None:
+    def _settle(self, outcomes: list[Outcome]) -> list[Outcome]:
+        """Requeue retries and deferrals at once; return the outcomes that need publishing."""
+        finished = []
         for outcome in outcomes:
             if outcome.gpu_info_after.get("available"):
                 self.last_gpu = outcome.gpu_info_after
@@ -311,7 +318,8 @@ class Service:
             elif outcome.deferred:
                 self._defer(outcome)
             else:
-                self._finish(outcome)
+                finished.append(outcome)
+        return finished
 
     def _defer(self, outcome: Outcome) -> None:
         """Too little GPU memory: the file stays claimed and queued; others may go first."""
