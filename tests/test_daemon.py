@@ -261,3 +261,13 @@ def test_sigterm_while_a_file_is_in_the_child_returns_it_to_the_inbox(daemon_fac
     assert daemon.stop(signal.SIGTERM, timeout=60) == 0  # after the 30 s grace for the page
     assert (daemon.inbox / "busy.png").exists()
     assert daemon.results(daemon.failed) == [] and daemon.results() == []
+
+
+def test_an_engine_that_never_loads_stops_the_daemon_with_the_reason(daemon_factory) -> None:
+    daemon = daemon_factory(ocr={"engine": "tests.engines:Broken"})
+    make_image(daemon.inbox / "waiting.png")
+    daemon.start(wait_ready=False)
+    assert daemon.proc.wait(timeout=120) == 1  # after retries with backoff 1, 2, 4, 8 s
+    assert "keeps failing to load, giving up: FileNotFoundError: model folder /nonexistent not found" in daemon.log()
+    assert daemon.log().count("retrying in") == 4
+    assert (daemon.inbox / "waiting.png").exists()

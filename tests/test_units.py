@@ -129,3 +129,15 @@ def test_move_is_safe_to_repeat(tmp_path: Path) -> None:
     other.write_bytes(b"different")
     with pytest.raises(FileExistsError):
         outputs.move(other, dst)
+
+
+def test_the_parent_never_imports_torch_or_image_libraries() -> None:
+    """The daemon's own modules stay light: models and decoders live in the child only."""
+    import subprocess
+    import sys
+
+    code = ("import sys, watcherd.cli, watcherd.service, watcherd.admin; "
+            "print(sorted(m for m in ('torch', 'transformers', 'onnxruntime', 'rapidocr', 'numpy', 'PIL') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
