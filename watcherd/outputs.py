@@ -154,6 +154,12 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _temp_prefix(name: str) -> str:
+    """`.name.` cut to 200 *bytes* (NAME_MAX counts bytes: 200 CJK characters are 600), leaving
+    room for mkstemp's random part and `.tmp`."""
+    return f".{os.fsdecode(os.fsencode(name)[:200])}."
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     """Publish `data` at `path`, whole or not at all; never replaces a different existing file.
 
@@ -161,7 +167,7 @@ def write_atomic(path: Path, data: bytes) -> None:
     Raises FileExistsError if `path` holds something else.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:200]}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path.name), suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as f:
@@ -212,7 +218,7 @@ def move(src: Path, dst: Path) -> None:
             shutil.copytree(src, dst, symlinks=True)
             shutil.rmtree(src)
             return
-        fd, tmp = tempfile.mkstemp(prefix=f".{dst.name[:200]}.", suffix=".tmp", dir=dst.parent)
+        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(dst.name), suffix=".tmp", dir=dst.parent)
         os.close(fd)
         try:
             if src.is_symlink():
