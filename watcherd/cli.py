@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import faulthandler
 import json
 import logging
 import os
 import subprocess
 import sys
-import tempfile
 import time
+from collections.abc import Iterator
 from multiprocessing.connection import wait
 from pathlib import Path
 
@@ -64,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from .service import Service
 
+    faulthandler.enable()  # systemd's watchdog SIGABRT then shows where the main loop was stuck
     settings = settings_mod.load(args.config)
     logs.setup(settings.logging.level, settings.logging.target)
     settings.require_paths()
@@ -95,54 +97,79 @@ def _prepare_folders(settings: Settings) -> None:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    """Print one line per check (`ok` / `FAIL` / `note`); exit 1 if any check failed.
+
+    Covers DESIGN §4: configuration, folder permissions (naming the folder and the permission that
+    is missing), the inbox's filesystem and the watch mode chosen for it with the reason, inotify
+    limits against the size of the tree, and whether the engine imports.
+    """
     settings = settings_mod.load(args.config)
     settings.require_paths()
     print(f"ok    config        {settings.source}")
     failures = 0
 
-    def report(ok: bool, what: str, detail: str) -> None:
+    def report(ok: bool | None, what: str, detail: str) -> None:
         nonlocal failures
-        failures += not ok
-        print(f"{'ok  ' if ok else 'FAIL'}  {what:<13} {detail}")
+        failures += ok is False
+        print(f"{'ok  ' if ok else 'note' if ok is None else 'FAIL'}  {what:<13} {detail}")
 
     inbox = settings.paths.inbox
     assert inbox is not None
-    report(*_check_inbox(inbox))
-    for key in ("outbox", "failed", "archive"):
-        folder = getattr(settings.paths, key)
-        if folder is not None:
-            report(*_check_writable(folder, f"paths.{key}"))
-    fstype = mounts.filesystem_type(inbox) if inbox.exists() else "?"
-    mode = "polling" if settings.watch.mode == "polling" else "events"
-    report(True, "watch", f"{mode} (watch.mode: {settings.watch.mode}; inbox filesystem: {fstype})")
+    for check in _check_folders(settings):
+        report(check.ok, check.key, check.detail)
+    if inbox.is_dir():
+        for ok, what, detail in _check_watch(settings):
+            report(ok, what, detail)
     report(*_check_engine(settings))
     return 0 if failures == 0 else 1
 
 
-def _check_inbox(inbox: Path) -> tuple[bool, str, str]:
-    if not inbox.is_dir():
-        return False, "paths.inbox", f"{inbox}: not an existing folder"
-    try:
-        work = inbox / ".watcherd"
-        work.mkdir(exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=inbox, prefix=".watcherd-check-")
-        os.close(fd)
-        moved = work / os.path.basename(probe)
-        os.rename(probe, moved)  # what claiming does
-        os.unlink(moved)  # what on_success: delete does
-    except OSError as exc:
-        return False, "paths.inbox", f"{inbox}: cannot create, rename and delete files: {exc.strerror}"
-    return True, "paths.inbox", f"{inbox} (create, rename, delete: allowed)"
+def _check_folders(settings: Settings) -> list[mounts.Check]:
+    """The permission checks `watcherd run` needs to pass before it can work (see mounts.py)."""
+    inbox = settings.paths.inbox
+    assert inbox is not None
+    checks = mounts.check_inbox(inbox, settings.processing_dir)
+    for key in ("outbox", "failed", "archive"):
+        folder = getattr(settings.paths, key)
+        if folder is not None:
+            checks.append(mounts.check_output(folder, f"paths.{key}"))
+    return checks
 
 
-def _check_writable(folder: Path, key: str) -> tuple[bool, str, str]:
-    existing = folder
-    while not existing.exists():
-        existing = existing.parent
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return False, key, f"{folder}: no write permission on {existing}"
-    note = "" if existing == folder else " (will be created)"
-    return True, key, f"{folder}{note}"
+def _check_watch(settings: Settings) -> list[tuple[bool | None, str, str]]:
+    """Filesystem, watch mode and why, and inotify limits against the number of folders."""
+    inbox = settings.paths.inbox
+    assert inbox is not None
+    watch = settings.watch
+    plan = mounts.choose_watch_mode(inbox, watch.mode, recursive=watch.recursive)
+    lines: list[tuple[bool | None, str, str]] = [
+        (True, "filesystem", f"{inbox} is on {plan.fstype}"),
+        (True, "watch", f"{plan.mode}: {plan.reason}"),
+    ]
+    if plan.mode == "polling" or plan.poll_also:
+        lines.append((True, "watch.poll", f"every {watch.poll_interval_s:g} s: one stat per folder, a listing "
+                      f"only for folders that changed; full rescan every {watch.rescan_interval_s:g} s"))
+    limits = mounts.inotify_limits()
+    folders = 1 + sum(1 for _ in _folders_below(inbox)) if watch.recursive else 1
+    detail = (f"max_user_watches {limits['max_user_watches']}, max_user_instances {limits['max_user_instances']}, "
+              f"max_queued_events {limits['max_queued_events']}; the inbox tree has {folders} folder(s)")
+    ok: bool | None = True
+    if plan.mode == "events":
+        watches = limits["max_user_watches"]
+        if watches is not None and folders > watches // 2:
+            ok = None  # not fatal: the daemon falls back to polling, but say so now
+            detail += (f"; WARNING: one watch per folder would use more than half of max_user_watches "
+                       f"(raise it: sysctl fs.inotify.max_user_watches={max(524288, folders * 4)})")
+    lines.append((ok, "inotify", detail))
+    return lines
+
+
+def _folders_below(top: Path) -> Iterator[str]:
+    """Every folder below `top` (what a recursive inotify watch needs one watch each for)."""
+    for parent, dirs, _ in os.walk(top):
+        for name in dirs:
+            if not os.path.islink(os.path.join(parent, name)):
+                yield name
 
 
 def _check_engine(settings: Settings) -> tuple[bool, str, str]:

@@ -1,26 +1,280 @@
-"""Which filesystem a folder lives on, from /proc/self/mountinfo."""
+"""The ground under the folders: which filesystem each lives on, how to watch it, what we may do there.
+
+- `filesystem_type` / `mounts_below` read /proc/self/mountinfo.
+- `choose_watch_mode` turns `watch.mode: auto` into events or polling, with the reason in words.
+  inotify only reports changes made through this kernel: a file written by another NFS client,
+  by a Windows PC into the Samba server's disk *when we are the SMB client*, or by the daemon
+  behind a FUSE mount produces no event at all, so those filesystems are polled.
+- `inotify_limits` reads the per-user limits that make inotify fail (ENOSPC, EMFILE).
+- `check_inbox` / `check_output` probe the permissions the daemon needs and name the folder and
+  the permission that is missing; `watcherd check` prints them and `watcherd run` should refuse
+  to start on the first failure rather than crash on the first file.
+"""
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+
+# Filesystems whose content can change without this kernel seeing it (so without inotify events).
+# `fuse` and every `fuse.*` subtype are treated the same way: sshfs, rclone, s3fs, bindfs, gvfs
+# and the NTFS drivers all look alike from here, and polling a local FUSE mount costs little.
+NETWORK_TYPES = frozenset(
+    {
+        "nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "ceph", "glusterfs", "lustre", "davfs",
+        "afs", "coda", "ncpfs", "ocfs2", "gfs2", "gpfs", "beegfs", "orangefs", "pvfs2", "virtiofs",
+        "vboxsf", "vmhgfs", "fuse", "fuseblk",
+    }
+)  # fmt: skip
+
+
+def is_network(fstype: str) -> bool:
+    """True for filesystems inotify cannot be trusted on (network, cluster, FUSE, VM shares)."""
+    return fstype in NETWORK_TYPES or fstype.startswith("fuse.")
+
+
+@dataclass(frozen=True)
+class Mount:
+    point: str
+    fstype: str
+    source: str
+
+
+def read_mounts(mountinfo: str = "/proc/self/mountinfo") -> list[Mount]:
+    """Every mount of this process's namespace; [] if mountinfo cannot be read."""
+    try:
+        lines = Path(mountinfo).read_text(errors="surrogateescape").splitlines()
+    except OSError:
+        return []
+    mounts = []
+    for line in lines:
+        left, _, right = line.partition(" - ")
+        fields, tail = left.split(), right.split()
+        if len(fields) < 5 or not tail:
+            continue
+        mounts.append(Mount(_unescape(fields[4]), tail[0], _unescape(tail[1]) if len(tail) > 1 else ""))
+    return mounts
+
+
+def _unescape(field: str) -> str:
+    r"""mountinfo writes space, tab, newline and backslash as octal escapes (\040 ...)."""
+    if "\\" not in field:
+        return field
+    raw = os.fsencode(field)
+    out, i = bytearray(), 0
+    while i < len(raw):
+        if raw[i : i + 1] == b"\\" and raw[i + 1 : i + 4].isdigit():
+            out.append(int(raw[i + 1 : i + 4], 8))
+            i += 4
+        else:
+            out.append(raw[i])
+            i += 1
+    return os.fsdecode(bytes(out))
+
+
+def _inside(target: str, point: str) -> bool:
+    return target == point or target.startswith(point.rstrip("/") + "/")
 
 
 def filesystem_type(path: Path, mountinfo: str = "/proc/self/mountinfo") -> str:
     """The type of the mount holding `path` (ext4, nfs4, cifs, fuse.bindfs, ...), or '?'."""
     target = os.path.realpath(path)
     best, best_type = "", "?"
-    try:
-        lines = Path(mountinfo).read_text().splitlines()
-    except OSError:
-        return "?"
-    for line in lines:
-        left, _, right = line.partition(" - ")
-        fields = left.split()
-        if len(fields) < 5 or not right:
-            continue
-        mount_point = fields[4].encode().decode("unicode_escape")  # \040 for spaces
-        inside = target == mount_point or target.startswith(mount_point.rstrip("/") + "/")
-        if inside and len(mount_point) >= len(best):
-            best, best_type = mount_point, right.split()[0]
+    for mount in read_mounts(mountinfo):  # the last, longest match wins: later mounts hide earlier
+        if _inside(target, mount.point) and len(mount.point) >= len(best):
+            best, best_type = mount.point, mount.fstype
     return best_type
+
+
+def mounts_below(path: Path, mountinfo: str = "/proc/self/mountinfo") -> list[Mount]:
+    """Mounts strictly inside `path` (a NAS share mounted at inbox/scanner1, say), outermost first."""
+    target = os.path.realpath(path)
+    found: dict[str, Mount] = {}
+    for mount in read_mounts(mountinfo):
+        if mount.point != target and _inside(mount.point, target):
+            found[mount.point] = mount  # a later mount on the same point hides the earlier one
+    return sorted(found.values(), key=lambda m: (m.point.count("/"), m.point))
+
+
+@dataclass(frozen=True)
+class WatchPlan:
+    """How to watch an inbox: `mode` for the inbox itself, plus folders below it to poll anyway."""
+
+    mode: str  # "events" | "polling"
+    reason: str
+    fstype: str
+    poll_also: tuple[Path, ...] = ()
+
+
+def choose_watch_mode(inbox: Path, requested: str, *, recursive: bool = True,
+                      mountinfo: str = "/proc/self/mountinfo") -> WatchPlan:
+    """Decide events or polling for `inbox` (DESIGN §3 `watch.mode`), and say why."""
+    fstype = filesystem_type(inbox, mountinfo)
+    if requested in ("events", "polling"):
+        return WatchPlan(requested, f"watch.mode: {requested} (inbox filesystem: {fstype})", fstype)
+    if fstype == "?":
+        return WatchPlan("polling", "watch.mode: auto, and the inbox's filesystem type is unknown "
+                         "(/proc/self/mountinfo unreadable): polling is never blind", fstype)
+    if is_network(fstype):
+        return WatchPlan("polling", f"watch.mode: auto, and the inbox is on {fstype}: changes made by other "
+                         "hosts or by the filesystem daemon produce no inotify events", fstype)
+    remote = [m for m in mounts_below(inbox, mountinfo) if is_network(m.fstype)] if recursive else []
+    reason = f"watch.mode: auto, and the inbox is on {fstype} (local: inotify sees every change)"
+    if remote:
+        listed = ", ".join(f"{m.point} ({m.fstype})" for m in remote)
+        reason += f"; polling the network mount(s) below it: {listed}"
+    return WatchPlan("events", reason, fstype, tuple(Path(m.point) for m in remote))
+
+
+# -- inotify limits --------------------------------------------------------------------------
+
+INOTIFY_SYSCTL = Path("/proc/sys/fs/inotify")
+
+
+def inotify_limits(root: Path = INOTIFY_SYSCTL) -> dict[str, int | None]:
+    """max_user_watches, max_user_instances, max_queued_events (None where unreadable)."""
+    limits: dict[str, int | None] = {}
+    for name in ("max_user_watches", "max_user_instances", "max_queued_events"):
+        try:
+            limits[name] = int((root / name).read_text())
+        except (OSError, ValueError):
+            limits[name] = None
+    return limits
+
+
+def inotify_watch_count(pid: int | str = "self") -> int | None:
+    """Watches held by this process's inotify instances, from /proc/<pid>/fdinfo; None if none.
+
+    watchdog swallows ENOSPC for every folder but the top one, so comparing this with the number
+    of folders is the only way to learn that `max_user_watches` left part of the tree unwatched.
+    """
+    total, found = 0, False
+    fd_dir = Path(f"/proc/{pid}/fd")
+    try:
+        fds = os.listdir(fd_dir)
+    except OSError:
+        return None
+    for fd in fds:
+        try:
+            if os.readlink(fd_dir / fd) != "anon_inode:inotify":
+                continue
+            info = Path(f"/proc/{pid}/fdinfo/{fd}").read_text()
+        except OSError:
+            continue
+        found = True
+        total += sum(1 for line in info.splitlines() if line.startswith("inotify wd:"))
+    return total if found else None
+
+
+# -- permissions -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Check:
+    ok: bool
+    key: str  # the configuration key it is about (paths.inbox, ...)
+    detail: str  # names the folder and, on failure, the permission that is missing
+
+
+def _who() -> str:
+    return f"uid {os.geteuid()}, gid {os.getegid()}"
+
+
+def _describe(folder: Path) -> str:
+    try:
+        st = os.stat(folder)
+    except OSError:
+        return ""
+    return f" (mode {stat.filemode(st.st_mode)}, owner uid {st.st_uid} gid {st.st_gid}; watcherd runs as {_who()})"
+
+
+def _errno_words(exc: OSError) -> str:
+    if exc.errno == errno.EROFS:
+        return "the filesystem is mounted read-only"
+    return exc.strerror or str(exc)
+
+
+def check_inbox(inbox: Path, processing_dir: Path | None = None) -> list[Check]:
+    """Can the daemon list the inbox, create the processing area, and claim (rename), then delete?
+
+    Probes with a real file, because on shares the mode bits lie (ACLs, root_squash, Samba
+    `force user`, read-only exports): what counts is whether rename(2) works.
+    """
+    key = "paths.inbox"
+    if not inbox.is_dir():
+        return [Check(False, key, f"{inbox}: not an existing folder")]
+    checks = []
+    try:
+        with os.scandir(inbox) as entries:
+            next(entries, None)
+    except OSError as exc:
+        return [Check(False, key, f"{inbox}: cannot list files: missing read permission on the folder "
+                      f"({_errno_words(exc)}){_describe(inbox)}")]
+    work = processing_dir or inbox / ".watcherd"
+    probe = ""
+    try:
+        fd, probe = tempfile.mkstemp(dir=inbox, prefix=".watcherd-check-")
+        os.close(fd)
+    except OSError as exc:
+        return [Check(False, key, f"{inbox}: cannot create, rename or delete files: missing write permission "
+                      f"on the folder ({_errno_words(exc)}){_describe(inbox)}")]
+    try:
+        try:
+            work.mkdir(exist_ok=True)
+        except OSError as exc:
+            checks.append(Check(False, key, f"{work}: cannot create the processing area ({_errno_words(exc)})"))
+            return checks
+        moved = work / os.path.basename(probe)
+        try:
+            os.rename(probe, moved)  # what claiming does
+            probe = str(moved)
+        except OSError as exc:
+            checks.append(Check(False, key, f"{inbox}: cannot rename files into {work} (claiming a file): "
+                                f"{_errno_words(exc)}{_describe(work)}"))
+            return checks
+        try:
+            os.unlink(probe)  # what on_success: delete does
+            probe = ""
+        except OSError as exc:
+            checks.append(Check(False, key, f"{work}: cannot delete files: {_errno_words(exc)}"))
+            return checks
+    finally:
+        if probe and os.path.lexists(probe):
+            try:
+                os.unlink(probe)
+            except OSError:
+                pass
+    st = os.stat(inbox)
+    note = ""
+    if st.st_mode & stat.S_ISVTX and os.geteuid() != 0:
+        # The sticky bit (common on shared drop folders) lets only a file's owner rename it: files
+        # uploaded by another account would fail at claim time although this probe passed.
+        note = f"; WARNING: the sticky bit is set, so only files owned by uid {os.geteuid()} can be claimed"
+    checks.append(Check(True, key, f"{inbox} (list, create, rename, delete: allowed){note}"))
+    return checks
+
+
+def check_output(folder: Path, key: str) -> Check:
+    """Can the daemon create `folder` (if missing) and create, rename and delete files in it?"""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return Check(False, key, f"{folder}: {existing} is not a folder")
+    if existing != folder:
+        if not os.access(existing, os.W_OK | os.X_OK):
+            return Check(False, key, f"{folder}: cannot be created: missing write permission on {existing}"
+                         f"{_describe(existing)}")
+        return Check(True, key, f"{folder} (will be created in {existing})")
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".watcherd-check-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        return Check(False, key, f"{folder}: cannot write files: missing write permission on the folder "
+                     f"({_errno_words(exc)}){_describe(folder)}")
+    return Check(True, key, f"{folder} (write: allowed)")
