@@ -156,3 +156,20 @@ class Misbehaving(Echo):
         if image.width == CLOSE_PIPE_WIDTH:
             os.close(int(sys.argv[2]))  # the child's end of the reply pipe (see watcherd.child.main)
         return super().ocr(image)
+
+
+class CudaHog(Echo):
+    """For scripts/gpu-check: on a 37 px wide page, holds 4 GB of device memory and runs long
+    CUDA kernels until killed."""
+
+    def ocr(self, image: Image.Image) -> str:
+        if image.width != 37:
+            return super().ocr(image)
+        import torch
+
+        hold = torch.empty(4 * 1024**3, dtype=torch.uint8, device="cuda")
+        a = torch.randn(8192, 8192, device="cuda")
+        while True:
+            a = a @ a / 8192
+            torch.cuda.synchronize()
+        return str(hold.shape)  # pragma: no cover
