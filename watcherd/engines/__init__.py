@@ -16,6 +16,8 @@ from typing import Any
 
 BUILTIN = {
     "rapidocr": "watcherd.engines.rapidocr:RapidOcrEngine",
+    "transformers": "watcherd.engines.transformers:TransformersEngine",
+    "deepseek-ocr": "watcherd.engines.deepseek_ocr:DeepseekOcrEngine",
 }
 
 
