@@ -108,25 +108,32 @@ def test_hung_and_segfaulting_children(daemon_factory, request) -> None:
 def test_daemon_kill_9_at_random_moments_loses_and_duplicates_nothing(daemon_factory, request) -> None:
     seed = int(os.environ.get("CHAOS_SEED", time.time()))
     rng = random.Random(seed)
-    daemon = daemon_factory(ocr={"engine": "tests.engines:Echo", "options": {"delay_s": 0.05}},
-                            watch={"settle_s": 0.05})
+    daemon = daemon_factory(ocr={"engine": "tests.engines:Echo"}, watch={"settle_s": 0.05})
     names: list[str] = []
+    stages = {"queued": 0, "claimed": 0, "publishing": 0}  # kills that caught a file in each stage
+    work = daemon.inbox / ".watcherd"
     for i in range(ITERATIONS):
-        for j in range(3):
-            name = f"k{i:03}_{j}.png"
+        for j in range(12):
+            name = f"k{i:03}_{j:02}.png"
             make_image(daemon.inbox / name, 20 + j, 10)
             names.append(name)
         daemon.start(wait_ready=rng.random() < 0.7)  # sometimes kill it while it still loads
-        time.sleep(rng.uniform(0, 0.6))  # the random moment of the kill is the point of this test
+        time.sleep(rng.uniform(0, 0.4))  # the random moment of the kill is the point of this test
         child_pids = daemon.child_pids()
         daemon.stop(signal.SIGKILL)
+        stages["queued"] += any(p.suffix == ".png" for p in daemon.inbox.iterdir())
+        stages["claimed"] += (work / "processing").exists() and any((work / "processing").iterdir())
+        stages["publishing"] += (work / "pending").exists() and any((work / "pending").iterdir())
         wait_until(lambda: all(gone_or_zombie(p) for p in child_pids), 10, "children to die with the daemon")
     daemon.start()
     wait_all(daemon, names, timeout=120)
     lost, duplicated = audit(daemon, names)
+    caught = ", ".join(f"{stage} {n}" for stage, n in stages.items())
     record(request, f"daemon kill -9 at random moments (seed {seed})", ITERATIONS, len(names), lost, duplicated,
-           "restarted each time")
+           f"restarted each time; kills that caught a file {caught}")
     assert (lost, duplicated) == (0, 0), f"seed {seed}"
+    if ITERATIONS >= 50:  # at this length each stage is caught several times (about 7 the rarest)
+        assert all(stages.values()), stages
     assert not list((daemon.inbox / ".watcherd" / "pending").iterdir())
 
 
