@@ -42,7 +42,8 @@ def format_status(status: dict[str, Any]) -> str:
     lines = [f"watcherd {status['version']}: {'running' if alive else 'NOT running'} (pid {status['pid']}), "
              f"{status['state']}; updated {status['updated_at']}"]
     lines.append(f"  {status['summary']}")
-    lines.append(f"  inbox {status['inbox']} ({status['watch_mode']}), engine {status['engine']}")
+    lines.append(f"  inbox {status['inbox']}: {status['watch_mode']} ({status.get('watch_reason', '')}), "
+                 f"engine {status['engine']}")
     q = status["queue"]
     lines.append(f"  queue: {q['ready']} ready, {q['claimed']} claimed, {q['waiting_for_memory']} waiting for GPU "
                  f"memory, {q['settling']} still being written")

@@ -70,6 +70,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     logs.setup(settings.logging.level, settings.logging.target)
     settings.require_paths()
     _prepare_folders(settings)
+    missing = [check for check in _check_folders(settings) if not check.ok]
+    if missing:  # say exactly which folder lacks which permission, before anything is claimed
+        raise ConfigError(missing[0].detail, key=missing[0].key, source=settings.source)
     try:
         return Service(settings).run()
     except EngineLoadError as exc:

@@ -54,9 +54,16 @@ from pathlib import Path
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
+from watchdog.observers.inotify_move_event_grouper import InotifyMoveEventGrouper
 
 from . import formats, mounts
 from .settings import BUILTIN_IGNORE, WatchSettings
+
+# watchdog holds an unmatched IN_MOVED_FROM for 0.5 s, hoping for its IN_MOVED_TO, and every later
+# event waits behind it. Each archived original leaves the watched tree that way (processing →
+# archive), so back-to-back scans waited 0.5 s extra each. The two halves of a move inside the
+# tree come in the same read from the kernel, so 50 ms still pairs them.
+InotifyMoveEventGrouper.delay = 0.05
 
 log = logging.getLogger("watcherd")
 

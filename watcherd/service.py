@@ -33,7 +33,8 @@ log = logging.getLogger("watcherd")
 
 STOP_GRACE_S = 30.0  # SIGTERM: how long the page in progress may take to finish
 MAX_DEFER_BACKOFF_S = 30.0
-OUTPUT_RETRY_S = 5.0  # how often results that could not be written are tried again
+OUTPUT_RETRY_S = 5.0
+MAX_REREADS = 3  # how often results that could not be written are tried again
 
 
 def document_for(outcome: Outcome, *, settings: Settings, received_at: str) -> tuple[dict[str, Any], str | None]:
@@ -273,8 +274,9 @@ class Service:
                 continue
             try:
                 job = self.spool.claim(path)
-            except OSError as exc:
-                log.error("Cannot claim %s: %s; leaving it in the inbox", path, exc.strerror or exc)
+            except OSError as exc:  # e.g. a sticky-bit inbox and another user's file: EPERM
+                self.intake.complaints.problem("claiming", str(path.parent),
+                                               f"Cannot claim {path}: {exc.strerror or exc}; left in the inbox")
                 continue
             if job is None:
                 if os.path.lexists(path):
@@ -342,6 +344,8 @@ class Service:
 
     def _finish(self, outcome: Outcome) -> None:
         job = outcome.job
+        if outcome.ok and self._changed_since_claim(job):
+            return
         document, text = document_for(outcome, settings=self.settings, received_at=job.received_at)
         try:
             document = self.spool.finish(job, document, text)
@@ -367,6 +371,19 @@ class Service:
             self.ready.extendleft(reversed(self.blocked))
             self.queued.update(p for p, _ in self.blocked)
             self.blocked.clear()
+
+    def _changed_since_claim(self, job: Job) -> bool:
+        """A writer on another host (SMB/NFS) may still hold the file and write on after the claim:
+        the bytes OCR'd were not the final ones. OCR it again, up to MAX_REREADS times."""
+        now = intake.signature_of(job.path)
+        if job.signature is None or now is None or now == job.signature or job.rereads >= MAX_REREADS:
+            return False
+        job.rereads += 1
+        job.signature = now
+        job.attempts -= 1  # not the child's fault
+        log.warning("%s changed while it was being OCR'd; reading it again", job.rel)
+        self.jobs.appendleft(job)
+        return True
 
     def _output_failed(self, outcome: Outcome, exc: OSError) -> None:
         """The outbox/failed/archive cannot be written (disk full, read-only, permissions).
@@ -497,6 +514,7 @@ class Service:
             "updated_at": outputs.now_iso(),
             "inbox": str(self.settings.paths.inbox),
             "watch_mode": self.intake.mode,
+            "watch_reason": self.intake.reason,
             "engine": self.settings.ocr.engine,
             "counts": self.counts,
             "queue": {"ready": len(self.ready), "claimed": len(self.jobs), "waiting_for_memory": len(self.deferred),

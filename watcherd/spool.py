@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from . import outputs
+from .intake import appledouble_companion, matches_include, signature_of
 from .outputs import public_path
 from .settings import Settings
 
@@ -42,6 +43,8 @@ class Job:
     attempts: int = 0
     deferred_since: float | None = None  # monotonic time of the first deferral for GPU memory
     deferrals: int = 0
+    signature: tuple[int, int, int] | None = None  # (type, size, mtime) when claimed
+    rereads: int = 0  # times it changed under us after the claim and was OCR'd again
 
 
 class Spool:
@@ -75,7 +78,7 @@ class Spool:
             os.rename(inbox_path, target)
         except FileNotFoundError:
             return None
-        return Job(rel=rel, path=target, received_at=outputs.now_iso())
+        return Job(rel=rel, path=target, received_at=outputs.now_iso(), signature=signature_of(target))
 
     def unclaim(self, job: Job) -> Path:
         """Put a claimed file back into the inbox (graceful stop), under a new name if taken."""
@@ -159,6 +162,10 @@ class Spool:
             outputs.move(claimed, names["original"])
         else:
             outputs.remove(claimed)  # on_success: delete, and the JSON is durable by now
+        # A Mac's AppleDouble companion (`._name`) goes with its file instead of lingering forever.
+        companion = appledouble_companion(self.inbox / record["rel"])
+        if companion.is_file() and not companion.is_symlink():
+            companion.unlink()
         record_path.unlink()
         self._prune(claimed.parent, self.processing)
 
@@ -175,6 +182,4 @@ class Spool:
 
 def _looks_like_claim(name: str, settings: Settings) -> bool:
     """A folder in the processing area that was claimed itself (a directory named `x.jpg`)."""
-    from .intake import matches_include
-
     return matches_include(name, settings.watch.include)
