@@ -187,8 +187,8 @@ def test_outbox_full_keeps_files_safe_then_resumes(daemon_factory, request, smal
 def test_outbox_read_only_then_writable(daemon_factory, request, small_tmpfs) -> None:
     daemon = daemon_factory()
     outbox = small_tmpfs(daemon.outbox, "4m")
+    daemon.start()  # (a read-only outbox at start is refused: see test_check_* in test_shares.py)
     subprocess.run(["mount", "-o", "remount,ro", str(outbox)], check=True)
-    daemon.start()
     make_image(daemon.inbox / "ro.png")
     wait_until(lambda: "Cannot write results" in daemon.log(), 30)
     subprocess.run(["mount", "-o", "remount,rw", str(outbox)], check=True)

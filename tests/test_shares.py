@@ -399,8 +399,9 @@ def test_names_from_shares_round_trip(daemon_factory) -> None:
     json_path, document = documents[b64]
     assert document["source"] == "scans/r\\xe9sum\\xe9.png"
     assert os.fsencode(json_path) == os.fsencode(daemon.outbox) + b"/scans/r\xe9sum\xe9.png.json"
-    # The AppleDouble companion was never taken for a scan.
-    assert companion.exists() and f"._{nfd}" not in daemon.log()
+    # The AppleDouble companion was never taken for a scan, and left with its file.
+    wait_until(lambda: not companion.exists(), 10, "the companion to leave with its file")
+    assert f"._{nfd}" not in daemon.log() and not (daemon.failed / f"._{nfd}").exists()
 
 
 # -- permissions -----------------------------------------------------------------------------------

@@ -164,8 +164,11 @@ class Spool:
             outputs.remove(claimed)  # on_success: delete, and the JSON is durable by now
         # A Mac's AppleDouble companion (`._name`) goes with its file instead of lingering forever.
         companion = appledouble_companion(self.inbox / record["rel"])
-        if companion.is_file() and not companion.is_symlink():
-            companion.unlink()
+        try:
+            if companion.is_file() and not companion.is_symlink():
+                companion.unlink()
+        except OSError:
+            pass  # no such companion possible (`._` + a 254-byte name is too long), or gone already
         record_path.unlink()
         self._prune(claimed.parent, self.processing)
 
