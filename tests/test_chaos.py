@@ -132,8 +132,8 @@ def test_daemon_kill_9_at_random_moments_loses_and_duplicates_nothing(daemon_fac
     record(request, f"daemon kill -9 at random moments (seed {seed})", ITERATIONS, len(names), lost, duplicated,
            f"restarted each time; kills that caught a file {caught}")
     assert (lost, duplicated) == (0, 0), f"seed {seed}"
-    if ITERATIONS >= 50:  # at this length each stage is caught several times (about 7 the rarest)
-        assert all(stages.values()), stages
+    if ITERATIONS >= 50:  # at this length these are caught 10-25 times each; mid-publication only
+        assert stages["queued"] and stages["claimed"], stages  # ~5: the next test makes sure of it
     assert not list((daemon.inbox / ".watcherd" / "pending").iterdir())
 
 
@@ -151,6 +151,31 @@ def small_tmpfs(tmp_path: Path):
     yield mount
     for path in reversed(mounts):
         subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def test_daemon_kill_9_between_json_and_archive_then_restart(daemon_factory, request, small_tmpfs) -> None:
+    """The narrowest window, made wide: the archive is read-only, so the JSON is written and the
+    original cannot move; kill -9 there, make the archive writable, restart."""
+    daemon = daemon_factory()
+    archive = small_tmpfs(daemon.archive, "4m")
+    daemon.start()
+    subprocess.run(["mount", "-o", "remount,ro", str(archive)], check=True)
+    make_image(daemon.inbox / "window.png", 42, 10)
+    wait_until(lambda: "Cannot write results" in daemon.log(), 30, "the archive move to fail")
+    assert (daemon.outbox / "window.png.json").exists()  # the JSON is out ...
+    assert (daemon.inbox / ".watcherd" / "processing" / "window.png").exists()  # ... the original is not
+    assert len(list((daemon.inbox / ".watcherd" / "pending").iterdir())) == 1
+    first = daemon.outbox / "window.png.json"
+    before = first.read_bytes()
+    daemon.stop(signal.SIGKILL)
+    subprocess.run(["mount", "-o", "remount,rw", str(archive)], check=True)
+    daemon.start()
+    wait_until(lambda: (daemon.archive / "window.png").exists(), 30, "the recovered publication")
+    assert first.read_bytes() == before  # finished, not redone: the same JSON, no window_1.png.json
+    assert audit(daemon, ["window.png"]) == (0, 0)
+    assert not list((daemon.inbox / ".watcherd" / "pending").iterdir())
+    record(request, "daemon kill -9 after the JSON, before the original moved", 1, 1, 0, 0,
+           "publication finished on restart")
 
 
 def test_outbox_full_keeps_files_safe_then_resumes(daemon_factory, request, small_tmpfs) -> None:
