@@ -104,3 +104,14 @@ def test_check_reports_folders_and_engine(tmp_path: Path) -> None:
     config = write(tmp_path, GOOD + "ocr: {engine: 'nosuchpackage:Engine'}")
     result = run_watcherd("check", "--config", str(config))
     assert result.returncode == 1 and "FAIL  ocr.engine" in result.stdout
+
+
+def test_check_reports_the_gpu_guards(tmp_path: Path) -> None:
+    config = write(tmp_path, GOOD)
+    result = run_watcherd("check", "--config", str(config))
+    assert "ok    gpu           not used (rapidocr runs on the CPU)" in result.stdout
+    config = write(tmp_path, GOOD + "ocr: {engine: 'tests.engines:Echo', devices: [0]}")
+    result = run_watcherd("check", "--config", str(config))
+    # torch is installed (CPU build) but this machine has no CUDA device: a configured GPU fails.
+    assert result.returncode == 1
+    assert "FAIL  gpu 0         no CUDA device visible" in result.stdout

@@ -124,7 +124,56 @@ def cmd_check(args: argparse.Namespace) -> int:
         for ok, what, detail in _check_watch(settings):
             report(ok, what, detail)
     report(*_check_engine(settings))
+    for ok, what, detail in _check_gpu(settings):
+        report(ok, what, detail)
     return 0 if failures == 0 else 1
+
+
+GPU_PROBE = """
+import json, sys
+try:
+    import torch
+except ImportError as exc:
+    print(json.dumps({"error": f"torch is not importable: {exc}"})); sys.exit()
+from watcherd import gpu
+print(json.dumps(gpu.info() if torch.cuda.is_available() else {"available": False}))
+"""
+
+
+def _check_gpu(settings: Settings) -> list[tuple[bool | None, str, str]]:
+    """Each configured GPU, its free memory now, and whether the guards would let a page run.
+
+    Read in a throw-away process under `ocr.python` with CUDA_VISIBLE_DEVICES set as the child
+    will have it: the parent never imports torch.
+    """
+    if settings.ocr.devices is None and settings.ocr.engine == "rapidocr":
+        return [(True, "gpu", "not used (rapidocr runs on the CPU)")]
+    python = settings.ocr.python or sys.executable
+    g = settings.gpu
+    lines: list[tuple[bool | None, str, str]] = []
+    for device in settings.ocr.devices or (None,):
+        env = dict(os.environ)
+        if device is not None:
+            env["CUDA_VISIBLE_DEVICES"] = str(device)
+        name = "gpu" if device is None else f"gpu {device}"
+        bootstrap = CHILD_BOOTSTRAP.split("; runpy")[0]
+        try:
+            out = subprocess.run([python, "-c", f"{bootstrap}\n{GPU_PROBE}", PACKAGE_ROOT], env=env,
+                                 capture_output=True, text=True, timeout=120)
+            info = json.loads(out.stdout.strip().splitlines()[-1])
+        except (OSError, subprocess.TimeoutExpired, ValueError, IndexError) as exc:
+            lines.append((False, name, f"cannot read GPU memory under {python}: {exc}"))
+            continue
+        if "error" in info:
+            lines.append((None if device is None else False, name, info["error"]))
+        elif not info.get("available"):
+            lines.append((None if device is None else False, name, "no CUDA device visible: the engine runs on the CPU"))
+        else:
+            passes = info["free_mb"] >= g.min_free_mb and info["usage_percent"] <= g.max_usage_percent
+            lines.append((passes, name, f"{info['device']}: {info['free_mb']:,} MB free of {info['total_mb']:,} MB "
+                          f"({info['usage_percent']}% used); guards (≥ {g.min_free_mb} MB free, ≤ "
+                          f"{g.max_usage_percent:g}% used) {'pass' if passes else 'would defer files'} now"))
+    return lines
 
 
 def _check_folders(settings: Settings) -> list[mounts.Check]:
