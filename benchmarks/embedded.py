@@ -58,9 +58,20 @@ def main() -> None:
     in_engine_s = sum(p["processing_time"] for d in docs for p in d["pages"])
 
     rows = [
-        ["rapidocr called directly", len(pages), f"{direct_s / len(pages):.3f}", f"{60 * len(pages) / direct_s:.0f}", "1.00"],
-        ["through the daemon", daemon_pages, f"{daemon_s / daemon_pages:.3f}", f"{60 * daemon_pages / daemon_s:.0f}",
-         f"{direct_s / daemon_s:.2f}"],
+        [
+            "rapidocr called directly",
+            len(pages),
+            f"{direct_s / len(pages):.3f}",
+            f"{60 * len(pages) / direct_s:.0f}",
+            "1.00",
+        ],
+        [
+            "through the daemon",
+            daemon_pages,
+            f"{daemon_s / daemon_pages:.3f}",
+            f"{60 * daemon_pages / daemon_s:.0f}",
+            f"{direct_s / daemon_s:.2f}",
+        ],
         ["  of which inside engine.ocr()", daemon_pages, f"{in_engine_s / daemon_pages:.3f}", "", ""],
     ]
     print(table(f"Embedded engine, {machine()}", ["path", "pages", "s/page", "pages/min", "speed vs direct"], rows))

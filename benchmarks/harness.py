@@ -33,7 +33,9 @@ class BenchDaemon:
     def __init__(self, ocr: dict[str, Any], watch: dict[str, Any] | None = None, **sections: Any):
         self.tmp = tempfile.TemporaryDirectory(prefix="watcherd-bench-")
         root = Path(self.tmp.name)
-        self.inbox, self.outbox, self.failed, self.archive = (root / n for n in ("inbox", "outbox", "failed", "archive"))
+        self.inbox, self.outbox, self.failed, self.archive = (
+            root / n for n in ("inbox", "outbox", "failed", "archive")
+        )
         self.inbox.mkdir()
         config = {
             "paths": {n: str(getattr(self, n)) for n in ("inbox", "outbox", "failed", "archive")},
@@ -48,8 +50,12 @@ class BenchDaemon:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> BenchDaemon:
-        self.proc = subprocess.Popen([sys.executable, "-m", "watcherd", "run", "--config", str(self.config)],
-                                     cwd=REPO, stdout=open(self.log, "wb"), stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "watcherd", "run", "--config", str(self.config)],
+            cwd=REPO,
+            stdout=open(self.log, "wb"),
+            stderr=subprocess.STDOUT,
+        )
         wait_for(lambda: "watcherd ready" in self.log.read_text(errors="replace"), 120, "daemon ready")
         return self
 

@@ -78,8 +78,11 @@ def latencies(daemon: Daemon, staging: Path, samples: int, tag: str, gap_s: floa
         tmp = make_image(staging / name, 40 + i, 10)
         complete = datetime.now()
         os.rename(tmp, daemon.inbox / name)
-        line = wait_until(lambda: next((m for m in CLAIMED.finditer(daemon.log()) if m.group(2) == name), None),
-                          60, f"{name} to be claimed")
+        line = wait_until(
+            lambda: next((m for m in CLAIMED.finditer(daemon.log()) if m.group(2) == name), None),
+            60,
+            f"{name} to be claimed",
+        )
         claimed = datetime.strptime(line.group(1), "%Y-%m-%d %H:%M:%S,%f")
         out.append((claimed - complete).total_seconds())
         daemon.wait_json(name)
@@ -132,9 +135,16 @@ def watchdog_polling(inbox: Path, args: argparse.Namespace, files: int) -> dict[
     finally:
         observer.stop()
         observer.join()
-    return {"files": f"{files:,}", "mode": "watchdog PollingObserver (before)", "ready": f"{ready_s:.1f} s",
-            "idle CPU": f"{cpu:.2f} %", "latency median": "", "latency max": "", "back-to-back median": "",
-            "target": ""}
+    return {
+        "files": f"{files:,}",
+        "mode": "watchdog PollingObserver (before)",
+        "ready": f"{ready_s:.1f} s",
+        "idle CPU": f"{cpu:.2f} %",
+        "latency median": "",
+        "latency max": "",
+        "back-to-back median": "",
+        "target": "",
+    }
 
 
 def main() -> int:
@@ -170,11 +180,19 @@ def main() -> int:
         shutil.rmtree(base, ignore_errors=True)
 
     cpu = psutil.cpu_count(logical=True)
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), "?")
-    print(f"\nsettle_s {args.settle_s:g}, poll_interval_s {args.poll_s:g}, idle CPU over {args.idle_s:g} s "
-          f"(daemon process, all threads; % of one core), {args.samples} latency samples; "
-          f"{cpu} CPUs ({model}), Python {sys.version.split()[0]}, {os.uname().sysname} {os.uname().release}\n")
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        "?",
+    )
+    print(
+        f"\nsettle_s {args.settle_s:g}, poll_interval_s {args.poll_s:g}, idle CPU over {args.idle_s:g} s "
+        f"(daemon process, all threads; % of one core), {args.samples} latency samples; "
+        f"{cpu} CPUs ({model}), Python {sys.version.split()[0]}, {os.uname().sysname} {os.uname().release}\n"
+    )
     headers = list(rows[0])
     print("| " + " | ".join(headers) + " |")
     print("|" + "|".join("---" for _ in headers) + "|")

@@ -73,7 +73,10 @@ class Daemon:
         self._log_start = self.log_path.stat().st_size
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "watcherd", "run", "--config", str(self.config_path)],
-            cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+            cwd=REPO,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
         )
         if wait_ready:
             wait_until(lambda: " ready: " in self.log() or self.proc.poll() is not None, 60, "the child to load")
@@ -81,15 +84,16 @@ class Daemon:
         return self
 
     def log(self) -> str:
-        return self.log_path.read_bytes()[self._log_start:].decode("utf-8", "replace")
+        return self.log_path.read_bytes()[self._log_start :].decode("utf-8", "replace")
 
     def child_pids(self) -> list[int]:
         """Every OCR child this daemon started, oldest first, from its log."""
         if not self.log_path.exists():
             return []
         text = self.log_path.read_text("utf-8", "replace")
-        return [int(line.split("(pid ")[1].split(",")[0]) for line in text.splitlines()
-                if "OCR child started (pid " in line]
+        return [
+            int(line.split("(pid ")[1].split(",")[0]) for line in text.splitlines() if "OCR child started (pid " in line
+        ]
 
     def child_pid(self) -> int:
         pids = self.child_pids()

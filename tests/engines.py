@@ -11,8 +11,8 @@ import ctypes
 import os
 import signal
 import subprocess
-import threading
 import sys
+import threading
 import time
 from typing import Any
 
@@ -88,9 +88,16 @@ class ScriptedMemory(Echo):
         with open(self.memory_file) as f:
             free = int(f.read().strip() or 0)
         total = 16000
-        return {"available": True, "device": "cuda:0 (scripted)", "total_mb": total, "used_mb": total - free,
-                "free_mb": free, "usage_percent": round(100 * (total - free) / total, 1),
-                "torch_reserved_mb": 0, "torch_allocated_mb": 0}
+        return {
+            "available": True,
+            "device": "cuda:0 (scripted)",
+            "total_mb": total,
+            "used_mb": total - free,
+            "free_mb": free,
+            "usage_percent": round(100 * (total - free) / total, 1),
+            "torch_reserved_mb": 0,
+            "torch_allocated_mb": 0,
+        }
 
     def clear_cache(self) -> None:
         pass

@@ -33,17 +33,28 @@ def audit(daemon: Daemon, names: list[str]) -> tuple[int, int]:
     for name in names:
         stem, _, ext = name.rpartition(".")
         patterns = (name, f"{stem}_*.{ext}")
-        jsons = [p for folder in (daemon.outbox, daemon.failed) if folder.exists()
-                 for pattern in patterns for p in folder.glob(f"{pattern}.json")]
-        originals = [p for folder in (daemon.archive, daemon.failed, daemon.inbox) if folder.exists()
-                     for pattern in patterns for p in folder.glob(pattern)]
+        jsons = [
+            p
+            for folder in (daemon.outbox, daemon.failed)
+            if folder.exists()
+            for pattern in patterns
+            for p in folder.glob(f"{pattern}.json")
+        ]
+        originals = [
+            p
+            for folder in (daemon.archive, daemon.failed, daemon.inbox)
+            if folder.exists()
+            for pattern in patterns
+            for p in folder.glob(pattern)
+        ]
         lost += not jsons or not originals
         duplicated += max(0, len(jsons) - 1) + max(0, len(originals) - 1)
     return lost, duplicated
 
 
-def record(request: pytest.FixtureRequest, fault: str, iterations: int, files: int, lost: int, duplicated: int,
-           outcome: str) -> None:
+def record(
+    request: pytest.FixtureRequest, fault: str, iterations: int, files: int, lost: int, duplicated: int, outcome: str
+) -> None:
     request.config.stash.setdefault(CHAOS_ROWS, []).append((fault, iterations, files, lost, duplicated, outcome))
 
 
@@ -58,11 +69,16 @@ def wait_all(daemon: Daemon, names: list[str], timeout: float = 60) -> None:
 
 
 def test_child_faults_each_cost_at_most_their_own_file(daemon_factory, request, tmp_path: Path) -> None:
-    daemon = daemon_factory(ocr={"engine": "tests.engines:Misbehaving",
-                                 "options": {"exit_once": str(tmp_path / "exited")}}).start()
+    daemon = daemon_factory(
+        ocr={"engine": "tests.engines:Misbehaving", "options": {"exit_once": str(tmp_path / "exited")}}
+    ).start()
     wait_until(lambda: (tmp_path / "exited").exists() and len(daemon.child_pids()) >= 2, 30, "exit after load")
-    cases = {"memory.png": (MEMORY_ERROR_WIDTH, "engine_error"), "chatty.png": (CHATTY_WIDTH, "ok"),
-             "closepipe.png": (CLOSE_PIPE_WIDTH, "child_crashed"), "plain.png": (40, "ok")}
+    cases = {
+        "memory.png": (MEMORY_ERROR_WIDTH, "engine_error"),
+        "chatty.png": (CHATTY_WIDTH, "ok"),
+        "closepipe.png": (CLOSE_PIPE_WIDTH, "child_crashed"),
+        "plain.png": (40, "ok"),
+    }
     for name, (width, _) in cases.items():
         make_image(daemon.inbox / name, width, 10)
     wait_all(daemon, list(cases))
@@ -129,8 +145,15 @@ def test_daemon_kill_9_at_random_moments_loses_and_duplicates_nothing(daemon_fac
     wait_all(daemon, names, timeout=120)
     lost, duplicated = audit(daemon, names)
     caught = ", ".join(f"{stage} {n}" for stage, n in stages.items())
-    record(request, f"daemon kill -9 at random moments (seed {seed})", ITERATIONS, len(names), lost, duplicated,
-           f"restarted each time; kills that caught a file {caught}")
+    record(
+        request,
+        f"daemon kill -9 at random moments (seed {seed})",
+        ITERATIONS,
+        len(names),
+        lost,
+        duplicated,
+        f"restarted each time; kills that caught a file {caught}",
+    )
     assert (lost, duplicated) == (0, 0), f"seed {seed}"
     if ITERATIONS >= 50:  # at this length these are caught 10-25 times each; mid-publication only
         assert stages["queued"] and stages["claimed"], stages  # ~5: the next test makes sure of it
@@ -174,8 +197,15 @@ def test_daemon_kill_9_between_json_and_archive_then_restart(daemon_factory, req
     assert first.read_bytes() == before  # finished, not redone: the same JSON, no window_1.png.json
     assert audit(daemon, ["window.png"]) == (0, 0)
     assert not list((daemon.inbox / ".watcherd" / "pending").iterdir())
-    record(request, "daemon kill -9 after the JSON, before the original moved", 1, 1, 0, 0,
-           "publication finished on restart")
+    record(
+        request,
+        "daemon kill -9 after the JSON, before the original moved",
+        1,
+        1,
+        0,
+        0,
+        "publication finished on restart",
+    )
 
 
 def test_outbox_full_keeps_files_safe_then_resumes(daemon_factory, request, small_tmpfs) -> None:
@@ -197,8 +227,15 @@ def test_outbox_full_keeps_files_safe_then_resumes(daemon_factory, request, smal
     wait_until(lambda: "Cannot write results" in daemon.log(), 30, "the disk-full error")
     assert daemon.log().count("Cannot write results") == 1
     processing = daemon.inbox / ".watcherd" / "processing"
-    held = wait_until(lambda: [p for p in processing.iterdir()] if daemon.log().count("OCR started") == len(
-        list(processing.iterdir())) else None, 10, "the claimed files to be held")
+    held = wait_until(
+        lambda: (
+            [p for p in processing.iterdir()]
+            if daemon.log().count("OCR started") == len(list(processing.iterdir()))
+            else None
+        ),
+        10,
+        "the claimed files to be held",
+    )
     assert 1 <= len(held) <= 2  # the one that failed to publish, and the one the child had already begun
     assert len(held) + sum((daemon.inbox / n).exists() for n in names) == len(names)  # the rest wait in the inbox
     assert daemon.results() == []
@@ -273,8 +310,16 @@ def test_hostile_inputs(daemon_factory, request, samples: Path, tmp_path: Path) 
         assert (document.get("error_code") or document["status"]) == code, (name, document)
     assert outside.exists() and Path("/etc/shadow").exists()
     assert audit(daemon, list(expected)) == (0, 0) and daemon.alive()
-    record(request, "hostile inputs (empty, truncated, 1x1, bomb, text, 5-page PDF over max_pages, "
-           "symlink to /etc/shadow, FIFO, folder, hard link)", 1, len(expected), 0, 0, "right error_code each")
+    record(
+        request,
+        "hostile inputs (empty, truncated, 1x1, bomb, text, 5-page PDF over max_pages, "
+        "symlink to /etc/shadow, FIFO, folder, hard link)",
+        1,
+        len(expected),
+        0,
+        0,
+        "right error_code each",
+    )
 
 
 def test_a_file_replaced_while_queued_is_read_as_its_final_bytes(daemon_factory, request) -> None:

@@ -13,8 +13,9 @@ from watcherd import settings
 
 
 def run_watcherd(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "watcherd", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=60, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "watcherd", *args], cwd=REPO, capture_output=True, text=True, timeout=60, env=env
+    )
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -89,8 +90,9 @@ def test_config_from_environment_and_ocr_timeout_override(tmp_path: Path, monkey
 def test_the_documented_example_config_is_complete_and_valid() -> None:
     example = settings.load(REPO / "config" / "watcherd.yaml", env={})
     assert example == settings.Settings(
-        paths=settings.PathsSettings(Path("/srv/ocr/inbox"), Path("/srv/ocr/outbox"), Path("/srv/ocr/failed"),
-                                     Path("/srv/ocr/archive")),
+        paths=settings.PathsSettings(
+            Path("/srv/ocr/inbox"), Path("/srv/ocr/outbox"), Path("/srv/ocr/failed"), Path("/srv/ocr/archive")
+        ),
         source=example.source,
     ), "config/watcherd.yaml must list every key with its default"
 

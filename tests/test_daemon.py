@@ -41,7 +41,7 @@ def test_samples_are_read_by_the_embedded_engine(daemon_factory, samples: Path) 
         assert result["status"] == "ok"
         assert result["engine"] == "rapidocr"
         assert [p["page"] for p in result["pages"]] == list(range(1, len(pages) + 1))
-        for expected, page in zip(pages, result["pages"]):
+        for expected, page in zip(pages, result["pages"], strict=True):
             assert cer(expected, page["text"]) <= 0.02, (name, page["text"])
         wait_until((daemon.archive / name).exists, 10, "the original archived after its JSON")
         assert result["sha256"] == hashlib.sha256((daemon.archive / name).read_bytes()).hexdigest()

@@ -63,9 +63,11 @@ def test_cache_is_cleared_every_five_files_and_when_the_queue_drains(daemon_fact
 
 
 def test_one_child_per_gpu_serves_in_parallel_and_survives_the_other(daemon_factory) -> None:
-    daemon = daemon_factory(ocr={"engine": "tests.engines:DeviceEcho", "devices": [0, 1],
-                                 "options": {"delay_s": 1.5}}).start()
-    wait_until(lambda: len(daemon.child_pids()) == 2 and daemon.log().count(" ready: tests.engines:DeviceEcho") == 2, 30)
+    daemon = daemon_factory(
+        ocr={"engine": "tests.engines:DeviceEcho", "devices": [0, 1], "options": {"delay_s": 1.5}}
+    ).start()
+    loaded = " ready: tests.engines:DeviceEcho"
+    wait_until(lambda: len(daemon.child_pids()) == 2 and daemon.log().count(loaded) == 2, 30, "two children")
     for i in range(4):
         make_image(daemon.inbox / f"p{i}.png", 30 + i, 10)
     wait_until(lambda: daemon.log().count("OCR started") >= 2 and not daemon.results(), 30, "two files at once")
@@ -95,7 +97,7 @@ def test_the_child_is_recycled_after_n_files_without_losing_any(daemon_factory) 
 def test_ocr_python_chooses_the_childs_interpreter(daemon_factory, tmp_path: Path) -> None:
     marker = tmp_path / "wrapper-ran"
     wrapper = tmp_path / "python-for-model"
-    wrapper.write_text(f"#!/bin/sh\necho \"$$\" > {marker}\nexec {sys.executable} \"$@\"\n")
+    wrapper.write_text(f'#!/bin/sh\necho "$$" > {marker}\nexec {sys.executable} "$@"\n')
     wrapper.chmod(wrapper.stat().st_mode | stat.S_IEXEC)
     daemon = daemon_factory(ocr={"engine": "tests.engines:DeviceEcho", "python": str(wrapper)}).start()
     make_image(daemon.inbox / "w.png")

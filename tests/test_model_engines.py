@@ -74,8 +74,10 @@ def test_tiny_deepseek_ocr2_through_the_daemon(daemon_factory, deepseek_ocr2: Pa
     assert_result(second, engine="transformers", model=deepseek_ocr2, sizes=[[300, 120]])
     assert (daemon.outbox / "page.png.md").read_text() == first["text"]
     assert daemon.alive()
-    print(f"\ntiny DeepSeek-OCR-2: daemon ready in {ready_s:.1f} s (model load {load_time(daemon):.1f} s); "
-          f"pages {first['processing_time']:.2f} s, {second['processing_time']:.2f} s")
+    print(
+        f"\ntiny DeepSeek-OCR-2: daemon ready in {ready_s:.1f} s (model load {load_time(daemon):.1f} s); "
+        f"pages {first['processing_time']:.2f} s, {second['processing_time']:.2f} s"
+    )
 
 
 def test_transformers_engine_defaults_and_guard(deepseek_ocr2: Path) -> None:
@@ -119,8 +121,9 @@ def test_a_prompt_without_the_image_placeholder_still_gets_the_page(deepseek_ocr
     assert isinstance(engine.ocr(Image.new("RGB", (64, 48), "white")), str)
 
 
-def test_transformers_engine_refuses_unknown_options_as_a_config_error(daemon_factory, deepseek_ocr2: Path,
-                                                                        offline_env) -> None:
+def test_transformers_engine_refuses_unknown_options_as_a_config_error(
+    daemon_factory, deepseek_ocr2: Path, offline_env
+) -> None:
     daemon = daemon_factory(ocr={"engine": "transformers", "model": str(deepseek_ocr2), "options": {"bogus": 1}})
     daemon.start(wait_ready=False, env=offline_env)
     assert daemon.proc is not None
@@ -135,8 +138,9 @@ def test_transformers_engine_refuses_unknown_options_as_a_config_error(daemon_fa
 def test_fake_deepseek_ocr_v1_through_the_daemon(daemon_factory, tmp_path: Path, offline_env) -> None:
     calls_log = tmp_path / "infer-calls.jsonl"
     model = build_fake_deepseek_ocr(tmp_path / "fake-deepseek-ocr", calls_log=calls_log)
-    daemon = daemon_factory(ocr={"engine": "deepseek-ocr", "model": str(model), "timeout_s": 120,
-                                 "options": {"preset": "base"}})
+    daemon = daemon_factory(
+        ocr={"engine": "deepseek-ocr", "model": str(model), "timeout_s": 120, "options": {"preset": "base"}}
+    )
     daemon.start(env=offline_env)
     make_image(daemon.inbox / "scan.png", width=80, height=60)
     result = daemon.wait_json("scan.png", daemon.outbox, timeout=120)
@@ -178,8 +182,7 @@ def test_deepseek_ocr_engine_bounds_tokens_and_collapses_an_exact_loop(tmp_path:
     exact = DeepseekOcrEngine(model=str(model), repeat_window=16, repeat_max_distinct=0.5)
     assert exact.ocr(page) == LOOP.strip()
 
-    custom = DeepseekOcrEngine(model=str(model), prompt="Free OCR.", preset="Tiny", crop_mode=True,
-                               max_new_tokens=4)
+    custom = DeepseekOcrEngine(model=str(model), prompt="Free OCR.", preset="Tiny", crop_mode=True, max_new_tokens=4)
     custom.ocr(page)
     call = json.loads(calls_log.read_text().splitlines()[-1])
     assert call["prompt"] == "<image>\nFree OCR."
@@ -282,8 +285,10 @@ def test_trailing_loop_finds_the_longest_loop_and_prefers_the_shortest_period() 
 
 
 def test_strip_grounding_leaves_the_markdown() -> None:
-    raw = ("<|ref|>title<|/ref|><|det|>[[330, 198, 558, 230]]<|/det|>\n# R&D QUALITY\n\n"
-           "<|ref|>text<|/ref|><|det|>[[10, 20, 30, 40]]<|/det|>\nName/Phone Ext.\n\n"
-           "<|ref|>image<|/ref|><|det|>[[1, 2, 3, 4]]<|/det|>\n")
+    raw = (
+        "<|ref|>title<|/ref|><|det|>[[330, 198, 558, 230]]<|/det|>\n# R&D QUALITY\n\n"
+        "<|ref|>text<|/ref|><|det|>[[10, 20, 30, 40]]<|/det|>\nName/Phone Ext.\n\n"
+        "<|ref|>image<|/ref|><|det|>[[1, 2, 3, 4]]<|/det|>\n"
+    )
     assert strip_grounding(raw) == "# R&D QUALITY\n\nName/Phone Ext.\n\n"
     assert strip_grounding("plain text") == "plain text"

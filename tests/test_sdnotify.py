@@ -203,9 +203,7 @@ def test_unset_environment_removes_variables_for_children(receiver: Receiver) ->
     n.close()
 
 
-def test_send_errors_are_logged_not_raised(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_send_errors_are_logged_not_raised(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG, logger=sdnotify.__name__)
     missing = str(tmp_path / "no-such.sock")
     n = Notifier({"NOTIFY_SOCKET": missing, "WATCHDOG_USEC": "1000000"})
@@ -239,4 +237,3 @@ def test_one_socket_is_reused_until_closed(receiver: Receiver) -> None:
     n.status("c")  # reopens
     assert receiver.messages() == ["STATUS=c"]
     n.close()
-

@@ -84,9 +84,7 @@ def test_auto_mode_polls_a_fuse_mount_and_finds_files_written_behind_it(fuse_inb
     assert daemon.wait_json("later/one.png")["text"] == "echo 99x10"
 
 
-def test_events_on_a_fuse_mount_miss_files_written_behind_it_until_the_rescan(
-    fuse_inbox: Path, daemon_factory
-) -> None:
+def test_events_on_a_fuse_mount_miss_files_written_behind_it_until_the_rescan(fuse_inbox: Path, daemon_factory) -> None:
     """Why auto polls such mounts: with events, only the periodic rescan ever finds these files."""
     daemon = daemon_factory(watch={"mode": "events", "settle_s": 0.3, "rescan_interval_s": 6}).start()
     assert "Watch mode: events (watch.mode: events" in daemon.log()
@@ -134,7 +132,8 @@ class SambaServer:
         )
         self.proc = subprocess.Popen(
             [need("smbd", "samba"), "-F", "--no-process-group", "-s", str(self.conf)],
-            stdout=open(root / "smbd.out", "wb"), stderr=subprocess.STDOUT,
+            stdout=open(root / "smbd.out", "wb"),
+            stderr=subprocess.STDOUT,
             start_new_session=True,  # smbd signals its whole process group when it stops: not ours
         )
         wait_until(self._listening, 30, f"smbd on port {self.port} ({self._output()})")
@@ -150,7 +149,8 @@ class SambaServer:
     def client(self, command: str) -> subprocess.Popen[bytes]:
         return subprocess.Popen(
             [need("smbclient", "smbclient"), "-p", str(self.port), "-N", "//127.0.0.1/inbox", "-c", command],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
         )
 
     def put(self, local: Path, remote: str) -> None:
@@ -180,8 +180,9 @@ def samba(tmp_path: Path) -> Iterator[SambaServer]:
         server.stop()
 
 
-def test_samba_uploads_including_a_slow_one_are_processed_once_when_complete(samba: SambaServer, daemon_factory,
-                                                                             tmp_path: Path) -> None:
+def test_samba_uploads_including_a_slow_one_are_processed_once_when_complete(
+    samba: SambaServer, daemon_factory, tmp_path: Path
+) -> None:
     settle = 0.3
     daemon = daemon_factory(watch={"mode": "auto", "settle_s": settle}).start()
     data = (SAMPLES / "receipt_zh.jpg").read_bytes()
@@ -306,7 +307,10 @@ class WrappedDaemon(Daemon):
         self._log_start = self.log_path.stat().st_size
         self.proc = subprocess.Popen(
             [*self.prefix, sys.executable, "-m", "watcherd", "run", "--config", str(self.config_path)],
-            cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+            cwd=REPO,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
         )
         if wait_ready:
             wait_until(lambda: " ready: " in self.log() or self.proc.poll() is not None, 60, "the child to load")
@@ -340,8 +344,9 @@ def without_capabilities() -> list[str]:
 def test_when_inotify_runs_out_the_daemon_polls_instead_of_going_blind(tmp_path: Path, limits, why) -> None:
     for i in range(5):
         (tmp_path / "inbox" / f"dept{i}" / "sub").mkdir(parents=True)
-    daemon = WrappedDaemon(tmp_path, in_user_namespace(limits),
-                           watch={"mode": "events", "settle_s": 0.3, "poll_interval_s": 0.2})
+    daemon = WrappedDaemon(
+        tmp_path, in_user_namespace(limits), watch={"mode": "events", "settle_s": 0.3, "poll_interval_s": 0.2}
+    )
     try:
         daemon.start()
         log = daemon.log()
@@ -419,8 +424,10 @@ def test_check_names_the_folder_and_the_missing_permission(tmp_path: Path) -> No
     assert result.returncode == 1, out + result.stderr
     assert f"ok    paths.inbox   {daemon.inbox} (list, create, rename, delete: allowed)" in out
     assert f"ok    paths.outbox  {daemon.outbox} (write: allowed)" in out
-    assert (f"FAIL  paths.archive {daemon.archive}: cannot write files: missing write permission on the folder "
-            f"(Permission denied) (mode dr-xr-xr-x") in out
+    assert (
+        f"FAIL  paths.archive {daemon.archive}: cannot write files: missing write permission on the folder "
+        f"(Permission denied) (mode dr-xr-xr-x"
+    ) in out
     assert f"ok    filesystem    {daemon.inbox} is on " in out
     assert "ok    watch         events: watch.mode: events" in out
     assert "max_user_watches" in out and "max_user_instances" in out
@@ -428,8 +435,10 @@ def test_check_names_the_folder_and_the_missing_permission(tmp_path: Path) -> No
     os.chmod(daemon.archive, 0o755)
     os.chmod(daemon.inbox, 0o555)
     out = subprocess.run(check, capture_output=True, text=True, cwd=REPO).stdout
-    assert (f"FAIL  paths.inbox   {daemon.inbox}: cannot create, rename or delete files: missing write "
-            f"permission on the folder") in out
+    assert (
+        f"FAIL  paths.inbox   {daemon.inbox}: cannot create, rename or delete files: missing write "
+        f"permission on the folder"
+    ) in out
     os.chmod(daemon.inbox, 0o311)  # write and search, but no read
     out = subprocess.run(check, capture_output=True, text=True, cwd=REPO).stdout
     assert f"FAIL  paths.inbox   {daemon.inbox}: cannot list files: missing read permission on the folder" in out

@@ -169,30 +169,29 @@ VERIFY_TARGETS = [PLAIN, TEMPLATE, INSTANCE]
 
 
 @pytest.mark.parametrize("target", VERIFY_TARGETS)
-def test_systemd_analyze_verify_is_clean(
-    systemd_analyze: str, checkable_dir: Path, target: str
-) -> None:
-    result = run_analyze(systemd_analyze, "verify", "--man=no", str(checkable_dir / target),
-                         cwd=checkable_dir)
+def test_systemd_analyze_verify_is_clean(systemd_analyze: str, checkable_dir: Path, target: str) -> None:
+    result = run_analyze(systemd_analyze, "verify", "--man=no", str(checkable_dir / target), cwd=checkable_dir)
     assert result.returncode == 0, f"verify {target} failed:\n{result.stderr}{result.stdout}"
     assert result.stderr == "", f"verify {target} warned:\n{result.stderr}"
 
 
 def test_verify_catches_errors(systemd_analyze: str, checkable_dir: Path, tmp_path: Path) -> None:
     """Guard against a verify that silently checks nothing (e.g. a template not loaded)."""
-    broken = (checkable_dir / TEMPLATE).read_text(encoding="utf-8").replace(
-        "KillMode=mixed", "KillMode=mixed\nNoSuchDirective=1"
+    broken = (
+        (checkable_dir / TEMPLATE)
+        .read_text(encoding="utf-8")
+        .replace("KillMode=mixed", "KillMode=mixed\nNoSuchDirective=1")
     )
     (tmp_path / TEMPLATE).write_text(broken, encoding="utf-8")
-    result = run_analyze(systemd_analyze, "verify", "--man=no", str(tmp_path / INSTANCE),
-                         cwd=tmp_path)
+    result = run_analyze(systemd_analyze, "verify", "--man=no", str(tmp_path / INSTANCE), cwd=tmp_path)
     assert "NoSuchDirective" in result.stderr
 
 
 @pytest.mark.parametrize("target", [PLAIN, INSTANCE])
 def test_security_exposure_is_low(systemd_analyze: str, checkable_dir: Path, target: str) -> None:
-    result = run_analyze(systemd_analyze, "security", "--offline=yes", "--no-pager",
-                         str(checkable_dir / target), cwd=checkable_dir)
+    result = run_analyze(
+        systemd_analyze, "security", "--offline=yes", "--no-pager", str(checkable_dir / target), cwd=checkable_dir
+    )
     output = result.stdout + result.stderr
     match = re.search(r"Overall exposure level for (\S+): (\d+(?:\.\d+)?)", output)
     assert match, f"no exposure level in systemd-analyze security output:\n{output}"
@@ -259,9 +258,7 @@ def test_identity_environment_and_directories(unit: Unit) -> None:
 
 def test_plain_unit_specifics(plain: Unit) -> None:
     s = "Service"
-    assert plain.values(s, "ExecStart") == [
-        f"{WATCHERD_BIN} run --config /etc/watcherd/watcherd.yaml"
-    ]
+    assert plain.values(s, "ExecStart") == [f"{WATCHERD_BIN} run --config /etc/watcherd/watcherd.yaml"]
     assert plain.words(s, "StateDirectory") == ["watcherd"]
     assert plain.words(s, "RuntimeDirectory") == ["watcherd"]
     assert plain.last(s, "PrivateDevices") == "yes"
@@ -269,9 +266,7 @@ def test_plain_unit_specifics(plain: Unit) -> None:
 
 def test_template_specifics(template: Unit) -> None:
     s = "Service"
-    assert template.values(s, "ExecStart") == [
-        f"{WATCHERD_BIN} run --config /etc/watcherd/watcherd@%i.yaml"
-    ]
+    assert template.values(s, "ExecStart") == [f"{WATCHERD_BIN} run --config /etc/watcherd/watcherd@%i.yaml"]
     assert template.environment().get("CUDA_VISIBLE_DEVICES") == "%i"
     assert template.words(s, "StateDirectory") == ["watcherd/%i"]
     assert template.words(s, "RuntimeDirectory") == ["watcherd/%i"]

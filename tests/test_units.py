@@ -30,8 +30,9 @@ def fake_stat(size: int, mtime_ns: int) -> os.stat_result:
 def test_a_file_is_ready_only_after_settle_s_without_change() -> None:
     clock = FakeClock()
     state = {"size": 10, "mtime": 1, "complete": True}
-    tracker = StabilityTracker(2.0, clock=clock, lstat=lambda p: fake_stat(state["size"], state["mtime"]),
-                               complete=lambda p: state["complete"])
+    tracker = StabilityTracker(
+        2.0, clock=clock, lstat=lambda p: fake_stat(state["size"], state["mtime"]), complete=lambda p: state["complete"]
+    )
     path = Path("/inbox/a.jpg")
     tracker.track(path)
     tracker.track(path)  # repeated events change nothing
@@ -136,8 +137,10 @@ def test_the_parent_never_imports_torch_or_image_libraries() -> None:
     import subprocess
     import sys
 
-    code = ("import sys, watcherd.cli, watcherd.service, watcherd.admin; "
-            "print(sorted(m for m in ('torch', 'transformers', 'onnxruntime', 'rapidocr', 'numpy', 'PIL') "
-            "if m in sys.modules))")
+    code = (
+        "import sys, watcherd.cli, watcherd.service, watcherd.admin; "
+        "print(sorted(m for m in ('torch', 'transformers', 'onnxruntime', 'rapidocr', 'numpy', 'PIL') "
+        "if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -66,20 +66,40 @@ def build_deepseek_ocr2(folder: Path, *, seed: int = 0) -> Path:
     config = DeepseekOcr2Config(
         vision_config={
             "sam_config": {
-                "hidden_size": 32, "output_channels": 16, "image_size": 16, "patch_size": 2, "window_size": 4,
-                "global_attn_indexes": [1], "downsample_channels": [32, 64], "num_hidden_layers": 2,
-                "num_attention_heads": 2, "mlp_dim": 64,
+                "hidden_size": 32,
+                "output_channels": 16,
+                "image_size": 16,
+                "patch_size": 2,
+                "window_size": 4,
+                "global_attn_indexes": [1],
+                "downsample_channels": [32, 64],
+                "num_hidden_layers": 2,
+                "num_attention_heads": 2,
+                "mlp_dim": 64,
             },
             "encoder_config": {
-                "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                "hidden_size": 64,
+                "intermediate_size": 128,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
                 "num_key_value_heads": 4,
             },
         },
         text_config={
-            "vocab_size": 128, "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
-            "num_attention_heads": 4, "num_key_value_heads": 4, "n_routed_experts": 8, "n_shared_experts": 1,
-            "mlp_layer_types": ["dense", "sparse"], "moe_intermediate_size": 64, "num_experts_per_tok": 2,
-            "pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 3,
+            "vocab_size": 128,
+            "hidden_size": 128,
+            "intermediate_size": 256,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 4,
+            "n_routed_experts": 8,
+            "n_shared_experts": 1,
+            "mlp_layer_types": ["dense", "sparse"],
+            "moe_intermediate_size": 64,
+            "num_experts_per_tok": 2,
+            "pad_token_id": 0,
+            "bos_token_id": 2,
+            "eos_token_id": 3,
         },
         image_token_id=SPECIALS.index(IMAGE),
     )
@@ -115,7 +135,7 @@ def build_deepseek_ocr2(folder: Path, *, seed: int = 0) -> Path:
 # never emits EOS.
 # Each call's arguments and generated-token count go to `output_path/infer_call.json` and, when
 # the config names one, a `calls_log` file the test reads.
-FAKE_DEEPSEEK_OCR_MODELING = '''
+FAKE_DEEPSEEK_OCR_MODELING = """
 from __future__ import annotations
 
 import json
@@ -181,7 +201,7 @@ class FakeDeepseekOcrModel(PreTrainedModel, GenerationMixin):
             return text
         print(text)
         return None
-'''
+"""
 
 LOOP = "abc "
 
@@ -216,11 +236,11 @@ def build_fake_deepseek_ocr(folder: Path, *, calls_log: Path | None = None) -> P
     # score and the specials a negative one, so a token that no_repeat_ngram_size bans is replaced
     # by text, never by EOS: the loop runs on, like the real thing, until something stops it.
     transitions = torch.zeros(vocab, vocab)
-    transitions[len(SPECIALS):, :] = (torch.arange(len(SPECIALS), vocab) % 13).unsqueeze(1) / 100
+    transitions[len(SPECIALS) :, :] = (torch.arange(len(SPECIALS), vocab) % 13).unsqueeze(1) / 100
     transitions[: len(SPECIALS), :] = -1.0
     base = transitions.clone()
     transitions[loop[0], :] = 1.0
-    for current, following in zip(loop, loop[1:] + loop[:1]):
+    for current, following in zip(loop, loop[1:] + loop[:1], strict=True):
         transitions[:, current] = base[:, current]
         transitions[following, current] = 1.0
     weights = {"embed.weight": torch.eye(vocab), "head.weight": transitions}

@@ -39,17 +39,25 @@ def running(status: dict[str, Any]) -> bool:
 
 def format_status(status: dict[str, Any]) -> str:
     alive = running(status)
-    lines = [f"watcherd {status['version']}: {'running' if alive else 'NOT running'} (pid {status['pid']}), "
-             f"{status['state']}; updated {status['updated_at']}"]
+    lines = [
+        f"watcherd {status['version']}: {'running' if alive else 'NOT running'} (pid {status['pid']}), "
+        f"{status['state']}; updated {status['updated_at']}"
+    ]
     lines.append(f"  {status['summary']}")
-    lines.append(f"  inbox {status['inbox']}: {status['watch_mode']} ({status.get('watch_reason', '')}), "
-                 f"engine {status['engine']}")
+    lines.append(
+        f"  inbox {status['inbox']}: {status['watch_mode']} ({status.get('watch_reason', '')}), "
+        f"engine {status['engine']}"
+    )
     q = status["queue"]
-    lines.append(f"  queue: {q['ready']} ready, {q['claimed']} claimed, {q['waiting_for_memory']} waiting for GPU "
-                 f"memory, {q['settling']} still being written")
+    lines.append(
+        f"  queue: {q['ready']} ready, {q['claimed']} claimed, {q['waiting_for_memory']} waiting for GPU "
+        f"memory, {q['settling']} still being written"
+    )
     for item in status["in_flight"]:
-        lines.append(f"  in flight: {item['source']} page {item['page'] or 1}/{item['pages'] or '?'}, "
-                     f"{item['elapsed_s']:.0f} s (child {item['child_pid']})")
+        lines.append(
+            f"  in flight: {item['source']} page {item['page'] or 1}/{item['pages'] or '?'}, "
+            f"{item['elapsed_s']:.0f} s (child {item['child_pid']})"
+        )
     for child in status["children"]:
         device = "default device" if child["device"] is None else f"GPU {child['device']}"
         lines.append(f"  child pid {child['pid']} on {device}: {child['state']}, {child['files_done']} files")

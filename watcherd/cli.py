@@ -19,7 +19,8 @@ from collections.abc import Iterator
 from multiprocessing.connection import wait
 from pathlib import Path
 
-from . import __version__, admin, logs, mounts, settings as settings_mod
+from . import __version__, admin, logs, mounts
+from . import settings as settings_mod
 from .outputs import now_iso
 from .settings import EX_CONFIG, ConfigError, Settings
 from .spool import Job
@@ -32,8 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="watcherd", description="OCR hot-folder daemon")
     parser.add_argument("--version", action="version", version=f"watcherd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, help_text in (("run", "run the daemon in the foreground"),
-                            ("check", "validate config, folders, permissions and engine")):
+    for name, help_text in (
+        ("run", "run the daemon in the foreground"),
+        ("check", "validate config, folders, permissions and engine"),
+    ):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--config", help="config file (default: $WATCHERD_CONFIG or /etc/watcherd/watcherd.yaml)")
     p = sub.add_parser("status", help="what the running daemon is doing")
@@ -95,8 +98,9 @@ def _prepare_folders(settings: Settings) -> None:
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise ConfigError(f"cannot create {folder}: {exc.strerror}", key=f"paths.{key}",
-                              source=settings.source) from None
+            raise ConfigError(
+                f"cannot create {folder}: {exc.strerror}", key=f"paths.{key}", source=settings.source
+            ) from None
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -158,8 +162,13 @@ def _check_gpu(settings: Settings) -> list[tuple[bool | None, str, str]]:
         name = "gpu" if device is None else f"gpu {device}"
         bootstrap = CHILD_BOOTSTRAP.split("; runpy")[0]
         try:
-            out = subprocess.run([python, "-c", f"{bootstrap}\n{GPU_PROBE}", PACKAGE_ROOT], env=env,
-                                 capture_output=True, text=True, timeout=120)
+            out = subprocess.run(
+                [python, "-c", f"{bootstrap}\n{GPU_PROBE}", PACKAGE_ROOT],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
             info = json.loads(out.stdout.strip().splitlines()[-1])
         except (OSError, subprocess.TimeoutExpired, ValueError, IndexError) as exc:
             lines.append((False, name, f"cannot read GPU memory under {python}: {exc}"))
@@ -167,12 +176,20 @@ def _check_gpu(settings: Settings) -> list[tuple[bool | None, str, str]]:
         if "error" in info:
             lines.append((None if device is None else False, name, info["error"]))
         elif not info.get("available"):
-            lines.append((None if device is None else False, name, "no CUDA device visible: the engine runs on the CPU"))
+            lines.append(
+                (None if device is None else False, name, "no CUDA device visible: the engine runs on the CPU")
+            )
         else:
             passes = info["free_mb"] >= g.min_free_mb and info["usage_percent"] <= g.max_usage_percent
-            lines.append((passes, name, f"{info['device']}: {info['free_mb']:,} MB free of {info['total_mb']:,} MB "
-                          f"({info['usage_percent']}% used); guards (≥ {g.min_free_mb} MB free, ≤ "
-                          f"{g.max_usage_percent:g}% used) {'pass' if passes else 'would defer files'} now"))
+            lines.append(
+                (
+                    passes,
+                    name,
+                    f"{info['device']}: {info['free_mb']:,} MB free of {info['total_mb']:,} MB "
+                    f"({info['usage_percent']}% used); guards (≥ {g.min_free_mb} MB free, ≤ "
+                    f"{g.max_usage_percent:g}% used) {'pass' if passes else 'would defer files'} now",
+                )
+            )
     return lines
 
 
@@ -199,19 +216,29 @@ def _check_watch(settings: Settings) -> list[tuple[bool | None, str, str]]:
         (True, "watch", f"{plan.mode}: {plan.reason}"),
     ]
     if plan.mode == "polling" or plan.poll_also:
-        lines.append((True, "watch.poll", f"every {watch.poll_interval_s:g} s: one stat per folder, a listing "
-                      f"only for folders that changed; full rescan every {watch.rescan_interval_s:g} s"))
+        lines.append(
+            (
+                True,
+                "watch.poll",
+                f"every {watch.poll_interval_s:g} s: one stat per folder, a listing "
+                f"only for folders that changed; full rescan every {watch.rescan_interval_s:g} s",
+            )
+        )
     limits = mounts.inotify_limits()
     folders = 1 + sum(1 for _ in _folders_below(inbox)) if watch.recursive else 1
-    detail = (f"max_user_watches {limits['max_user_watches']}, max_user_instances {limits['max_user_instances']}, "
-              f"max_queued_events {limits['max_queued_events']}; the inbox tree has {folders} folder(s)")
+    detail = (
+        f"max_user_watches {limits['max_user_watches']}, max_user_instances {limits['max_user_instances']}, "
+        f"max_queued_events {limits['max_queued_events']}; the inbox tree has {folders} folder(s)"
+    )
     ok: bool | None = True
     if plan.mode == "events":
         watches = limits["max_user_watches"]
         if watches is not None and folders > watches // 2:
             ok = None  # not fatal: the daemon falls back to polling, but say so now
-            detail += (f"; WARNING: one watch per folder would use more than half of max_user_watches "
-                       f"(raise it: sysctl fs.inotify.max_user_watches={max(524288, folders * 4)})")
+            detail += (
+                f"; WARNING: one watch per folder would use more than half of max_user_watches "
+                f"(raise it: sysctl fs.inotify.max_user_watches={max(524288, folders * 4)})"
+            )
     lines.append((ok, "inotify", detail))
     return lines
 
@@ -228,8 +255,12 @@ def _check_engine(settings: Settings) -> tuple[bool, str, str]:
     python = settings.ocr.python or sys.executable
     probe = f"{CHILD_BOOTSTRAP.split('; runpy')[0]}; from watcherd.engines import resolve; print(resolve(sys.argv[1]))"
     try:
-        result = subprocess.run([python, "-c", probe, PACKAGE_ROOT, settings.ocr.engine], capture_output=True,
-                                text=True, timeout=settings.ocr.load_timeout_s)
+        result = subprocess.run(
+            [python, "-c", probe, PACKAGE_ROOT, settings.ocr.engine],
+            capture_output=True,
+            text=True,
+            timeout=settings.ocr.load_timeout_s,
+        )
     except (OSError, subprocess.TimeoutExpired) as exc:
         return False, "ocr.engine", f"cannot run {python}: {exc}"
     if result.returncode != 0:
@@ -285,8 +316,11 @@ def cmd_ocr(args: argparse.Namespace) -> int:
         worker.spawn()
         for path in args.files:
             job = Job(rel=path.name, path=Path(os.path.abspath(path)), received_at=now_iso())
-            outcome = (precheck(job, settings) if os.path.lexists(path)
-                       else Outcome(job=job, ok=False, code="unreadable", detail="no such file"))
+            outcome = (
+                precheck(job, settings)
+                if os.path.lexists(path)
+                else Outcome(job=job, ok=False, code="unreadable", detail="no such file")
+            )
             outcome = outcome or _run_one(worker, job)
             document, _ = document_for(outcome, settings=settings, received_at=job.received_at)
             document["image_path"] = str(job.path)
@@ -315,7 +349,7 @@ def _run_one(worker: Worker, job: Job) -> Outcome:
         due = worker.next_wakeup()
         timeout = None if due is None else max(0.0, due - worker.clock())
         if worker.conn_in is not None:
-            wait([worker], timeout)
+            wait([worker.conn_in], timeout)
         elif timeout:
             time.sleep(timeout)  # a crashed child's respawn backoff
         for outcome in worker.pump() + worker.tick():

@@ -120,7 +120,7 @@ def _tiff_complete(f, size: int) -> bool:  # type: ignore[no-untyped-def]
                 raw = f.read(item * count)
             arrays[tag] = list(struct.unpack(order + fmt * count, raw[: item * count]))
         for offsets_tag, counts_tag in ((_STRIP_OFFSETS, _STRIP_COUNTS), (_TILE_OFFSETS, _TILE_COUNTS)):
-            for start, length in zip(arrays.get(offsets_tag, []), arrays.get(counts_tag, [])):
+            for start, length in zip(arrays.get(offsets_tag, []), arrays.get(counts_tag, []), strict=False):
                 if start + length > size:
                     return False
         (offset,) = struct.unpack(order + value_fmt, table[n * entry_size :])

@@ -279,8 +279,12 @@ def _claimable(folder: str, complaints: _Complaints) -> bool:
     if os.access(folder, os.W_OK | os.X_OK):
         complaints.fine("claiming", folder)
         return True
-    complaints.problem("claiming", folder, f"Cannot claim files in {folder}: missing write permission on the folder "
-                               f"(needed to move files out); its files are left alone until this is fixed")
+    complaints.problem(
+        "claiming",
+        folder,
+        f"Cannot claim files in {folder}: missing write permission on the folder "
+        f"(needed to move files out); its files are left alone until this is fixed",
+    )
     return False
 
 
@@ -409,8 +413,9 @@ class Poller:
         except OSError as exc:
             # Keep the key: the folder is listed again only when it changes (chmod changes ctime).
             folder.settled = True
-            self.complaints.problem("listing", path, f"Cannot list {path}: {exc.strerror}; files in it are not seen "
-                                          f"until this is fixed")
+            self.complaints.problem(
+                "listing", path, f"Cannot list {path}: {exc.strerror}; files in it are not seen until this is fixed"
+            )
             return None
         self.complaints.fine("polling", path)
         self.complaints.fine("listing", path)
@@ -497,8 +502,14 @@ class Intake:
     an operator can act on; both may change in `start()` if inotify fails.
     """
 
-    def __init__(self, inbox: Path, watch: WatchSettings, *, wake: Callable[[], None] = lambda: None,
-                 mountinfo: str = "/proc/self/mountinfo"):
+    def __init__(
+        self,
+        inbox: Path,
+        watch: WatchSettings,
+        *,
+        wake: Callable[[], None] = lambda: None,
+        mountinfo: str = "/proc/self/mountinfo",
+    ):
         self.inbox = inbox
         self.watch = watch
         self.filter = PathFilter(watch)
@@ -562,8 +573,14 @@ class Intake:
                 self._fall_back(self._limit_reason(OSError(errno.ENOSPC, "inotify watch limit reached"), missing))
 
     def _start_poller(self, roots: list[Path]) -> None:
-        self._poller = Poller(self.inbox, roots, self.filter, interval_s=self.watch.poll_interval_s,
-                              emit=self._emit, complaints=self.complaints)
+        self._poller = Poller(
+            self.inbox,
+            roots,
+            self.filter,
+            interval_s=self.watch.poll_interval_s,
+            emit=self._emit,
+            complaints=self.complaints,
+        )
         self._poller.start()
 
     def _emit(self, path: Path) -> None:
@@ -599,15 +616,19 @@ class Intake:
             watched = mounts.inotify_watch_count()
             if watched is None or watched >= folders:
                 return None
-        return (watched, folders)
+        return (watched, folders)  # type: ignore[return-value]  # not None: the loop returned otherwise
 
     def _on_overflow(self) -> None:
         """Called on watchdog's thread: request a rescan and wake the loop; one warning."""
         self._overflows += 1
         if self._overflows == 1:
             limit = mounts.inotify_limits()["max_queued_events"]
-            log.warning("inotify event queue overflowed (fs.inotify.max_queued_events = %s): events were lost; "
-                        "rescanning %s (later overflows are logged at info level)", limit, self.inbox)
+            log.warning(
+                "inotify event queue overflowed (fs.inotify.max_queued_events = %s): events were lost; "
+                "rescanning %s (later overflows are logged at info level)",
+                limit,
+                self.inbox,
+            )
         else:
             log.info("inotify event queue overflowed again (%d times); rescanning", self._overflows)
         self._rescan_requested.set()
@@ -637,8 +658,10 @@ class Intake:
             if self.filter.wanted(rel):
                 if _claimable(os.path.dirname(path), self.complaints):
                     yield path
-            elif os.path.isdir(path) and not os.path.islink(path) and not any(
-                self.filter.ignored_component(p) for p in rel
+            elif (
+                os.path.isdir(path)
+                and not os.path.islink(path)
+                and not any(self.filter.ignored_component(p) for p in rel)
             ):
                 yield from self.scan(path)
 
@@ -653,8 +676,11 @@ class Intake:
                 with os.scandir(folder) as it:
                     entries = list(it)
             except OSError as exc:
-                self.complaints.problem("listing", str(folder), f"Cannot list {folder}: {exc.strerror}; files in "
-                                        f"it are not seen until this is fixed")
+                self.complaints.problem(
+                    "listing",
+                    str(folder),
+                    f"Cannot list {folder}: {exc.strerror}; files in it are not seen until this is fixed",
+                )
                 continue
             self.complaints.fine("listing", str(folder))
             files = []

@@ -110,18 +110,27 @@ class WatchPlan:
     poll_also: tuple[Path, ...] = ()
 
 
-def choose_watch_mode(inbox: Path, requested: str, *, recursive: bool = True,
-                      mountinfo: str = "/proc/self/mountinfo") -> WatchPlan:
+def choose_watch_mode(
+    inbox: Path, requested: str, *, recursive: bool = True, mountinfo: str = "/proc/self/mountinfo"
+) -> WatchPlan:
     """Decide events or polling for `inbox` (DESIGN §3 `watch.mode`), and say why."""
     fstype = filesystem_type(inbox, mountinfo)
     if requested in ("events", "polling"):
         return WatchPlan(requested, f"watch.mode: {requested} (inbox filesystem: {fstype})", fstype)
     if fstype == "?":
-        return WatchPlan("polling", "watch.mode: auto, and the inbox's filesystem type is unknown "
-                         "(/proc/self/mountinfo unreadable): polling is never blind", fstype)
+        return WatchPlan(
+            "polling",
+            "watch.mode: auto, and the inbox's filesystem type is unknown "
+            "(/proc/self/mountinfo unreadable): polling is never blind",
+            fstype,
+        )
     if is_network(fstype):
-        return WatchPlan("polling", f"watch.mode: auto, and the inbox is on {fstype}: changes made by other "
-                         "hosts or by the filesystem daemon produce no inotify events", fstype)
+        return WatchPlan(
+            "polling",
+            f"watch.mode: auto, and the inbox is on {fstype}: changes made by other "
+            "hosts or by the filesystem daemon produce no inotify events",
+            fstype,
+        )
     remote = [m for m in mounts_below(inbox, mountinfo) if is_network(m.fstype)] if recursive else []
     reason = f"watch.mode: auto, and the inbox is on {fstype} (local: inotify sees every change)"
     if remote:
@@ -212,16 +221,28 @@ def check_inbox(inbox: Path, processing_dir: Path | None = None) -> list[Check]:
         with os.scandir(inbox) as entries:
             next(entries, None)
     except OSError as exc:
-        return [Check(False, key, f"{inbox}: cannot list files: missing read permission on the folder "
-                      f"({_errno_words(exc)}){_describe(inbox)}")]
+        return [
+            Check(
+                False,
+                key,
+                f"{inbox}: cannot list files: missing read permission on the folder "
+                f"({_errno_words(exc)}){_describe(inbox)}",
+            )
+        ]
     work = processing_dir or inbox / ".watcherd"
     probe = ""
     try:
         fd, probe = tempfile.mkstemp(dir=inbox, prefix=".watcherd-check-")
         os.close(fd)
     except OSError as exc:
-        return [Check(False, key, f"{inbox}: cannot create, rename or delete files: missing write permission "
-                      f"on the folder ({_errno_words(exc)}){_describe(inbox)}")]
+        return [
+            Check(
+                False,
+                key,
+                f"{inbox}: cannot create, rename or delete files: missing write permission "
+                f"on the folder ({_errno_words(exc)}){_describe(inbox)}",
+            )
+        ]
     try:
         try:
             work.mkdir(exist_ok=True)
@@ -233,8 +254,13 @@ def check_inbox(inbox: Path, processing_dir: Path | None = None) -> list[Check]:
             os.rename(probe, moved)  # what claiming does
             probe = str(moved)
         except OSError as exc:
-            checks.append(Check(False, key, f"{inbox}: cannot rename files into {work} (claiming a file): "
-                                f"{_errno_words(exc)}{_describe(work)}"))
+            checks.append(
+                Check(
+                    False,
+                    key,
+                    f"{inbox}: cannot rename files into {work} (claiming a file): {_errno_words(exc)}{_describe(work)}",
+                )
+            )
             return checks
         try:
             os.unlink(probe)  # what on_success: delete does
@@ -267,14 +293,19 @@ def check_output(folder: Path, key: str) -> Check:
         return Check(False, key, f"{folder}: {existing} is not a folder")
     if existing != folder:
         if not os.access(existing, os.W_OK | os.X_OK):
-            return Check(False, key, f"{folder}: cannot be created: missing write permission on {existing}"
-                         f"{_describe(existing)}")
+            return Check(
+                False, key, f"{folder}: cannot be created: missing write permission on {existing}{_describe(existing)}"
+            )
         return Check(True, key, f"{folder} (will be created in {existing})")
     try:
         fd, probe = tempfile.mkstemp(dir=folder, prefix=".watcherd-check-")
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        return Check(False, key, f"{folder}: cannot write files: missing write permission on the folder "
-                     f"({_errno_words(exc)}){_describe(folder)}")
+        return Check(
+            False,
+            key,
+            f"{folder}: cannot write files: missing write permission on the folder "
+            f"({_errno_words(exc)}){_describe(folder)}",
+        )
     return Check(True, key, f"{folder} (write: allowed)")

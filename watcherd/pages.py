@@ -130,4 +130,3 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16-bit greyscale scans
         image = image.convert("I").point(lambda v: v / 256).convert("L")
     return image.convert("RGB")
-

@@ -108,8 +108,9 @@ class Notifier:
         if raw_socket is not None:
             self._address = _socket_address(raw_socket)
             if self._address is None:
-                log.debug("NOTIFY_SOCKET=%r is not an absolute path or @abstract name; "
-                          "notifications disabled", raw_socket)
+                log.debug(
+                    "NOTIFY_SOCKET=%r is not an absolute path or @abstract name; notifications disabled", raw_socket
+                )
 
         usec = _parse_positive_int(env.get("WATCHDOG_USEC"))
         watchdog_pid = env.get("WATCHDOG_PID")
@@ -198,8 +199,7 @@ class Notifier:
         if self._address is None or not lines:
             return False
         if os.getpid() != self._pid:
-            log.debug("sd_notify from forked pid %d ignored (main pid %d): %r",
-                      os.getpid(), self._pid, lines)
+            log.debug("sd_notify from forked pid %d ignored (main pid %d): %r", os.getpid(), self._pid, lines)
             return False
         try:
             payload = "\n".join(lines).encode("utf-8", "surrogateescape")
@@ -214,8 +214,7 @@ class Notifier:
                     self._sock = sock
                 self._sock.sendto(payload, self._address)
             except OSError as exc:
-                log.debug("sd_notify to %s failed: %s (message %r)",
-                          self._socket_name, exc, payload)
+                log.debug("sd_notify to %s failed: %s (message %r)", self._socket_name, exc, payload)
                 return False
         return True
 
@@ -239,5 +238,4 @@ class Notifier:
         return ("STATUS=" + " ".join(str(text).splitlines()),)
 
     def __repr__(self) -> str:
-        return (f"Notifier(socket={self._socket_name!r}, "
-                f"watchdog_usec={self._watchdog_usec!r}, pid={self._pid})")
+        return f"Notifier(socket={self._socket_name!r}, watchdog_usec={self._watchdog_usec!r}, pid={self._pid})"

@@ -64,8 +64,12 @@ def document_for(outcome: Outcome, *, settings: Settings, received_at: str) -> t
         return document, text
     code = outcome.code or "engine_error"
     message = outputs.error_message(
-        code, settings.output.locale, detail=outcome.detail or "", timeout=settings.ocr.timeout_s,
-        free_mb=outcome.gpu_info_after.get("free_mb", "?"), min_free_mb=settings.gpu.min_free_mb,
+        code,
+        settings.output.locale,
+        detail=outcome.detail or "",
+        timeout=settings.ocr.timeout_s,
+        free_mb=outcome.gpu_info_after.get("free_mb", "?"),
+        min_free_mb=settings.gpu.min_free_mb,
     )
     document = {
         "status": "failed",
@@ -89,13 +93,18 @@ def precheck(job: Job, settings: Settings) -> Outcome | None:
     """Failures the parent can see from lstat alone, without giving the file to the child."""
     st = os.lstat(job.path)
     if not stat.S_ISREG(st.st_mode):
-        kind = "symbolic link" if stat.S_ISLNK(st.st_mode) else "folder" if stat.S_ISDIR(st.st_mode) else (
-            "FIFO" if stat.S_ISFIFO(st.st_mode) else "socket or device")
+        kind = (
+            "symbolic link"
+            if stat.S_ISLNK(st.st_mode)
+            else "folder"
+            if stat.S_ISDIR(st.st_mode)
+            else ("FIFO" if stat.S_ISFIFO(st.st_mode) else "socket or device")
+        )
         return Outcome(job=job, ok=False, code="not_regular_file", detail=f"{kind}, not followed")
     limit = settings.ocr.max_file_mb * 1024 * 1024
     if st.st_size > limit:
-        return Outcome(job=job, ok=False, code="too_large",
-                       detail=f"{st.st_size / 1024 / 1024:.1f} MB, more than ocr.max_file_mb ({settings.ocr.max_file_mb:g})")
+        detail = f"{st.st_size / 1024 / 1024:.1f} MB, more than ocr.max_file_mb ({settings.ocr.max_file_mb:g})"
+        return Outcome(job=job, ok=False, code="too_large", detail=detail)
     return None
 
 
@@ -163,8 +172,9 @@ class Service:
         if self.jobs:
             log.info("Recovered %d file(s) claimed before a crash", len(self.jobs))
         self.intake.start()
-        log.info("Watching %s (%s); results to %s", self.settings.paths.inbox, self.intake.mode,
-                 self.settings.paths.outbox)
+        log.info(
+            "Watching %s (%s); results to %s", self.settings.paths.inbox, self.intake.mode, self.settings.paths.outbox
+        )
         for worker in self.workers:
             worker.spawn()
         try:
@@ -212,8 +222,11 @@ class Service:
             signum = self.signals.popleft()
             if signum in (signal.SIGTERM, signal.SIGINT) and self.stopping_since is None:
                 self.notifier.stopping()
-                logs.event("stopping", f"{signal.Signals(signum).name}: finishing the page in progress "
-                           f"(at most {STOP_GRACE_S:g} s), then stopping")
+                logs.event(
+                    "stopping",
+                    f"{signal.Signals(signum).name}: finishing the page in progress "
+                    f"(at most {STOP_GRACE_S:g} s), then stopping",
+                )
                 self.stopping_since = time.monotonic()
                 self.intake.stop()
             elif signum == signal.SIGHUP and self.stopping_since is None:
@@ -251,8 +264,9 @@ class Service:
                 if early is not None:
                     self._finish(early)
                     continue
-                logs.event("claimed", f"{job.rel}: OCR started (child {worker.pid})", source=job.rel,
-                           child_pid=worker.pid)
+                logs.event(
+                    "claimed", f"{job.rel}: OCR started (child {worker.pid})", source=job.rel, child_pid=worker.pid
+                )
                 worker.assign(job)
         if not self.jobs and not self.ready:
             for worker in self.workers:
@@ -262,10 +276,10 @@ class Service:
         if self.jobs:
             return self.jobs.popleft()
         now = time.monotonic()
-        for i, (retry_at, job) in enumerate(self.deferred):
+        for i, (retry_at, waiting) in enumerate(self.deferred):
             if retry_at <= now:
                 del self.deferred[i]
-                return job
+                return waiting
         while self.ready:
             path, signature = self.ready.popleft()
             self.queued.discard(path)
@@ -275,8 +289,9 @@ class Service:
             try:
                 job = self.spool.claim(path)
             except OSError as exc:  # e.g. a sticky-bit inbox and another user's file: EPERM
-                self.intake.complaints.problem("claiming", str(path.parent),
-                                               f"Cannot claim {path}: {exc.strerror or exc}; left in the inbox")
+                self.intake.complaints.problem(
+                    "claiming", str(path.parent), f"Cannot claim {path}: {exc.strerror or exc}; left in the inbox"
+                )
                 continue
             if job is None:
                 if os.path.lexists(path):
@@ -287,8 +302,13 @@ class Service:
 
     def _wait(self) -> None:
         now = time.monotonic()
-        times = [self.next_rescan, *(w.next_wakeup() for w in self.workers + self.retiring), self.tracker.next_due(),
-                 min((t for t, _ in self.deferred), default=None), self.next_output_retry if self.unpublished else None]
+        times = [
+            self.next_rescan,
+            *(w.next_wakeup() for w in self.workers + self.retiring),
+            self.tracker.next_due(),
+            min((t for t, _ in self.deferred), default=None),
+            self.next_output_retry if self.unpublished else None,
+        ]
         if self.stopping_since is not None:
             times.append(self.stopping_since + STOP_GRACE_S)
         if self.notifier.watchdog_interval_s:
@@ -329,16 +349,27 @@ class Service:
         free = outcome.gpu_info_after.get("free_mb")
         if job.deferred_since is None:
             job.deferred_since = now
-            logs.event("deferred", f"{job.rel}: waiting for GPU memory ({free} MB free, "
-                       f"{outcome.gpu_info_after.get('usage_percent')}% used; need {self.settings.gpu.min_free_mb} MB "
-                       f"and at most {self.settings.gpu.max_usage_percent:g}%)", level=logging.WARNING,
-                       source=job.rel, gpu_free_mb=free)
+            logs.event(
+                "deferred",
+                f"{job.rel}: waiting for GPU memory ({free} MB free, "
+                f"{outcome.gpu_info_after.get('usage_percent')}% used; need {self.settings.gpu.min_free_mb} MB "
+                f"and at most {self.settings.gpu.max_usage_percent:g}%)",
+                level=logging.WARNING,
+                source=job.rel,
+                gpu_free_mb=free,
+            )
         if now - job.deferred_since >= self.settings.gpu.wait_for_memory_s:
             waited = now - job.deferred_since
-            self._finish(dataclasses.replace(outcome, deferred=False, code="vram_insufficient",
-                                             detail=f"{free} MB free after waiting {waited:.0f} s"))
+            self._finish(
+                dataclasses.replace(
+                    outcome,
+                    deferred=False,
+                    code="vram_insufficient",
+                    detail=f"{free} MB free after waiting {waited:.0f} s",
+                )
+            )
             return
-        backoff = min(MAX_DEFER_BACKOFF_S, 2.0 ** job.deferrals * 0.5)
+        backoff = min(MAX_DEFER_BACKOFF_S, 2.0**job.deferrals * 0.5)
         job.deferrals += 1
         self.deferred.append((now + backoff, job))
 
@@ -357,16 +388,31 @@ class Service:
             self.unpublished_since = None
         if outcome.ok:
             self.counts["ok"] += 1
-            logs.event("done", f"{job.rel}: {len(outcome.pages)} page(s) in {outcome.processing_time:.2f} s → "
-                       f"{document.get('image_path') or 'deleted'}", source=job.rel,
-                       processing_time=outcome.processing_time, pages=len(outcome.pages))
+            logs.event(
+                "done",
+                f"{job.rel}: {len(outcome.pages)} page(s) in {outcome.processing_time:.2f} s → "
+                f"{document.get('image_path') or 'deleted'}",
+                source=job.rel,
+                processing_time=outcome.processing_time,
+                pages=len(outcome.pages),
+            )
         else:
             self.counts["failed"] += 1
-            self.last_error = {"source": document["source"], "error_code": outcome.code, "detail": outcome.detail,
-                               "at": document["finished_at"]}
-            logs.event("failed", f"{job.rel}: {outcome.code}: {outcome.detail}", level=logging.ERROR,
-                       source=job.rel, error_code=outcome.code, processing_time=outcome.processing_time,
-                       gpu_free_mb=outcome.gpu_info_after.get("free_mb"))
+            self.last_error = {
+                "source": document["source"],
+                "error_code": outcome.code,
+                "detail": outcome.detail,
+                "at": document["finished_at"],
+            }
+            logs.event(
+                "failed",
+                f"{job.rel}: {outcome.code}: {outcome.detail}",
+                level=logging.ERROR,
+                source=job.rel,
+                error_code=outcome.code,
+                processing_time=outcome.processing_time,
+                gpu_free_mb=outcome.gpu_info_after.get("free_mb"),
+            )
         if self.blocked:  # a file waiting for this name may go now
             self.ready.extendleft(reversed(self.blocked))
             self.queued.update(p for p, _ in self.blocked)
@@ -394,9 +440,14 @@ class Service:
         now = time.monotonic()
         if self.unpublished_since is None:
             self.unpublished_since = now
-            log.error("Cannot write results (%s: %s); %s stays in the work area, no new files are taken "
-                      "until this is fixed; retrying every %g s", exc.strerror or exc, exc.filename or "",
-                      outcome.job.rel, OUTPUT_RETRY_S)
+            log.error(
+                "Cannot write results (%s: %s); %s stays in the work area, no new files are taken "
+                "until this is fixed; retrying every %g s",
+                exc.strerror or exc,
+                exc.filename or "",
+                outcome.job.rel,
+                OUTPUT_RETRY_S,
+            )
         self.unpublished.append(outcome)
         self.next_output_retry = now + OUTPUT_RETRY_S
 
@@ -466,8 +517,11 @@ class Service:
             self.is_ready = True
             self.notifier.ready(self._summary())
             engines = ", ".join(sorted({w.engine_name or "?" for w in self.workers}))
-            logs.event("ready", f"watcherd ready: {len(self.workers)} OCR child(ren) with {engines}; "
-                       f"watching {self.settings.paths.inbox}")
+            logs.event(
+                "ready",
+                f"watcherd ready: {len(self.workers)} OCR child(ren) with {engines}; "
+                f"watching {self.settings.paths.inbox}",
+            )
         if self.notifier.watchdog_interval_s and now >= self.next_watchdog:
             self.notifier.watchdog()
             self.next_watchdog = now + self.notifier.watchdog_interval_s
@@ -486,8 +540,11 @@ class Service:
             state = "stopping"
         elif busy:
             now = time.monotonic()
-            state = "; ".join(f"working on {w.job.rel} (page {w.current_page or 1}/{w.page_count or '?'}, "  # type: ignore[union-attr]
-                              f"{now - w.started_at:.0f} s)" for w in busy)
+            state = "; ".join(
+                f"working on {w.job.rel} (page {w.current_page or 1}/{w.page_count or '?'}, "  # type: ignore[union-attr]
+                f"{now - w.started_at:.0f} s)"
+                for w in busy
+            )
         elif not self.is_ready:
             state = "loading model"
         else:
@@ -495,8 +552,13 @@ class Service:
         queue = len(self.ready) + len(self.jobs) + len(self.deferred)
         engine = self.settings.ocr.engine
         where = "cpu" if self.settings.ocr.devices is None else "gpu " + ",".join(map(str, self.settings.ocr.devices))
-        parts = [state, f"{self.counts['ok']:,} ok", f"{self.counts['failed']:,} failed", f"queue {queue}",
-                 f"{engine} on {where}"]
+        parts = [
+            state,
+            f"{self.counts['ok']:,} ok",
+            f"{self.counts['failed']:,} failed",
+            f"queue {queue}",
+            f"{engine} on {where}",
+        ]
         if self.deferred:
             parts.insert(4, f"{len(self.deferred)} waiting for GPU memory")
         return " · ".join(parts)
@@ -506,9 +568,16 @@ class Service:
         now = time.monotonic()
         status = {
             "pid": os.getpid(),
-            "state": state or ("stopping" if self.stopping_since is not None else
-                               "working" if any(w.state == "busy" for w in self.workers) else
-                               "idle" if self.is_ready else "starting"),
+            "state": state
+            or (
+                "stopping"
+                if self.stopping_since is not None
+                else "working"
+                if any(w.state == "busy" for w in self.workers)
+                else "idle"
+                if self.is_ready
+                else "starting"
+            ),
             "summary": self._summary(),
             "started_at": self.started_at,
             "updated_at": outputs.now_iso(),
@@ -517,13 +586,26 @@ class Service:
             "watch_reason": self.intake.reason,
             "engine": self.settings.ocr.engine,
             "counts": self.counts,
-            "queue": {"ready": len(self.ready), "claimed": len(self.jobs), "waiting_for_memory": len(self.deferred),
-                      "settling": len(self.tracker)},
-            "in_flight": [{"source": w.job.rel, "child_pid": w.pid, "page": w.current_page, "pages": w.page_count,
-                           "elapsed_s": round(now - w.started_at, 1)}
-                          for w in self.workers + self.retiring if w.state == "busy" and w.job is not None],
-            "children": [{"pid": w.pid, "device": w.device, "state": w.state, "files_done": w.files_done}
-                         for w in self.workers],
+            "queue": {
+                "ready": len(self.ready),
+                "claimed": len(self.jobs),
+                "waiting_for_memory": len(self.deferred),
+                "settling": len(self.tracker),
+            },
+            "in_flight": [
+                {
+                    "source": w.job.rel,
+                    "child_pid": w.pid,
+                    "page": w.current_page,
+                    "pages": w.page_count,
+                    "elapsed_s": round(now - w.started_at, 1),
+                }
+                for w in self.workers + self.retiring
+                if w.state == "busy" and w.job is not None
+            ],
+            "children": [
+                {"pid": w.pid, "device": w.device, "state": w.state, "files_done": w.files_done} for w in self.workers
+            ],
             "last_error": self.last_error,
             "gpu": self.last_gpu,
             "version": __version__,

@@ -230,7 +230,7 @@ def _build(cls: type, raw: Any, prefix: str, source: str | None) -> Any:
         hint = hints[name]
         key = f"{prefix}{name}"
         if dataclasses.is_dataclass(hint):
-            values[name] = _build(hint, value if value is not None else {}, f"{key}.", source)
+            values[name] = _build(typing.cast(type, hint), value if value is not None else {}, f"{key}.", source)
         else:
             values[name] = _convert(hint, value, key, source)
     return cls(**values)

@@ -167,8 +167,11 @@ class Worker:
         self.conn_out = Connection(parent_w, readable=False)
         self.state = "loading"
         self.deadline = self.clock() + self.ocr.load_timeout_s
-        self.on_event("child_started", f"OCR child started (pid {self.proc.pid}, engine {self.ocr.engine})",
-                      child_pid=self.proc.pid)
+        self.on_event(
+            "child_started",
+            f"OCR child started (pid {self.proc.pid}, engine {self.ocr.engine})",
+            child_pid=self.proc.pid,
+        )
 
     def stop(self, grace_s: float = 5.0) -> None:
         """Ask the child to exit; kill its process group if it has not within `grace_s`."""
@@ -236,8 +239,9 @@ class Worker:
         self.started_at = self.clock()
         self.deadline = self.started_at + self.ocr.timeout_s  # opening the file counts too
         self.state = "busy"
-        self.conn_out.send_bytes(json.dumps({"op": "ocr", "id": self._request_id, "path": str(job.path)},
-                                            ensure_ascii=True).encode())
+        self.conn_out.send_bytes(
+            json.dumps({"op": "ocr", "id": self._request_id, "path": str(job.path)}, ensure_ascii=True).encode()
+        )
 
     def drained(self) -> None:
         """The queue is empty: let the child clear the GPU cache while nothing waits."""
@@ -278,8 +282,12 @@ class Worker:
             before, after = message["before"], message["after"]
             if after.get("available"):
                 freed = before.get("torch_reserved_mb", 0) - after.get("torch_reserved_mb", 0)
-                log.info("GPU cache cleared after %d file(s): %s MB reserved memory freed, %s MB free",
-                         message["files_done"], freed, after.get("free_mb"))
+                log.info(
+                    "GPU cache cleared after %d file(s): %s MB reserved memory freed, %s MB free",
+                    message["files_done"],
+                    freed,
+                    after.get("free_mb"),
+                )
             else:
                 log.debug("Engine cache cleared after %d file(s)", message["files_done"])
             return None
@@ -300,8 +308,15 @@ class Worker:
             self.state = "idle"
             self.deadline = None
             self.dirty = True
-            return Outcome(job=job, ok=False, deferred=True, sha256=message.get("sha256"),
-                           gpu_info_after=message["gpu_info"], engine=self.engine_name, model=self.model)
+            return Outcome(
+                job=job,
+                ok=False,
+                deferred=True,
+                sha256=message.get("sha256"),
+                gpu_info_after=message["gpu_info"],
+                engine=self.engine_name,
+                model=self.model,
+            )
         elif op in ("done", "failed"):
             self.dirty = True
             self.crashes_in_a_row = 0
@@ -355,9 +370,18 @@ class Worker:
         if job.attempts < 2:
             log.warning("OCR child %s on %s; retrying the file once with a new child", why, job.rel)
             return [Outcome(job=job, ok=False, retry=True, detail=why)]
-        return [Outcome(job=job, ok=False, code="child_crashed", detail=why, sha256=self._sha256,
-                        processing_time=round(self.clock() - self.started_at, 3),
-                        engine=self.engine_name, model=self.model)]
+        return [
+            Outcome(
+                job=job,
+                ok=False,
+                code="child_crashed",
+                detail=why,
+                sha256=self._sha256,
+                processing_time=round(self.clock() - self.started_at, 3),
+                engine=self.engine_name,
+                model=self.model,
+            )
+        ]
 
     def tick(self) -> list[Outcome]:
         """Enforce deadlines and respawn a stopped child when its backoff has passed."""
@@ -369,22 +393,37 @@ class Worker:
         if self.deadline is None or now < self.deadline:
             return []
         if self.state == "loading":
-            self._load_failed(f"model did not load within ocr.load_timeout_s ({self.ocr.load_timeout_s:g} s)",
-                              config_error=False)
+            self._load_failed(
+                f"model did not load within ocr.load_timeout_s ({self.ocr.load_timeout_s:g} s)", config_error=False
+            )
             return []
         job = self.job
         assert job is not None
         self.job = None
         elapsed = round(now - self.started_at, 3)
         pid = self.pid
-        self.on_event("timeout", f"{job.rel}: page {self.current_page or 1} exceeded ocr.timeout_s "
-                      f"({self.ocr.timeout_s:g} s); killing OCR child {pid}",
-                      source=job.rel, child_pid=pid, level=logging.WARNING)
+        self.on_event(
+            "timeout",
+            f"{job.rel}: page {self.current_page or 1} exceeded ocr.timeout_s "
+            f"({self.ocr.timeout_s:g} s); killing OCR child {pid}",
+            source=job.rel,
+            child_pid=pid,
+            level=logging.WARNING,
+        )
         self._reap(kill=True, reason=f"page timeout on {job.rel}")
         self.next_spawn_at = now  # respawn at once; the load is not charged to the next file
-        return [Outcome(job=job, ok=False, code="timeout", detail=f"page {self.current_page or 1}, "
-                        f"{elapsed:g} s", sha256=self._sha256, processing_time=elapsed,
-                        engine=self.engine_name, model=self.model)]
+        return [
+            Outcome(
+                job=job,
+                ok=False,
+                code="timeout",
+                detail=f"page {self.current_page or 1}, {elapsed:g} s",
+                sha256=self._sha256,
+                processing_time=elapsed,
+                engine=self.engine_name,
+                model=self.model,
+            )
+        ]
 
     def next_wakeup(self) -> float | None:
         if self.state == "stopped":

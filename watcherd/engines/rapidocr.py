@@ -16,7 +16,9 @@ from PIL import Image
 class RapidOcrEngine:
     name = "rapidocr"
 
-    def __init__(self, *, model: str | None = None, prompt: str | None = None, device: str | None = None, **options: Any):
+    def __init__(
+        self, *, model: str | None = None, prompt: str | None = None, device: str | None = None, **options: Any
+    ):
         from rapidocr import RapidOCR
 
         # `options` go to RapidOCR's params, e.g. {"Global.text_score": 0.5}.
@@ -24,7 +26,7 @@ class RapidOcrEngine:
         self.model = model or "PP-OCR (rapidocr built-in)"
 
     def ocr(self, image: Image.Image) -> str:
-        result = self._ocr(np.asarray(image.convert("RGB"))[:, :, ::-1])  # RapidOCR wants BGR arrays
+        result: Any = self._ocr(np.asarray(image.convert("RGB"))[:, :, ::-1])  # RapidOCR wants BGR arrays
         if result.boxes is None or result.txts is None:
             return ""
         return "\n".join(_lines(result.boxes, result.txts))
@@ -33,7 +35,7 @@ class RapidOcrEngine:
 def _lines(boxes: Any, texts: tuple[str, ...]) -> list[str]:
     """Group text runs into rows: a run joins a row when its vertical centre lies inside it."""
     runs = []
-    for box, text in zip(boxes, texts):
+    for box, text in zip(boxes, texts, strict=True):
         ys = [p[1] for p in box]
         xs = [p[0] for p in box]
         runs.append((min(ys), max(ys), min(xs), text))
