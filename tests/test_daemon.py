@@ -271,3 +271,43 @@ def test_an_engine_that_never_loads_stops_the_daemon_with_the_reason(daemon_fact
     assert "keeps failing to load, giving up: FileNotFoundError: model folder /nonexistent not found" in daemon.log()
     assert daemon.log().count("retrying in") == 4
     assert (daemon.inbox / "waiting.png").exists()
+
+
+def test_a_second_daemon_on_the_same_inbox_is_refused(daemon_factory) -> None:
+    first = daemon_factory().start()
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    second = subprocess.run(
+        [sys.executable, "-m", "watcherd", "run", "--config", str(first.config_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert second.returncode == 78
+    assert f"another watcherd (pid {first.proc.pid}) already serves" in second.stderr
+    make_image(first.inbox / "still.png")
+    assert first.wait_json("still.png")["status"] == "ok"
+
+
+def test_a_non_utf8_name_in_flight_shows_in_the_status(daemon_factory) -> None:
+    daemon = daemon_factory(ocr={"engine": "tests.engines:Echo", "options": {"delay_s": 3}})
+    daemon.start()
+    make_image(Path(os.fsdecode(os.fsencode(daemon.inbox) + b"/r\xe9sum\xe9.png")))
+    status = daemon.inbox / ".watcherd" / "status.json"
+    wait_until(lambda: status.exists() and "r\\\\xe9sum\\\\xe9.png" in status.read_text(), 30, "the status")
+    json_path = Path(os.fsdecode(os.fsencode(daemon.outbox) + b"/r\xe9sum\xe9.png.json"))
+    wait_until(json_path.exists, 30, "the result")
+    assert daemon.alive()
+
+
+def test_an_idle_child_killed_from_outside_is_replaced_and_files_flow(daemon_factory) -> None:
+    daemon = daemon_factory().start()
+    victim = daemon.child_pid()
+    os.kill(victim, signal.SIGKILL)
+    make_image(daemon.inbox / "after-kill.png")
+    assert daemon.wait_json("after-kill.png")["status"] == "ok"
+    assert daemon.child_pid() != victim and daemon.alive()

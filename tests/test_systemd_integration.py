@@ -180,3 +180,12 @@ def test_a_real_journald_receives_the_watcherd_fields(daemon_factory, tmp_path: 
     assert failed["WATCHERD_ERROR_CODE"] == "unsupported_type"
     assert {"ready", "claimed", "child_started", "stopping"} <= set(by_event)
     assert (tmp_path / "outbox" / "good.png.json").exists()
+
+
+def test_a_reload_to_an_engine_that_does_not_import_keeps_the_running_one(daemon_factory) -> None:
+    daemon = daemon_factory().start()
+    daemon.configure(ocr={"engine": "nosuchpackage:Engine"})
+    daemon.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: "Reload failed, keeping the running configuration" in daemon.log(), 30)
+    make_image(daemon.inbox / "kept.png")
+    assert daemon.wait_json("kept.png")["status"] == "ok" and daemon.alive()

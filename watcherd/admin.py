@@ -14,15 +14,11 @@ from .settings import Settings
 
 
 def find_status(settings: Settings | None) -> Path | None:
-    """The daemon's status file: $RUNTIME_DIRECTORY, /run/watcherd, then the inbox's work area."""
-    candidates = []
-    runtime = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
-    if runtime:
-        candidates.append(Path(runtime) / "status.json")
-    candidates.append(Path("/run/watcherd/status.json"))
-    if settings is not None and settings.paths.inbox is not None:
-        candidates.append(settings.processing_dir / "status.json")
-    return next((p for p in candidates if p.exists()), None)
+    """The daemon's status file, in its inbox's work area (one daemon per inbox)."""
+    if settings is None or settings.paths.inbox is None:
+        return None
+    path = settings.processing_dir / "status.json"
+    return path if path.exists() else None
 
 
 def running(status: dict[str, Any]) -> bool:

@@ -107,11 +107,11 @@ class Child:
     def memory_shortage(self) -> dict[str, Any] | None:
         """None if the GPU has room for a page (or there is no GPU); else the figures that say
         it has not, read again after clearing our own cache (DESIGN §7)."""
-        info = gpu.info(self.engine)
+        info = self.gpu_info()
         if not self._short(info):
             return None
         self.clear_cache()
-        info = gpu.info(self.engine)
+        info = self.gpu_info()
         return info if self._short(info) else None
 
     def _short(self, info: dict[str, Any]) -> bool:
@@ -119,11 +119,21 @@ class Child:
             return False
         return info["free_mb"] < self.spec["min_free_mb"] or info["usage_percent"] > self.spec["max_usage_percent"]
 
+    def gpu_info(self) -> dict[str, Any]:
+        """GPU figures; a failure to read them is reported in the figures, never fatal."""
+        try:
+            return gpu.info(self.engine)
+        except Exception as exc:  # noqa: BLE001 - an engine's gpu_info() or a CUDA query
+            return {"available": False, "error": f"{type(exc).__name__}: {exc}"}
+
     def clear_cache(self) -> None:
         """Give cached GPU memory back (the engine's own clear_cache, else torch's), and say what it freed."""
-        before = gpu.info(self.engine)
-        gpu.clear_cache(self.engine)
-        after = gpu.info(self.engine)
+        before = self.gpu_info()
+        try:
+            gpu.clear_cache(self.engine)
+        except Exception:  # noqa: BLE001 - a failed clear is worth a traceback, not a dead child
+            traceback.print_exc()
+        after = self.gpu_info()
         self.send("cleared", files_done=self.files_done, before=before, after=after)
 
     def ocr_file(self, request_id: int, path: str) -> None:
@@ -137,7 +147,7 @@ class Child:
             document = Document(data, max_side_px=self.spec["max_side_px"], max_pages=self.spec["max_pages"])
             del data
             self.send("pages", id=request_id, count=len(document), sha256=sha256, kind=document.kind)
-            before = gpu.info(self.engine)
+            before = self.gpu_info()
             for page in document:
                 shortage = self.memory_shortage()
                 if shortage is not None:
@@ -164,7 +174,7 @@ class Child:
             self.files_done += 1
             if self.files_done % self.spec["clear_cache_every"] == 0:
                 self.clear_cache()
-            self.send("done", id=request_id, gpu_info_before=before, gpu_info_after=gpu.info(self.engine))
+            self.send("done", id=request_id, gpu_info_before=before, gpu_info_after=self.gpu_info())
         except InputError as exc:
             self.send("failed", id=request_id, code=exc.code, detail=exc.detail, sha256=sha256)
         except _EngineError as exc:
@@ -173,6 +183,10 @@ class Child:
             self.send("failed", id=request_id, code="unreadable", detail=f"{exc.strerror or exc}", sha256=sha256)
         except MemoryError:
             self.send("failed", id=request_id, code="too_large", detail="out of memory decoding it", sha256=sha256)
+        except Exception as exc:  # noqa: BLE001 - a decoder bug on a hostile file (bad EXIF...) costs the file only
+            traceback.print_exc()
+            detail = f"{type(exc).__name__}: {exc}"
+            self.send("failed", id=request_id, code="unreadable", detail=detail, sha256=sha256)
 
 
 class _EngineError(Exception):

@@ -21,10 +21,10 @@ from pathlib import Path
 
 from . import __version__, admin, logs, mounts
 from . import settings as settings_mod
-from .outputs import now_iso
+from .outputs import now_iso, public_path
 from .settings import EX_CONFIG, ConfigError, Settings
 from .spool import Job
-from .supervisor import CHILD_BOOTSTRAP, PACKAGE_ROOT, EngineLoadError, Outcome, Worker
+from .supervisor import CHILD_BOOTSTRAP, PACKAGE_ROOT, EngineLoadError, Outcome, Worker, probe_engine
 
 log = logging.getLogger("watcherd")
 
@@ -253,19 +253,9 @@ def _folders_below(top: Path) -> Iterator[str]:
 
 def _check_engine(settings: Settings) -> tuple[bool, str, str]:
     python = settings.ocr.python or sys.executable
-    probe = f"{CHILD_BOOTSTRAP.split('; runpy')[0]}; from watcherd.engines import resolve; print(resolve(sys.argv[1]))"
-    try:
-        result = subprocess.run(
-            [python, "-c", probe, PACKAGE_ROOT, settings.ocr.engine],
-            capture_output=True,
-            text=True,
-            timeout=settings.ocr.load_timeout_s,
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return False, "ocr.engine", f"cannot run {python}: {exc}"
-    if result.returncode != 0:
-        last = (result.stderr.strip().splitlines() or ["?"])[-1]
-        return False, "ocr.engine", last
+    problem = probe_engine(settings.ocr)
+    if problem is not None:
+        return False, "ocr.engine", problem
     return True, "ocr.engine", f"{settings.ocr.engine} imports under {python}"
 
 
@@ -323,7 +313,7 @@ def cmd_ocr(args: argparse.Namespace) -> int:
             )
             outcome = outcome or _run_one(worker, job)
             document, _ = document_for(outcome, settings=settings, received_at=job.received_at)
-            document["image_path"] = str(job.path)
+            document["image_path"] = public_path(job.path)
             documents.append(document)
             if progress is not None:
                 progress.update()
@@ -344,8 +334,7 @@ def _run_one(worker: Worker, job: Job) -> Outcome:
     assigned = False
     while True:
         if worker.ready and not assigned:
-            worker.assign(job)
-            assigned = True
+            assigned = worker.assign(job)
         due = worker.next_wakeup()
         timeout = None if due is None else max(0.0, due - worker.clock())
         if worker.conn_in is not None:

@@ -215,7 +215,14 @@ def move(src: Path, dst: Path) -> None:
         if exc.errno != errno.EXDEV:
             raise
         if src.is_dir() and not src.is_symlink():
-            shutil.copytree(src, dst, symlinks=True)
+            # Copied beside the destination and renamed into place, so `dst` exists only once the
+            # copy is whole: a kill halfway leaves `src` intact and the redo starts over.
+            tmp_dir = dst.parent / f".{os.fsencode(dst.name)[:200].decode('utf-8', 'ignore')}.watcherd-copy"
+            if os.path.lexists(tmp_dir):
+                shutil.rmtree(tmp_dir)
+            shutil.copytree(src, tmp_dir, symlinks=True)
+            os.rename(tmp_dir, dst)
+            fsync_dir(dst.parent)
             shutil.rmtree(src)
             return
         fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(dst.name), suffix=".tmp", dir=dst.parent)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -27,13 +28,16 @@ from .intake import Intake, StabilityTracker
 from .sdnotify import Notifier
 from .settings import ConfigError, Settings
 from .spool import Job, Spool
-from .supervisor import Outcome, Worker
+from .supervisor import EngineLoadError, Outcome, Worker, probe_engine
 
 log = logging.getLogger("watcherd")
 
 STOP_GRACE_S = 30.0  # SIGTERM: how long the page in progress may take to finish
 MAX_DEFER_BACKOFF_S = 30.0
 OUTPUT_RETRY_S = 5.0
+# Output errors that go away by themselves (space freed, remounted read-write, permissions fixed):
+# hold the result and stop claiming until then. Anything else is logged and the file left claimed.
+TRANSIENT_OUTPUT_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.ENOENT}
 MAX_REREADS = 3  # how often results that could not be written are tried again
 
 
@@ -109,9 +113,8 @@ def precheck(job: Job, settings: Settings) -> Outcome | None:
 
 
 def status_path(settings: Settings) -> Path:
-    """Where the daemon keeps its status file: systemd's RuntimeDirectory, else the work area."""
-    runtime = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
-    return Path(runtime) / "status.json" if runtime else settings.processing_dir / "status.json"
+    """Where the daemon keeps its status file: its work area, one per inbox (the lock makes sure)."""
+    return settings.processing_dir / "status.json"
 
 
 class Service:
@@ -167,6 +170,7 @@ class Service:
     def run(self) -> int:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, self._on_signal)
+        self.spool.lock()
         self.spool.prepare()
         self.jobs.extend(self.spool.recover())
         if self.jobs:
@@ -175,24 +179,15 @@ class Service:
         log.info(
             "Watching %s (%s); results to %s", self.settings.paths.inbox, self.intake.mode, self.settings.paths.outbox
         )
-        for worker in self.workers:
-            worker.spawn()
         try:
-            while not self._finished():
-                self._handle_signals()
-                self._intake()
-                self._dispatch()
-                self._wait()
-                finished: list[Outcome] = []
-                for worker in self.workers + self.retiring:
-                    finished += self._settle(worker.pump() + worker.tick())
-                # Hand out the next files before publishing these: the children OCR while the
-                # parent fsyncs, instead of waiting for it.
-                self._dispatch()
-                for outcome in finished:
-                    self._finish(outcome)
-                self._replace_retired()
-                self._systemd()
+            for worker in self.workers:
+                worker.spawn()
+            self._loop()
+        except EngineLoadError:
+            # No engine: put back what was claimed but not started, so files wait in the inbox.
+            for job in [*self.jobs, *(job for _, job in self.deferred)]:
+                self.spool.unclaim(job)
+            raise
         finally:
             self.intake.stop()
             for worker in self.workers + self.retiring:
@@ -200,6 +195,23 @@ class Service:
             self._write_status(state="stopped")
         log.info("Stopped: %d ok, %d failed", self.counts["ok"], self.counts["failed"])
         return 0
+
+    def _loop(self) -> None:
+        while not self._finished():
+            self._handle_signals()
+            self._intake()
+            self._dispatch()
+            self._wait()
+            finished: list[Outcome] = []
+            for worker in self.workers + self.retiring:
+                finished += self._settle(worker.pump() + worker.tick())
+            # Hand out the next files before publishing these: the children OCR while the
+            # parent fsyncs, instead of waiting for it.
+            self._dispatch()
+            for outcome in finished:
+                self._finish(outcome)
+            self._replace_retired()
+            self._systemd()
 
     def _finished(self) -> bool:
         if self.stopping_since is None:
@@ -267,7 +279,8 @@ class Service:
                 logs.event(
                     "claimed", f"{job.rel}: OCR started (child {worker.pid})", source=job.rel, child_pid=worker.pid
                 )
-                worker.assign(job)
+                if not worker.assign(job):
+                    self.jobs.appendleft(job)
         if not self.jobs and not self.ready:
             for worker in self.workers:
                 worker.drained()
@@ -381,7 +394,15 @@ class Service:
         try:
             document = self.spool.finish(job, document, text)
         except OSError as exc:
-            self._output_failed(outcome, exc)
+            if exc.errno in TRANSIENT_OUTPUT_ERRORS:
+                self._output_failed(outcome, exc)
+            else:  # e.g. a name the outbox's filesystem refuses (EINVAL on CIFS): holding cannot help
+                log.error(
+                    "Cannot publish the result of %s (%s); it stays in %s and is tried again at the next start",
+                    outputs.display_name(job.rel)["source"],
+                    exc,
+                    job.path,
+                )
             return
         if self.unpublished_since is not None and not self.unpublished:
             log.warning("Results can be written again; resuming")
@@ -474,6 +495,12 @@ class Service:
             log.error("Reload failed, keeping the running configuration: %s", exc)
             self.notifier.ready()
             return
+        if (new.ocr.engine, new.ocr.python) != (old.ocr.engine, old.ocr.python):
+            problem = probe_engine(new.ocr)
+            if problem is not None:
+                log.error("Reload failed, keeping the running configuration: %s", problem)
+                self.notifier.ready()
+                return
         if new.paths != old.paths:
             log.warning("paths.* changed: that takes a restart; keeping the current folders until then")
             new = dataclasses.replace(new, paths=old.paths)
@@ -541,8 +568,8 @@ class Service:
         elif busy:
             now = time.monotonic()
             state = "; ".join(
-                f"working on {w.job.rel} (page {w.current_page or 1}/{w.page_count or '?'}, "  # type: ignore[union-attr]
-                f"{now - w.started_at:.0f} s)"
+                f"working on {outputs.display_name(w.job.rel)['source']} "  # type: ignore[union-attr]
+                f"(page {w.current_page or 1}/{w.page_count or '?'}, {now - w.started_at:.0f} s)"
                 for w in busy
             )
         elif not self.is_ready:
@@ -594,7 +621,7 @@ class Service:
             },
             "in_flight": [
                 {
-                    "source": w.job.rel,
+                    "source": outputs.display_name(w.job.rel)["source"],
                     "child_pid": w.pid,
                     "page": w.current_page,
                     "pages": w.page_count,
@@ -615,5 +642,5 @@ class Service:
         try:
             tmp.write_text(json.dumps(status, ensure_ascii=False, indent=2))
             os.replace(tmp, path)
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # the status must never take the daemon down
             log.debug("Cannot write %s: %s", path, exc)

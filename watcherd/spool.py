@@ -17,6 +17,7 @@ So a result is published exactly once, and an original is deleted only after its
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -28,9 +29,13 @@ from typing import Any
 from . import outputs
 from .intake import appledouble_companion, matches_include, signature_of
 from .outputs import public_path
-from .settings import Settings
+from .settings import ConfigError, Settings
 
 log = logging.getLogger("watcherd")
+
+
+class NameTaken(Exception):
+    """A different file already sits at the name chosen for a result JSON; nothing was published."""
 
 
 @dataclass
@@ -59,6 +64,29 @@ class Spool:
     def prepare(self) -> None:
         for folder in (self.processing, self.pending):
             folder.mkdir(parents=True, exist_ok=True)
+
+    def lock(self) -> None:
+        """Make this daemon the only one using the inbox, for as long as the process lives.
+
+        Two daemons on one work area would each "recover" the other's files in flight and publish
+        them twice. flock is released by the kernel when the process dies, even by kill -9.
+        """
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise ConfigError(
+                f"another watcherd (pid {other}) already serves {self.inbox}; give each daemon its own inbox, "
+                "or serve several GPUs from one daemon with ocr.devices",
+                key="paths.inbox",
+                source=self.settings.source,
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
 
     def rel(self, inbox_path: Path) -> str:
         return inbox_path.relative_to(self.inbox).as_posix()
@@ -90,10 +118,20 @@ class Spool:
     def recover(self) -> list[Job]:
         """After a crash: finish every recorded publication, then return what must be OCR'd again."""
         self.prepare()
+        for stale in self.pending.glob("*.tmp"):  # a record being written when we died
+            stale.unlink()
         for record_path in sorted(self.pending.glob("*.json")):
-            record = json.loads(record_path.read_bytes())
+            try:
+                record = json.loads(record_path.read_bytes())
+            except ValueError:
+                log.error("Unreadable publication record %s set aside; its file will be OCR'd again", record_path)
+                os.replace(record_path, record_path.with_suffix(".corrupt"))
+                continue
             log.info("Finishing %s, interrupted while publishing its result", record["rel"])
-            self._publish(record, record_path)
+            try:
+                self._publish(record, record_path)
+            except (OSError, NameTaken) as exc:  # the file stays claimed; it is tried again when it comes up
+                log.error("Cannot finish publishing %s yet: %s", record["rel"], exc)
         jobs = []
         for dirpath, dirnames, filenames in os.walk(self.processing):
             dirnames.sort()
@@ -111,8 +149,11 @@ class Spool:
             # An earlier attempt for this very file was interrupted (outbox full, read-only):
             # publish exactly what was decided then, so no output is written twice.
             record = json.loads(record_path.read_bytes())
-            self._publish(record, record_path)
-            return record["document"]
+            try:
+                self._publish(record, record_path)
+                return record["document"]
+            except NameTaken:
+                record_path.unlink()  # nothing of ours is out under those names: choose again below
         out = self.settings.output
         paths = self.settings.paths
         ok = document["status"] == "ok"
@@ -149,13 +190,22 @@ class Spool:
             os.fsync(f.fileno())
         os.replace(tmp, record_path)
         outputs.fsync_dir(self.pending)
-        self._publish(record, record_path)
+        try:
+            self._publish(record, record_path)
+        except NameTaken:
+            # Another writer took the name between our choice and the publish (or two held
+            # results chose the same one while the outbox was full): choose again.
+            record_path.unlink()
+            return self.finish(job, document, text)
         return document
 
     def _publish(self, record: dict[str, Any], record_path: Path) -> None:
         names = {role: Path(p) for role, p in record["names"].items()}
         claimed = Path(record["claimed"])
-        outputs.write_atomic(names["json"], outputs.dumps(record["document"]))
+        try:
+            outputs.write_atomic(names["json"], outputs.dumps(record["document"]))
+        except FileExistsError:
+            raise NameTaken(str(names["json"])) from None
         if "text" in names:
             outputs.write_atomic(names["text"], (record["text"] or "").encode("utf-8"))
         if "original" in names:

@@ -40,6 +40,28 @@ LOAD_RETRIES = 5  # consecutive load failures before the daemon gives up (backof
 MAX_BACKOFF_S = 30.0
 
 
+def probe_engine(ocr: OcrSettings) -> str | None:
+    """Can the child's interpreter import `ocr.engine`? None if so, else what went wrong.
+
+    Runs in a throw-away process (the parent never imports an engine, or torch).
+    """
+    python = ocr.python or sys.executable
+    probe = f"{CHILD_BOOTSTRAP.split('; runpy')[0]}; from watcherd.engines import resolve; resolve(sys.argv[1])"
+    try:
+        result = subprocess.run(
+            [python, "-c", probe, PACKAGE_ROOT, ocr.engine],
+            capture_output=True,
+            text=True,
+            timeout=ocr.load_timeout_s,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"ocr.python: cannot run {python}: {exc}"
+    if result.returncode != 0:
+        return (result.stderr.strip().splitlines() or ["?"])[-1]
+    return None
+
+
 class EngineLoadError(Exception):
     """The engine cannot be loaded: `config_error` when retrying cannot help (bad ocr.engine)."""
 
@@ -160,6 +182,12 @@ class Worker:
                 start_new_session=True,  # own process group: killpg reaches grandchildren
                 env=env,
             )
+        except OSError as exc:  # ocr.python missing or not executable: retrying cannot fix it
+            os.close(parent_r)
+            os.close(parent_w)
+            raise EngineLoadError(
+                f"ocr.python: cannot start {python}: {exc.strerror or exc}", config_error=True
+            ) from None
         finally:
             os.close(child_r)
             os.close(child_w)
@@ -226,7 +254,9 @@ class Worker:
 
     # -- work ------------------------------------------------------------------------------
 
-    def assign(self, job: Job) -> None:
+    def assign(self, job: Job) -> bool:
+        """Hand `job` to the idle child. False if the child turned out to be dead (killed while
+        idle, e.g. by the OOM killer): the job was not started and goes back to the queue."""
         assert self.state == "idle" and self.conn_out is not None
         self._request_id += 1
         self.job = job
@@ -239,15 +269,26 @@ class Worker:
         self.started_at = self.clock()
         self.deadline = self.started_at + self.ocr.timeout_s  # opening the file counts too
         self.state = "busy"
-        self.conn_out.send_bytes(
-            json.dumps({"op": "ocr", "id": self._request_id, "path": str(job.path)}, ensure_ascii=True).encode()
-        )
+        try:
+            self.conn_out.send_bytes(
+                json.dumps({"op": "ocr", "id": self._request_id, "path": str(job.path)}, ensure_ascii=True).encode()
+            )
+        except OSError:
+            job.attempts -= 1
+            self.job = None
+            self.state = "idle"
+            self._died()  # reaps it, logs how it died, schedules a new child
+            return False
+        return True
 
     def drained(self) -> None:
         """The queue is empty: let the child clear the GPU cache while nothing waits."""
         if self.dirty and self.state == "idle" and self.conn_out is not None:
-            self.conn_out.send_bytes(b'{"op": "idle"}')
             self.dirty = False
+            try:
+                self.conn_out.send_bytes(b'{"op": "idle"}')
+            except OSError:
+                self._died()
 
     def pump(self) -> list[Outcome]:
         """Read every message the child has sent; handle its death."""
