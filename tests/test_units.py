@@ -144,3 +144,26 @@ def test_the_parent_never_imports_torch_or_image_libraries() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_a_folder_moved_across_filesystems_arrives_whole(tmp_path: Path) -> None:
+    """A folder named like a scan going to a failed/ on another filesystem: copied beside the
+    destination, renamed into place, then removed; a leftover half copy is started over."""
+    import subprocess
+
+    assert os.geteuid() == 0, "mounting a tmpfs needs root (CI runs as root)"
+    other = tmp_path / "other-fs"
+    other.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(other)], check=True)
+    try:
+        src = tmp_path / "x.jpg"
+        (src / "inner").mkdir(parents=True)
+        (src / "inner" / "y.jpg").write_bytes(b"y" * 1000)
+        half = other / ".x.jpg.watcherd-copy"  # what a kill during an earlier copy leaves
+        half.mkdir()
+        (half / "partial").write_bytes(b"p")
+        outputs.move(src, other / "x.jpg")
+        assert (other / "x.jpg" / "inner" / "y.jpg").read_bytes() == b"y" * 1000
+        assert not (other / "x.jpg" / "partial").exists() and not half.exists() and not src.exists()
+    finally:
+        subprocess.run(["umount", "-l", str(other)], check=False)

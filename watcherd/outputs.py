@@ -107,7 +107,10 @@ def fit_name(name: str, extra: int = 0) -> str:
     if not dot or len(os.fsencode(ext)) > 16:
         stem, ext = name, ""
     keep = NAME_MAX - extra - len(os.fsencode(ext)) - (1 if ext else 0) - 1
-    short = os.fsencode(stem)[:keep].decode("utf-8", "ignore")  # never split a character
+    raw_stem = os.fsencode(stem)
+    while 0 < keep < len(raw_stem) and raw_stem[keep] & 0xC0 == 0x80:
+        keep -= 1  # never split a UTF-8 character; other bytes (Latin-1 names) are kept as they are
+    short = os.fsdecode(raw_stem[:keep])
     return f"{short}~.{ext}" if ext else f"{short}~"
 
 

@@ -110,7 +110,9 @@ class Spool:
 
     def unclaim(self, job: Job) -> Path:
         """Put a claimed file back into the inbox (graceful stop), under a new name if taken."""
-        back = outputs.choose_names(job.rel, targets={"original": (self.inbox, "")})["original"]
+        back = self.inbox / job.rel
+        if os.path.lexists(back):  # a new file of the same name arrived meanwhile
+            back = outputs.choose_names(job.rel, targets={"original": (self.inbox, "")})["original"]
         outputs.move(job.path, back)
         self._prune(job.path.parent, self.processing)
         return back
