@@ -36,6 +36,15 @@ def wait_until(condition: Callable[[], Any], timeout: float = 30.0, what: str = 
         time.sleep(0.05)
 
 
+def run_watcherd(
+    *args: str, timeout: float = 60, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`python -m watcherd ARGS` from the repo, output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "watcherd", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
 def make_image(path: Path, width: int = 64, height: int = 48, fmt: str | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", (width, height), "white").save(path, format=fmt or "PNG")
@@ -44,6 +53,8 @@ def make_image(path: Path, width: int = 64, height: int = 48, fmt: str | None = 
 
 class Daemon:
     """One `watcherd run` process over folders in a temp dir."""
+
+    prefix: list[str] = []  # a command to run it under (e.g. unshare), if any
 
     def __init__(self, root: Path, **overrides: Any):
         self.root = root
@@ -72,7 +83,7 @@ class Daemon:
         self._log = open(self.log_path, "ab")
         self._log_start = self.log_path.stat().st_size
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "watcherd", "run", "--config", str(self.config_path)],
+            [*self.prefix, sys.executable, "-m", "watcherd", "run", "--config", str(self.config_path)],
             cwd=REPO,
             stdout=self._log,
             stderr=subprocess.STDOUT,

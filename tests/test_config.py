@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, make_image
+from tests.conftest import REPO, make_image, run_watcherd
 from watcherd import settings
-
-
-def run_watcherd(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "watcherd", *args], cwd=REPO, capture_output=True, text=True, timeout=60, env=env
-    )
 
 
 def write(tmp_path: Path, text: str) -> Path:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import psutil
 
-from tests.conftest import Daemon, gone_or_zombie, make_image, wait_until
+from tests.conftest import Daemon, gone_or_zombie, make_image, run_watcherd, wait_until
 from tests.engines import HANG_WIDTH, SEGFAULT_WIDTH
 
 
@@ -275,18 +275,7 @@ def test_an_engine_that_never_loads_stops_the_daemon_with_the_reason(daemon_fact
 
 def test_a_second_daemon_on_the_same_inbox_is_refused(daemon_factory) -> None:
     first = daemon_factory().start()
-    import subprocess
-    import sys
-
-    from tests.conftest import REPO
-
-    second = subprocess.run(
-        [sys.executable, "-m", "watcherd", "run", "--config", str(first.config_path)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    second = run_watcherd("run", "--config", str(first.config_path))
     assert second.returncode == 78
     assert f"another watcherd (pid {first.proc.pid}) already serves" in second.stderr
     make_image(first.inbox / "still.png")

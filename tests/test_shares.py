@@ -302,21 +302,6 @@ class WrappedDaemon(Daemon):
         super().__init__(root, **overrides)
         self.prefix = prefix
 
-    def start(self, wait_ready: bool = True, env: dict[str, str] | None = None) -> Daemon:
-        self._log = open(self.log_path, "ab")
-        self._log_start = self.log_path.stat().st_size
-        self.proc = subprocess.Popen(
-            [*self.prefix, sys.executable, "-m", "watcherd", "run", "--config", str(self.config_path)],
-            cwd=REPO,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})},
-        )
-        if wait_ready:
-            wait_until(lambda: " ready: " in self.log() or self.proc.poll() is not None, 60, "the child to load")
-            assert self.proc.poll() is None, self.log()
-        return self
-
 
 def in_user_namespace(limits: dict[str, int]) -> list[str]:
     """A new user namespace whose inotify limits are set low: the per-namespace limits

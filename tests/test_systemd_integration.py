@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, make_image, wait_until
+from tests.conftest import REPO, make_image, run_watcherd, wait_until
 
 
 class NotifyReceiver:
@@ -107,16 +107,16 @@ def test_watcherd_status_shows_the_file_in_flight(daemon_factory) -> None:
     daemon = daemon_factory(ocr={"engine": "tests.engines:Slow", "timeout_s": 300}).start()
     make_image(daemon.inbox / "long.png")
     wait_until(lambda: '"source": "long.png"' in status_text(daemon), 30, "the status file to show long.png")
-    cmd = [sys.executable, "-m", "watcherd", "status", "--config", str(daemon.config_path)]
-    shown = subprocess.run([*cmd, "--json"], cwd=REPO, capture_output=True, text=True, timeout=30)
+    cmd = ["status", "--config", str(daemon.config_path)]
+    shown = run_watcherd(*cmd, "--json")
     assert shown.returncode == 0, shown.stderr
     status = json.loads(shown.stdout)
     assert status["state"] == "working" and status["pid"] == daemon.proc.pid
     assert status["in_flight"][0]["child_pid"] == daemon.child_pid()
-    human = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=30).stdout
+    human = run_watcherd(*cmd).stdout
     assert "running" in human and "in flight: long.png" in human
     daemon.stop(signal.SIGKILL)
-    dead = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=30)
+    dead = run_watcherd(*cmd)
     assert dead.returncode == 3 and "NOT running" in dead.stdout
 
 
@@ -125,13 +125,7 @@ def test_retry_moves_failed_originals_back(daemon_factory) -> None:
     (daemon.inbox / "bad.png").write_text("not a png")
     daemon.wait_json("bad.png", daemon.failed)
     daemon.stop()
-    result = subprocess.run(
-        [sys.executable, "-m", "watcherd", "retry", "--config", str(daemon.config_path)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    result = run_watcherd("retry", "--config", str(daemon.config_path))
     assert result.returncode == 0 and "1 file(s) back in the inbox" in result.stdout
     assert (daemon.inbox / "bad.png").read_text() == "not a png"
     assert not (daemon.failed / "bad.png").exists() and not (daemon.failed / "bad.png.json").exists()

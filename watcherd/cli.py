@@ -24,7 +24,7 @@ from . import settings as settings_mod
 from .outputs import now_iso, public_path
 from .settings import EX_CONFIG, ConfigError, Settings
 from .spool import Job
-from .supervisor import CHILD_BOOTSTRAP, PACKAGE_ROOT, EngineLoadError, Outcome, Worker, probe_engine
+from .supervisor import CHILD_PATH_SETUP, PACKAGE_ROOT, EngineLoadError, Outcome, Worker, probe_engine
 
 log = logging.getLogger("watcherd")
 
@@ -160,10 +160,9 @@ def _check_gpu(settings: Settings) -> list[tuple[bool | None, str, str]]:
         if device is not None:
             env["CUDA_VISIBLE_DEVICES"] = str(device)
         name = "gpu" if device is None else f"gpu {device}"
-        bootstrap = CHILD_BOOTSTRAP.split("; runpy")[0]
         try:
             out = subprocess.run(
-                [python, "-c", f"{bootstrap}\n{GPU_PROBE}", PACKAGE_ROOT],
+                [python, "-c", f"{CHILD_PATH_SETUP}\n{GPU_PROBE}", PACKAGE_ROOT],
                 env=env,
                 capture_output=True,
                 text=True,

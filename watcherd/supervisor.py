@@ -32,11 +32,10 @@ log = logging.getLogger("watcherd")
 # The child runs `watcherd.child` from this very installation. Under `ocr.python` (another venv,
 # pinned for a model) our folder is appended, not prepended, so that venv's own packages win.
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CHILD_BOOTSTRAP = (
-    "import sys, runpy; sys.path.append(sys.argv.pop(1)); runpy.run_module('watcherd.child', run_name='__main__')"
-)
+CHILD_PATH_SETUP = "import sys; sys.path.append(sys.argv.pop(1))"  # argv[1] is PACKAGE_ROOT
+CHILD_BOOTSTRAP = f"{CHILD_PATH_SETUP}; import runpy; runpy.run_module('watcherd.child', run_name='__main__')"
 
-LOAD_RETRIES = 5  # consecutive load failures before the daemon gives up (backoff 1+2+4+8+16 s)
+LOAD_RETRIES = 5  # consecutive load failures before the daemon gives up (after backoffs of 1, 2, 4, 8 s)
 MAX_BACKOFF_S = 30.0
 
 
@@ -46,7 +45,7 @@ def probe_engine(ocr: OcrSettings) -> str | None:
     Runs in a throw-away process (the parent never imports an engine, or torch).
     """
     python = ocr.python or sys.executable
-    probe = f"{CHILD_BOOTSTRAP.split('; runpy')[0]}; from watcherd.engines import resolve; resolve(sys.argv[1])"
+    probe = f"{CHILD_PATH_SETUP}; from watcherd.engines import resolve; resolve(sys.argv[1])"
     try:
         result = subprocess.run(
             [python, "-c", probe, PACKAGE_ROOT, ocr.engine],
