@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import SAMPLES
-from watcherd import formats, outputs
+from watcherd import formats, outputs, safefs
 from watcherd.intake import INCOMPLETE_GRACE, PathFilter, StabilityTracker
 from watcherd.settings import WatchSettings
 
@@ -110,26 +111,83 @@ def test_names_get_one_shared_suffix_and_fit_name_max(tmp_path: Path) -> None:
     assert len(os.fsencode(chosen["json"].name)) <= 255 and chosen["json"].name.endswith(".jpg.json")
 
 
-def test_write_atomic_never_replaces_another_file(tmp_path: Path) -> None:
-    target = tmp_path / "r.json"
-    outputs.write_atomic(target, b"one")
-    outputs.write_atomic(target, b"one")  # the same publish again after a crash: fine
-    with pytest.raises(FileExistsError):
-        outputs.write_atomic(target, b"two")
-    assert target.read_bytes() == b"one"
+def test_write_new_never_replaces_another_file_and_sets_the_mode(tmp_path: Path) -> None:
+    with safefs.folder(tmp_path, []) as fd:
+        safefs.write_new(fd, "r.json", b"one", mode=0o640)
+        safefs.write_new(fd, "r.json", b"one", mode=0o640)  # the same publish again after a crash: fine
+        with pytest.raises(FileExistsError):
+            safefs.write_new(fd, "r.json", b"two", mode=0o640)
+    assert (tmp_path / "r.json").read_bytes() == b"one"
+    assert stat.S_IMODE((tmp_path / "r.json").stat().st_mode) == 0o640
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temp files left
 
 
 def test_move_is_safe_to_repeat(tmp_path: Path) -> None:
-    src, dst = tmp_path / "a", tmp_path / "b" / "a"
-    src.write_bytes(b"data")
-    outputs.move(src, dst)
-    outputs.move(src, dst)  # repeated after a crash: nothing to do
-    assert dst.read_bytes() == b"data" and not src.exists()
-    other = tmp_path / "c"
-    other.write_bytes(b"different")
-    with pytest.raises(FileExistsError):
-        outputs.move(other, dst)
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a").write_bytes(b"data")
+    (tmp_path / "c").write_bytes(b"different")
+    with safefs.folder(tmp_path, []) as src, safefs.folder(tmp_path, ["b"]) as dst:
+        safefs.move(src, "a", dst, "a")
+        safefs.move(src, "a", dst, "a")  # repeated after a crash: nothing to do
+        with pytest.raises(FileExistsError):
+            safefs.move(src, "c", dst, "a")
+    assert (tmp_path / "b" / "a").read_bytes() == b"data" and not (tmp_path / "a").exists()
+
+
+def test_folders_are_opened_without_following_links(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "sub").symlink_to(outside)
+    with pytest.raises(safefs.Refused):
+        with safefs.folder(root, ["sub"], create=True):
+            pass
+    for bad in ("../x", "a//b", "/abs", "a/./b", ""):
+        with pytest.raises(safefs.Refused):
+            safefs.parts(bad)
+
+
+def test_a_sparse_file_crosses_filesystems_as_a_sparse_file(tmp_path: Path) -> None:
+    """40 GiB apparent, a few KB of data: copied in a blink, holes kept, no temp file left."""
+    import subprocess
+
+    assert os.geteuid() == 0, "mounting a tmpfs needs root (CI runs as root)"
+    other = tmp_path / "other-fs"
+    other.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(other)], check=True)
+    try:
+        sparse = tmp_path / "sparse.tif"
+        with open(sparse, "wb") as f:
+            f.write(b"II*\x00head")
+            f.seek(40 << 30)
+            f.write(b"tail")
+        with safefs.folder(tmp_path, []) as src, safefs.folder(other, []) as dst:
+            safefs.move(src, "sparse.tif", dst, "sparse.tif")
+        moved = other / "sparse.tif"
+        assert moved.stat().st_size == (40 << 30) + 4 and moved.stat().st_blocks * 512 < 1 << 20
+        assert not sparse.exists() and [p.name for p in other.iterdir()] == ["sparse.tif"]
+        # Real data bigger than the free space: refused before copying, nothing left behind.
+        (tmp_path / "big").write_bytes(os.urandom(5 << 20))
+        with safefs.folder(tmp_path, []) as src, safefs.folder(other, []) as dst:
+            with pytest.raises(OSError) as caught:
+                safefs.move(src, "big", dst, "big")
+        assert caught.value.errno == errno.ENOSPC and (tmp_path / "big").exists()
+        assert [p.name for p in other.iterdir()] == ["sparse.tif"]
+    finally:
+        subprocess.run(["umount", "-l", str(other)], check=False)
+
+
+def test_remove_takes_a_tree_deeper_than_the_recursion_limit_and_the_fd_limit(tmp_path: Path) -> None:
+    top = tmp_path / "deep"
+    with safefs.folder(tmp_path, ["deep"] + ["d"] * 1500, create=True):
+        pass
+    (tmp_path / "outside").write_bytes(b"keep")
+    with safefs.folder(tmp_path, ["deep"] + ["d"] * 700) as fd:
+        os.symlink(str(tmp_path / "outside"), "link", dir_fd=fd)
+    with safefs.folder(tmp_path, []) as fd:
+        safefs.remove(fd, "deep")
+    assert not top.exists() and (tmp_path / "outside").read_bytes() == b"keep"
 
 
 def test_the_parent_never_imports_torch_or_image_libraries() -> None:
@@ -144,26 +202,3 @@ def test_the_parent_never_imports_torch_or_image_libraries() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
-
-
-def test_a_folder_moved_across_filesystems_arrives_whole(tmp_path: Path) -> None:
-    """A folder named like a scan going to a failed/ on another filesystem: copied beside the
-    destination, renamed into place, then removed; a leftover half copy is started over."""
-    import subprocess
-
-    assert os.geteuid() == 0, "mounting a tmpfs needs root (CI runs as root)"
-    other = tmp_path / "other-fs"
-    other.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(other)], check=True)
-    try:
-        src = tmp_path / "x.jpg"
-        (src / "inner").mkdir(parents=True)
-        (src / "inner" / "y.jpg").write_bytes(b"y" * 1000)
-        half = other / ".x.jpg.watcherd-copy"  # what a kill during an earlier copy leaves
-        half.mkdir()
-        (half / "partial").write_bytes(b"p")
-        outputs.move(src, other / "x.jpg")
-        assert (other / "x.jpg" / "inner" / "y.jpg").read_bytes() == b"y" * 1000
-        assert not (other / "x.jpg" / "partial").exists() and not half.exists() and not src.exists()
-    finally:
-        subprocess.run(["umount", "-l", str(other)], check=False)
