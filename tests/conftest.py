@@ -62,6 +62,7 @@ class Daemon:
         self.outbox = root / "outbox"
         self.failed = root / "failed"
         self.archive = root / "archive"
+        self.state = root / "state"
         self.inbox.mkdir(parents=True, exist_ok=True)
         self.config_path = root / "watcherd.yaml"
         self.log_path = root / "daemon.log"
@@ -70,7 +71,7 @@ class Daemon:
 
     def configure(self, **overrides: Any) -> None:
         config: dict[str, Any] = {
-            "paths": {k: str(getattr(self, k)) for k in ("inbox", "outbox", "failed", "archive")},
+            "paths": {k: str(getattr(self, k)) for k in ("inbox", "outbox", "failed", "archive", "state")},
             "watch": {"settle_s": 0.3, "mode": "events"},
             "ocr": {"engine": "tests.engines:Echo", "timeout_s": 20},
             "output": {"locale": "en"},
@@ -93,6 +94,13 @@ class Daemon:
             wait_until(lambda: " ready: " in self.log() or self.proc.poll() is not None, 60, "the child to load")
             assert self.proc.poll() is None, self.log()
         return self
+
+    @property
+    def status_path(self) -> Path:
+        """Where `watcherd status` finds this daemon's status file (its state folder)."""
+        from watcherd import admin, settings
+
+        return admin.status_file(settings.load(self.config_path))
 
     def log(self) -> str:
         return self.log_path.read_bytes()[self._log_start :].decode("utf-8", "replace")

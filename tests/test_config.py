@@ -83,7 +83,11 @@ def test_the_documented_example_config_is_complete_and_valid() -> None:
     example = settings.load(REPO / "config" / "watcherd.yaml", env={})
     assert example == settings.Settings(
         paths=settings.PathsSettings(
-            Path("/srv/ocr/inbox"), Path("/srv/ocr/outbox"), Path("/srv/ocr/failed"), Path("/srv/ocr/archive")
+            Path("/srv/ocr/inbox"),
+            Path("/srv/ocr/outbox"),
+            Path("/srv/ocr/failed"),
+            Path("/srv/ocr/archive"),
+            state=settings.default_state_dir({}),
         ),
         source=example.source,
     ), "config/watcherd.yaml must list every key with its default"
@@ -109,3 +113,21 @@ def test_check_reports_the_gpu_guards(tmp_path: Path) -> None:
     # torch is installed (CPU build) but this machine has no CUDA device: a configured GPU fails.
     assert result.returncode == 1
     assert "FAIL  gpu 0         no CUDA device visible" in result.stdout
+
+
+def test_file_mode_takes_octal_bits_and_nothing_else() -> None:
+    for value, bits in ((0o640, 0o640), ("0600", 0o600), ("644", 0o644)):
+        assert settings.from_dict({"output": {"file_mode": value}}, env={}).output.file_mode == bits
+    assert settings.from_dict({}, env={}).output.dir_mode == 0o750
+    for bad in (0o777, "rw-r-----", True, -1, 1.5):
+        with pytest.raises(settings.ConfigError, match="output.file_mode"):
+            settings.from_dict({"output": {"file_mode": bad}}, env={})
+
+
+def test_the_state_folder_comes_from_systemd_and_never_from_the_inbox(tmp_path: Path) -> None:
+    assert settings.from_dict({}, env={"STATE_DIRECTORY": "/var/lib/watcherd"}).paths.state == Path("/var/lib/watcherd")
+    assert settings.from_dict({}, env={"XDG_STATE_HOME": "/x"}).paths.state == Path("/x/watcherd")
+    for key in ("state", "work"):
+        inside = {"inbox": str(tmp_path), "outbox": "/o", "failed": "/f", "archive": "/a", key: str(tmp_path / "w")}
+        with pytest.raises(settings.ConfigError, match=f"paths.{key}"):
+            settings.from_dict({"paths": inside}, env={}).require_paths()

@@ -99,7 +99,7 @@ def test_a_bad_config_on_sighup_keeps_the_running_one(daemon_factory) -> None:
 
 
 def status_text(daemon) -> str:
-    path = daemon.inbox / ".watcherd" / "status.json"
+    path = daemon.status_path
     return path.read_text() if path.exists() else ""
 
 

@@ -1,96 +1,217 @@
-"""Operator commands that work beside a running daemon: `watcherd status` and `watcherd retry`."""
+"""Operator commands that work beside a running daemon: `watcherd status` and `watcherd retry`.
+
+Both read things other people can influence: the status file holds file names chosen by share
+users, and failed/ holds their originals and whatever folder shapes they dropped. So the status is
+read without following links or blocking on a FIFO, within a size cap, tolerating any shape, and
+printed with control characters escaped; retry walks failed/ by descriptor, trusts only error
+JSON that watcherd wrote for that very original, and moves nothing through a link.
+"""
 
 from __future__ import annotations
 
 import fnmatch
 import json
 import os
+import stat
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from . import outputs
+from . import outputs, safefs
 from .settings import Settings
+from .spool import inbox_id
+
+STATUS_MAX_BYTES = 4 << 20
+STALE_AFTER_S = 60.0  # the loop rewrites the status at least every few seconds while it runs
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0))}
+_CONTROL.update({ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"})
 
 
-def find_status(settings: Settings | None) -> Path | None:
-    """The daemon's status file, in its inbox's work area (one daemon per inbox)."""
-    if settings is None or settings.paths.inbox is None:
-        return None
-    path = settings.processing_dir / "status.json"
-    return path if path.exists() else None
+def escape(value: Any) -> str:
+    """`value` as text safe for a terminal: control characters (newlines, ESC sequences, C1) are
+    shown as escapes, so a file name can neither forge a line nor drive the terminal."""
+    text = value if isinstance(value, str) else str(value)
+    return text.encode("utf-8", "backslashreplace").decode("utf-8").translate(_CONTROL)
 
 
-def running(status: dict[str, Any]) -> bool:
-    if status.get("state") == "stopped":
-        return False
+def proc_start_time(pid: int) -> int | None:
+    """A process's start time in clock ticks since boot (/proc/PID/stat field 22): with the pid it
+    names one process, so a pid reused by another program is not taken for the daemon."""
     try:
-        os.kill(int(status["pid"]), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+        return int(data[data.rindex(b")") + 2 :].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def status_file(settings: Settings) -> Path:
+    assert settings.paths.inbox is not None
+    return settings.state_dir / f"{inbox_id(settings.paths.inbox)}.status.json"
+
+
+def load_status(path: Path) -> dict[str, Any] | str:
+    """The status document, or why it cannot be read (a string)."""
+    try:
+        with safefs.folder(path.parent, []) as fd:
+            st = safefs.lstat_at(fd, path.name)
+            if st is None:
+                return "no status file: the daemon has not run with this configuration (try --config)"
+            if not stat.S_ISREG(st.st_mode):
+                return f"{path} is not a regular file"
+            data = safefs.read_regular(fd, path.name, STATUS_MAX_BYTES + 1)
+    except OSError as exc:
+        return f"cannot read {path}: {exc.strerror or exc}"
+    if data is None or len(data) > STATUS_MAX_BYTES:
+        return f"{path} is not a readable status file"
+    try:
+        status = json.loads(data)
+    except ValueError:
+        return f"{path} is not valid JSON"
+    if not isinstance(status, dict):
+        return f"{path} is not a status document"
+    return status
+
+
+def liveness(status: dict[str, Any], *, now: float | None = None) -> tuple[str, int]:
+    """("running" | "NOT running" | "NOT responding", exit code 0 | 3 | 1) for a status document."""
+    pid, started = status.get("pid"), status.get("pid_started")
+    if status.get("state") == "stopped" or not isinstance(pid, int) or pid <= 0:
+        return "NOT running", 3
+    current = proc_start_time(pid)
+    if current is None or (isinstance(started, int) and current != started):
+        return "NOT running", 3  # gone, or the pid now belongs to another process
+    try:
+        updated = datetime.fromisoformat(str(status.get("updated_at"))).timestamp()
+    except ValueError:
+        return "NOT responding", 1
+    age = (now if now is not None else datetime.now().timestamp()) - updated
+    if age > STALE_AFTER_S:
+        return f"NOT responding (status not updated for {age:.0f} s)", 1
+    return "running", 0
 
 
 def format_status(status: dict[str, Any]) -> str:
-    alive = running(status)
+    """Readable lines for any status document, however incomplete; every value escaped."""
+
+    def get(*keys: str, default: Any = "?") -> Any:
+        value: Any = status
+        for key in keys:
+            value = value.get(key) if isinstance(value, dict) else None
+        return default if value is None else value
+
+    alive, _ = liveness(status)
+    e = escape
     lines = [
-        f"watcherd {status['version']}: {'running' if alive else 'NOT running'} (pid {status['pid']}), "
-        f"{status['state']}; updated {status['updated_at']}"
+        f"watcherd {e(get('version'))}: {alive} (pid {e(get('pid'))}), {e(get('state'))}; "
+        f"updated {e(get('updated_at'))}",
+        f"  {e(get('summary', default=''))}",
+        f"  inbox {e(get('inbox'))}: {e(get('watch_mode'))} ({e(get('watch_reason', default=''))}), "
+        f"engine {e(get('engine'))}",
+        f"  queue: {e(get('queue', 'ready'))} ready, {e(get('queue', 'claimed'))} claimed, "
+        f"{e(get('queue', 'waiting_for_memory'))} waiting for GPU memory, "
+        f"{e(get('queue', 'settling'))} still being written",
     ]
-    lines.append(f"  {status['summary']}")
-    lines.append(
-        f"  inbox {status['inbox']}: {status['watch_mode']} ({status.get('watch_reason', '')}), "
-        f"engine {status['engine']}"
-    )
-    q = status["queue"]
-    lines.append(
-        f"  queue: {q['ready']} ready, {q['claimed']} claimed, {q['waiting_for_memory']} waiting for GPU "
-        f"memory, {q['settling']} still being written"
-    )
-    for item in status["in_flight"]:
+    for item in _dicts(status.get("in_flight")):
         lines.append(
-            f"  in flight: {item['source']} page {item['page'] or 1}/{item['pages'] or '?'}, "
-            f"{item['elapsed_s']:.0f} s (child {item['child_pid']})"
+            f"  in flight: {e(item.get('source'))} page {e(item.get('page') or 1)}/{e(item.get('pages') or '?')}, "
+            f"{e(item.get('elapsed_s'))} s (child {e(item.get('child_pid'))})"
         )
-    for child in status["children"]:
-        device = "default device" if child["device"] is None else f"GPU {child['device']}"
-        lines.append(f"  child pid {child['pid']} on {device}: {child['state']}, {child['files_done']} files")
-    if status["last_error"]:
-        e = status["last_error"]
-        lines.append(f"  last error: {e['source']}: {e['error_code']}: {e['detail']} ({e['at']})")
-    gpu = status.get("gpu") or {}
-    if gpu.get("available"):
-        lines.append(f"  GPU: {gpu['free_mb']} MB free of {gpu['total_mb']} MB ({gpu['usage_percent']}% used)")
+    for child in _dicts(status.get("children")):
+        device = "default device" if child.get("device") is None else f"GPU {e(child.get('device'))}"
+        lines.append(
+            f"  child pid {e(child.get('pid'))} on {device}: {e(child.get('state'))}, "
+            f"{e(child.get('files_done'))} files"
+        )
+    error = status.get("last_error")
+    if isinstance(error, dict):
+        lines.append(
+            f"  last error: {e(error.get('source'))}: {e(error.get('error_code'))}: {e(error.get('detail'))} "
+            f"({e(error.get('at'))})"
+        )
+    gpu = status.get("gpu")
+    if isinstance(gpu, dict) and gpu.get("available"):
+        lines.append(
+            f"  GPU: {e(gpu.get('free_mb'))} MB free of {e(gpu.get('total_mb'))} MB "
+            f"({e(gpu.get('usage_percent'))}% used)"
+        )
     return "\n".join(lines)
 
 
-def retry(settings: Settings, pattern: str = "*") -> list[tuple[Path, Path]]:
+def _dicts(value: Any) -> list[dict[str, Any]]:
+    return [item for item in value if isinstance(item, dict)] if isinstance(value, list) else []
+
+
+def retry(settings: Settings, pattern: str = "*") -> list[tuple[str, str]]:
     """Move failed originals matching `pattern` (relative to the failed folder) back into the inbox.
 
-    Their error JSON is moved aside to `<failed>/.retried/`, so the record of the failure stays
-    and the next result or error JSON for the file does not get a suffix because of it.
+    Only pairs that watcherd made count: a regular file `x` beside `x.json`, where `x.json` is an
+    error document whose `image_path` is exactly that file. Folders that are failed originals
+    themselves (a folder named `x.jpg`) are not searched, links are never followed, and the move
+    into the inbox goes through folders opened without following links. Their error JSON is moved
+    aside to `<failed>/.retried/`, so the record of the failure stays and the next result or
+    error JSON for the file does not get a suffix because of it.
     """
     failed, inbox = settings.paths.failed, settings.paths.inbox
     assert failed is not None and inbox is not None
     moved = []
     stamp = datetime.now().strftime("%Y%m%dT%H%M%S")
-    for json_path in sorted(failed.rglob("*.json")):
-        rel_json = json_path.relative_to(failed)
-        if rel_json.parts[0] == ".retried" or json_path.name.startswith("."):
+    for rel in _failed_originals(failed):
+        if not fnmatch.fnmatch(rel, pattern):
             continue
-        original = json_path.with_name(json_path.name[: -len(".json")])
-        rel = original.relative_to(failed).as_posix()
-        if not os.path.lexists(original) or not fnmatch.fnmatch(rel, pattern):
-            continue
-        back = outputs.choose_names(rel, targets={"original": (inbox, "")})["original"]
-        aside = failed / ".retried" / rel_json.parent / f"{json_path.name[: -len('.json')]}.{stamp}.json"
-        outputs.move(original, back)  # first: a crash here leaves a duplicate record, never a lost file
-        outputs.move(json_path, aside)
-        moved.append((original, back))
+        *folders, name = safefs.parts(rel)
+        with safefs.folder(failed, folders) as src:
+            with safefs.folder(inbox, folders, create=True, mode=0o777) as dst:
+                back, n = name, 0
+                while safefs.exists_at(dst, back):
+                    n += 1
+                    back = outputs.with_suffix_number(outputs.fit_name(name, extra=8), n)
+                # The original first: a crash here leaves a duplicate record, never a lost file.
+                safefs.move(src, name, dst, back)
+            with safefs.folder(failed, [".retried", *folders], create=True, mode=0o750) as aside:
+                safefs.move(src, f"{name}.json", aside, f"{outputs.fit_name(name, extra=22)}.{stamp}.json")
+        moved.append((rel, "/".join((*folders, back))))
     return moved
 
 
-def load_status(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text())
+def _failed_originals(failed: Path) -> list[str]:
+    """Relative paths of the failed originals watcherd itself put in `failed`, walked by descriptor."""
+    found = []
+    stack: list[list[str]] = [[]]
+    while stack:
+        folders = stack.pop()
+        try:
+            with safefs.folder(failed, folders) as fd, os.scandir(fd) as it:
+                entries = {e.name: e.is_dir(follow_symlinks=False) for e in it}
+                names = sorted(entries)
+                for name in names:
+                    if name.startswith(".") or not name.endswith(".json") or entries[name]:
+                        continue
+                    original = name[: -len(".json")]
+                    if original not in entries or entries[original]:
+                        continue
+                    st = safefs.lstat_at(fd, original)
+                    if st is None or not stat.S_ISREG(st.st_mode):
+                        continue
+                    if _is_our_error_json(fd, name, failed / "/".join([*folders, original])):
+                        found.append("/".join([*folders, original]))
+        except OSError:
+            continue
+        claimed_folders = {n[: -len(".json")] for n in names if n.endswith(".json")}
+        for name in reversed(names):
+            if entries[name] and not name.startswith(".") and name not in claimed_folders:
+                stack.append([*folders, name])
+    return found
+
+
+def _is_our_error_json(fd: int, name: str, original: Path) -> bool:
+    data = safefs.read_regular(fd, name, STATUS_MAX_BYTES)
+    try:
+        document = json.loads(data) if data is not None else None
+    except ValueError:
+        return False
+    return (
+        isinstance(document, dict)
+        and document.get("status") == "failed"
+        and document.get("image_path") == outputs.public_path(original)
+    )

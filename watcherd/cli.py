@@ -1,7 +1,10 @@
 """Command line: `watcherd run | check | ocr FILE...` (DESIGN §4).
 
-Exit codes: 0 fine; 1 something failed (a file, a check, the engine at run time); 78 (EX_CONFIG)
-the configuration is wrong — systemd's RestartPreventExitStatus=78 keeps that from looping.
+Exit codes: 0 fine; 1 something failed (a file, a check, the engine at run time); 75 (EX_TEMPFAIL)
+another daemon holds the inbox, which a restart may clear; 78 (EX_CONFIG) the configuration is
+wrong, which only the operator can fix — systemd's RestartPreventExitStatus=78 keeps that from
+looping. `watcherd status` answers like `systemctl status`: 0 running, 3 not running, 1 not
+responding.
 """
 
 from __future__ import annotations
@@ -22,8 +25,8 @@ from pathlib import Path
 from . import __version__, admin, logs, mounts
 from . import settings as settings_mod
 from .outputs import now_iso, public_path
-from .settings import EX_CONFIG, ConfigError, Settings
-from .spool import Job
+from .settings import EX_CONFIG, EX_TEMPFAIL, ConfigError, Settings
+from .spool import Job, LockHeld
 from .supervisor import CHILD_PATH_SETUP, PACKAGE_ROOT, EngineLoadError, Outcome, Worker, probe_engine
 
 log = logging.getLogger("watcherd")
@@ -78,6 +81,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError(missing[0].detail, key=missing[0].key, source=settings.source)
     try:
         return Service(settings).run()
+    except LockHeld as exc:
+        log.critical("%s", exc)
+        return EX_TEMPFAIL
     except EngineLoadError as exc:
         if exc.config_error:
             log.critical("Cannot load the OCR engine (check ocr.engine and ocr.options): %s", exc)
@@ -91,12 +97,12 @@ def _prepare_folders(settings: Settings) -> None:
     assert inbox is not None
     if not inbox.is_dir():
         raise ConfigError(f"{inbox} is not an existing folder", key="paths.inbox", source=settings.source)
-    for key in ("outbox", "failed", "archive"):
+    for key in ("outbox", "failed", "archive", "state"):
         folder = getattr(settings.paths, key)
         if folder is None:
             continue
         try:
-            folder.mkdir(parents=True, exist_ok=True)
+            folder.mkdir(parents=True, exist_ok=True, mode=0o700 if key == "state" else 0o777)
         except OSError as exc:
             raise ConfigError(
                 f"cannot create {folder}: {exc.strerror}", key=f"paths.{key}", source=settings.source
@@ -196,8 +202,8 @@ def _check_folders(settings: Settings) -> list[mounts.Check]:
     """The permission checks `watcherd run` needs to pass before it can work (see mounts.py)."""
     inbox = settings.paths.inbox
     assert inbox is not None
-    checks = mounts.check_inbox(inbox, settings.processing_dir)
-    for key in ("outbox", "failed", "archive"):
+    checks = mounts.check_inbox(inbox)
+    for key in ("outbox", "failed", "archive", "state"):
         folder = getattr(settings.paths, key)
         if folder is not None:
             checks.append(mounts.check_output(folder, f"paths.{key}"))
@@ -259,18 +265,21 @@ def _check_engine(settings: Settings) -> tuple[bool, str, str]:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    """Exit 0 when the daemon runs, 3 when it does not (like `systemctl status`)."""
+    """Exit 0 when the daemon runs, 3 when it does not, 1 when it does not respond (like
+    `systemctl status`). Never hangs, never a traceback: the status file is untrusted input."""
     explicit = args.config or os.environ.get("WATCHERD_CONFIG")
-    settings = None
-    if explicit or settings_mod.DEFAULT_CONFIG.exists():
-        settings = settings_mod.load(explicit)
-    path = admin.find_status(settings)
-    if path is None:
-        print("watcherd: no status file found: is the daemon running? (try --config)", file=sys.stderr)
+    if not explicit and not settings_mod.DEFAULT_CONFIG.exists():
+        print("watcherd: no configuration found: give --config", file=sys.stderr)
         return 3
+    settings = settings_mod.load(explicit)
+    settings.require_paths()
+    path = admin.status_file(settings)
     status = admin.load_status(path)
-    print(json.dumps(status, ensure_ascii=False, indent=2) if args.json else admin.format_status(status))
-    return 0 if admin.running(status) else 3
+    if isinstance(status, str):
+        print(f"watcherd: {admin.escape(status)}", file=sys.stderr)
+        return 3
+    print(json.dumps(status, ensure_ascii=True, indent=2) if args.json else admin.format_status(status))
+    return admin.liveness(status)[1]
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
@@ -278,7 +287,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
     settings.require_paths()
     moved = admin.retry(settings, args.pattern)
     for original, back in moved:
-        print(f"{original} → {back}")
+        print(f"{admin.escape(original)} → inbox/{admin.escape(back)}")
     print(f"{len(moved)} file(s) back in the inbox")
     return 0
 
@@ -305,11 +314,10 @@ def cmd_ocr(args: argparse.Namespace) -> int:
         worker.spawn()
         for path in args.files:
             job = Job(rel=path.name, path=Path(os.path.abspath(path)), received_at=now_iso())
-            outcome = (
-                precheck(job, settings)
-                if os.path.lexists(path)
-                else Outcome(job=job, ok=False, code="unreadable", detail="no such file")
-            )
+            try:
+                outcome = precheck(job, os.lstat(path), settings)
+            except OSError as exc:
+                outcome = Outcome(job=job, ok=False, code="unreadable", detail=exc.strerror or str(exc))
             outcome = outcome or _run_one(worker, job)
             document, _ = document_for(outcome, settings=settings, received_at=job.received_at)
             document["image_path"] = public_path(job.path)

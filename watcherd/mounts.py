@@ -207,11 +207,12 @@ def _errno_words(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
 
-def check_inbox(inbox: Path, processing_dir: Path | None = None) -> list[Check]:
-    """Can the daemon list the inbox, create the processing area, and claim (rename), then delete?
+def check_inbox(inbox: Path) -> list[Check]:
+    """Can the daemon list the inbox, and create, rename (claim) and delete files in it?
 
     Probes with a real file, because on shares the mode bits lie (ACLs, root_squash, Samba
-    `force user`, read-only exports): what counts is whether rename(2) works.
+    `force user`, read-only exports): what counts is whether rename(2) works. The work area is not
+    touched here: `spool.WorkArea` opens it, and sets aside whatever share users put in its place.
     """
     key = "paths.inbox"
     if not inbox.is_dir():
@@ -229,7 +230,6 @@ def check_inbox(inbox: Path, processing_dir: Path | None = None) -> list[Check]:
                 f"({_errno_words(exc)}){_describe(inbox)}",
             )
         ]
-    work = processing_dir or inbox / ".watcherd"
     probe = ""
     try:
         fd, probe = tempfile.mkstemp(dir=inbox, prefix=".watcherd-check-")
@@ -244,29 +244,18 @@ def check_inbox(inbox: Path, processing_dir: Path | None = None) -> list[Check]:
             )
         ]
     try:
-        try:
-            work.mkdir(exist_ok=True)
-        except OSError as exc:
-            checks.append(Check(False, key, f"{work}: cannot create the processing area ({_errno_words(exc)})"))
-            return checks
-        moved = work / os.path.basename(probe)
+        moved = f"{probe}.claimed"
         try:
             os.rename(probe, moved)  # what claiming does
-            probe = str(moved)
+            probe = moved
         except OSError as exc:
-            checks.append(
-                Check(
-                    False,
-                    key,
-                    f"{inbox}: cannot rename files into {work} (claiming a file): {_errno_words(exc)}{_describe(work)}",
-                )
-            )
+            checks.append(Check(False, key, f"{inbox}: cannot rename files (claiming a file): {_errno_words(exc)}"))
             return checks
         try:
             os.unlink(probe)  # what on_success: delete does
             probe = ""
         except OSError as exc:
-            checks.append(Check(False, key, f"{work}: cannot delete files: {_errno_words(exc)}"))
+            checks.append(Check(False, key, f"{inbox}: cannot delete files: {_errno_words(exc)}"))
             return checks
     finally:
         if probe and os.path.lexists(probe):

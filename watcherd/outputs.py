@@ -1,30 +1,19 @@
-"""Everything watcherd writes: result/error documents, atomic files, clash-free names, moves.
+"""What watcherd writes, as content and names: error messages, document fields, clash-free names.
 
-Contracts (DESIGN §1):
-- Outputs appear atomically: data goes to a hidden temp file in the destination folder, is
-  fsync'ed, then linked into place; the folder is fsync'ed too, so a crash leaves either the whole
-  file or none.
-- Nothing is overwritten: `link(2)` fails when the name exists, so the no-clobber check and the
-  publish are one step even if another program writes into the outbox at the same moment.
-- Moves of originals are rename(2) where possible, else copy + fsync + rename + unlink, and are
-  idempotent so a crash halfway can simply be done again.
+The writing itself (atomic, never overwriting, never through a link) is `safefs`; the order of the
+writes, which makes them crash-safe, is `spool`.
 """
 
 from __future__ import annotations
 
 import base64
-import errno
 import json
 import os
-import shutil
-import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 NAME_MAX = 255  # bytes, for ext4, xfs, btrfs, SMB and NFS alike
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)  # mkstemp makes 0600 files; outputs get the mode the umask (UMask=) asks for
 
 ERROR_CODES = (
     "timeout",
@@ -92,7 +81,8 @@ def public_path(path: Path | str | None) -> str | None:
 
 
 def dumps(document: dict[str, Any]) -> bytes:
-    return (json.dumps(document, ensure_ascii=False, indent=2) + "\n").encode("utf-8")
+    # "replace": a lone surrogate that slipped through must cost one character, never the file.
+    return (json.dumps(document, ensure_ascii=False, indent=2) + "\n").encode("utf-8", "replace")
 
 
 # -- names -----------------------------------------------------------------------------------
@@ -144,124 +134,3 @@ def choose_names(rel: str, *, targets: dict[str, tuple[Path, str]]) -> dict[str,
         if not any(os.path.lexists(p) for p in paths.values()):
             return paths
         n += 1
-
-
-# -- atomic files ----------------------------------------------------------------------------
-
-
-def fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _temp_prefix(name: str) -> str:
-    """`.name.` cut to 200 *bytes* (NAME_MAX counts bytes: 200 CJK characters are 600), leaving
-    room for mkstemp's random part and `.tmp`."""
-    return f".{os.fsdecode(os.fsencode(name)[:200])}."
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Publish `data` at `path`, whole or not at all; never replaces a different existing file.
-
-    If `path` already holds exactly `data` (a publish redone after a crash) this is a no-op.
-    Raises FileExistsError if `path` holds something else.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path.name), suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_UMASK)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            if path.read_bytes() != data:
-                raise
-        except OSError as exc:
-            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
-                raise
-            # Filesystems without hard links (some SMB/FUSE mounts): check, then rename.
-            if os.path.lexists(path):
-                if path.read_bytes() != data:
-                    raise FileExistsError(errno.EEXIST, "exists", str(path)) from None
-            else:
-                os.rename(tmp, path)
-        fsync_dir(path.parent)
-    finally:
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
-
-
-def move(src: Path, dst: Path) -> None:
-    """Move `src` to `dst` without replacing anything at `dst`; safe to repeat after a crash.
-
-    Same filesystem: one rename(2) (after a no-clobber check; our own names are reserved by
-    `choose_names`, so the check only guards against other writers). Across filesystems: copy to a
-    temp file beside `dst`, fsync, rename into place, then unlink `src`.
-    """
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    if os.path.lexists(dst):
-        if not os.path.lexists(src):
-            return  # done before a crash; this is the repeat
-        if _same_content(src, dst):
-            remove(src)  # a cross-filesystem move that crashed after the copy: finish it
-            return
-        raise FileExistsError(errno.EEXIST, "destination exists", str(dst))
-    try:
-        os.rename(src, dst)
-    except OSError as exc:
-        if exc.errno != errno.EXDEV:
-            raise
-        if src.is_dir() and not src.is_symlink():
-            # Copied beside the destination and renamed into place, so `dst` exists only once the
-            # copy is whole: a kill halfway leaves `src` intact and the redo starts over.
-            tmp_dir = dst.parent / f".{os.fsencode(dst.name)[:200].decode('utf-8', 'ignore')}.watcherd-copy"
-            if os.path.lexists(tmp_dir):
-                shutil.rmtree(tmp_dir)
-            shutil.copytree(src, tmp_dir, symlinks=True)
-            os.rename(tmp_dir, dst)
-            fsync_dir(dst.parent)
-            shutil.rmtree(src)
-            return
-        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(dst.name), suffix=".tmp", dir=dst.parent)
-        os.close(fd)
-        try:
-            if src.is_symlink():
-                os.unlink(tmp)
-                os.symlink(os.readlink(src), tmp)
-            else:
-                shutil.copy2(src, tmp)
-                with open(tmp, "rb") as f:
-                    os.fsync(f.fileno())
-            os.rename(tmp, dst)
-        finally:
-            if os.path.lexists(tmp):
-                os.unlink(tmp)
-        fsync_dir(dst.parent)
-        os.unlink(src)
-    fsync_dir(dst.parent)
-    fsync_dir(src.parent)
-
-
-def _same_content(a: Path, b: Path) -> bool:
-    if a.is_symlink() or b.is_symlink():
-        return a.is_symlink() and b.is_symlink() and os.readlink(a) == os.readlink(b)
-    if a.is_dir() or b.is_dir():
-        return a.is_dir() and b.is_dir()
-    return a.stat().st_size == b.stat().st_size and a.read_bytes() == b.read_bytes()
-
-
-def remove(path: Path) -> None:
-    """Delete a claimed original (or a folder named like one); missing is fine."""
-    try:
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
-    except FileNotFoundError:
-        pass

@@ -22,8 +22,9 @@ from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any
 
-from . import __version__, intake, logs, outputs
+from . import __version__, admin, intake, logs, outputs, safefs
 from . import settings as settings_mod
+from . import spool as spool_mod
 from .intake import Intake, StabilityTracker
 from .sdnotify import Notifier
 from .settings import ConfigError, Settings
@@ -37,7 +38,9 @@ MAX_DEFER_BACKOFF_S = 30.0
 OUTPUT_RETRY_S = 5.0
 # Output errors that go away by themselves (space freed, remounted read-write, permissions fixed):
 # hold the result and stop claiming until then. Anything else is logged and the file left claimed.
-TRANSIENT_OUTPUT_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.ENOENT}
+# ENOENT is not among them: a folder that vanished does not come back by waiting (the work area
+# is held by descriptor and output roots are recreated, so it means a file of ours is gone).
+TRANSIENT_OUTPUT_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
 MAX_REREADS = 3  # how often results that could not be written are tried again
 
 
@@ -93,9 +96,8 @@ def document_for(outcome: Outcome, *, settings: Settings, received_at: str) -> t
     return document, None
 
 
-def precheck(job: Job, settings: Settings) -> Outcome | None:
+def precheck(job: Job, st: os.stat_result, settings: Settings) -> Outcome | None:
     """Failures the parent can see from lstat alone, without giving the file to the child."""
-    st = os.lstat(job.path)
     if not stat.S_ISREG(st.st_mode):
         kind = (
             "symbolic link"
@@ -110,11 +112,6 @@ def precheck(job: Job, settings: Settings) -> Outcome | None:
         detail = f"{st.st_size / 1024 / 1024:.1f} MB, more than ocr.max_file_mb ({settings.ocr.max_file_mb:g})"
         return Outcome(job=job, ok=False, code="too_large", detail=detail)
     return None
-
-
-def status_path(settings: Settings) -> Path:
-    """Where the daemon keeps its status file: its work area, one per inbox (the lock makes sure)."""
-    return settings.processing_dir / "status.json"
 
 
 class Service:
@@ -146,6 +143,7 @@ class Service:
         self.next_rescan = 0.0
         self.next_watchdog = 0.0
         self._status_line = ""
+        self.started: int | None = None
         self._status_written = 0.0
 
     @staticmethod
@@ -173,6 +171,7 @@ class Service:
         self.spool.lock()
         self.spool.prepare()
         self.jobs.extend(self.spool.recover())
+        self.started = admin.proc_start_time(os.getpid())
         if self.jobs:
             log.info("Recovered %d file(s) claimed before a crash", len(self.jobs))
         self.intake.start()
@@ -186,7 +185,7 @@ class Service:
         except EngineLoadError:
             # No engine: put back what was claimed but not started, so files wait in the inbox.
             for job in [*self.jobs, *(job for _, job in self.deferred)]:
-                self.spool.unclaim(job)
+                self._unclaim(job)
             raise
         finally:
             self.intake.stop()
@@ -211,6 +210,7 @@ class Service:
             for outcome in finished:
                 self._finish(outcome)
             self._replace_retired()
+            self.spool.area.check()
             self._systemd()
 
     def _finished(self) -> bool:
@@ -225,9 +225,16 @@ class Service:
             if job is not None:
                 self.jobs.appendleft(job)
         for job in [*self.jobs, *(job for _, job in self.deferred)]:
-            back = self.spool.unclaim(job)
-            log.info("Returned %s to the inbox as %s", job.rel, back.name)
+            self._unclaim(job)
         return True
+
+    def _unclaim(self, job: Job) -> None:
+        try:
+            back = self.spool.unclaim(job)
+        except OSError as exc:  # e.g. its inbox folder swapped for a link: it stays claimed for the next start
+            log.error("Cannot return %s to the inbox (%s); it stays in the work area", job.rel, exc)
+            return
+        log.info("Returned %s to the inbox as %s", job.rel, back)
 
     def _handle_signals(self) -> None:
         while self.signals:
@@ -268,11 +275,11 @@ class Service:
                 job = self._next_job()
                 if job is None:
                     break
-                try:
-                    early = precheck(job, self.settings)
-                except FileNotFoundError:
+                st = self.spool.lstat(job)
+                if st is None:
                     log.warning("%s vanished from the work area before OCR", job.rel)
                     continue
+                early = precheck(job, st, self.settings)
                 if early is not None:
                     self._finish(early)
                     continue
@@ -442,7 +449,7 @@ class Service:
     def _changed_since_claim(self, job: Job) -> bool:
         """A writer on another host (SMB/NFS) may still hold the file and write on after the claim:
         the bytes OCR'd were not the final ones. OCR it again, up to MAX_REREADS times."""
-        now = intake.signature_of(job.path)
+        now = spool_mod.signature(self.spool.lstat(job))
         if job.signature is None or now is None or now == job.signature or job.rereads >= MAX_REREADS:
             return False
         job.rereads += 1
@@ -595,6 +602,7 @@ class Service:
         now = time.monotonic()
         status = {
             "pid": os.getpid(),
+            "pid_started": self.started,  # with pid: tells a stale file from a reused pid
             "state": state
             or (
                 "stopping"
@@ -637,10 +645,11 @@ class Service:
             "gpu": self.last_gpu,
             "version": __version__,
         }
-        path = status_path(self.settings)
-        tmp = path.with_name(f".{path.name}.tmp")
+        path = admin.status_file(self.settings)
         try:
-            tmp.write_text(json.dumps(status, ensure_ascii=False, indent=2))
-            os.replace(tmp, path)
+            with safefs.folder(path.parent, []) as fd:
+                safefs.write_private(
+                    fd, path.name, json.dumps(status, ensure_ascii=True, indent=2).encode(), mode=0o640
+                )
         except (OSError, ValueError) as exc:  # the status must never take the daemon down
             log.debug("Cannot write %s: %s", path, exc)

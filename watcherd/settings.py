@@ -13,12 +13,15 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NewType
 
 import yaml
 
 DEFAULT_CONFIG = Path("/etc/watcherd/watcherd.yaml")
 EX_CONFIG = 78
+EX_TEMPFAIL = 75  # a condition a restart may clear (another daemon holds the inbox's lock)
+
+FileMode = NewType("FileMode", int)  # permission bits, written in YAML as 0640 or "0640"
 
 # Names that scanners, NAS boxes, browsers and office suites leave beside real files.
 BUILTIN_IGNORE = (
@@ -57,6 +60,8 @@ class PathsSettings:
     outbox: Path | None = None
     failed: Path | None = None
     archive: Path | None = None
+    work: Path | None = None  # the processing area; default <inbox>/.watcherd
+    state: Path | None = None  # the record key, lock and status file; default $STATE_DIRECTORY
 
 
 @dataclass(frozen=True)
@@ -99,6 +104,11 @@ class OutputSettings:
     on_success: Literal["archive", "delete"] = "archive"
     text_file: Literal["md", "txt", "none"] = "md"
     locale: Literal["zh-TW", "en"] = "zh-TW"
+    file_mode: FileMode = FileMode(0o640)  # result files; folders watcherd creates get x where r
+
+    @property
+    def dir_mode(self) -> int:
+        return self.file_mode | ((self.file_mode & 0o444) >> 2)
 
 
 @dataclass(frozen=True)
@@ -118,10 +128,15 @@ class Settings:
     source: str | None = None  # the file these came from, for messages
 
     @property
-    def processing_dir(self) -> Path:
-        """Where claimed files wait: on the inbox's filesystem, so claiming is one rename(2)."""
+    def work_dir(self) -> Path:
+        """The work area: on the inbox's filesystem, so claiming is one rename(2)."""
         assert self.paths.inbox is not None
-        return self.paths.inbox / ".watcherd"
+        return self.paths.work or self.paths.inbox / ".watcherd"
+
+    @property
+    def state_dir(self) -> Path:
+        assert self.paths.state is not None  # from_dict always sets it
+        return self.paths.state
 
     def require_paths(self) -> None:
         """Check the folder layout the daemon needs (DESIGN §2); raises ConfigError."""
@@ -134,13 +149,16 @@ class Settings:
                 "is required when output.on_success is 'archive'", key="paths.archive", source=self.source
             )
         inbox = _real(p.inbox)
-        for key in ("outbox", "failed", "archive"):
+        for key in ("outbox", "failed", "archive", "work", "state"):
             target = getattr(p, key)
             if target is not None and _real(target).is_relative_to(inbox):
+                why = {
+                    "work": "everyone who can write the inbox could reach it (leave paths.work unset for "
+                    "<inbox>/.watcherd, or put it outside the inbox on the same filesystem)",
+                    "state": "its record key and lock must be out of reach of the inbox's writers",
+                }.get(key, "results would be picked up again as new scans")
                 raise ConfigError(
-                    f"{target} is inside the inbox {p.inbox}; results would be picked up again as new scans",
-                    key=f"paths.{key}",
-                    source=self.source,
+                    f"{target} is inside the inbox {p.inbox}; {why}", key=f"paths.{key}", source=self.source
                 )
 
 
@@ -178,11 +196,24 @@ def from_dict(raw: Any, *, source: str | None = None, env: typing.Mapping[str, s
     env = os.environ if env is None else env
     settings: Settings = _build(Settings, raw, "", source)
     settings = dataclasses.replace(settings, source=source)
+    if settings.paths.state is None:
+        settings = dataclasses.replace(
+            settings, paths=dataclasses.replace(settings.paths, state=default_state_dir(env))
+        )
     if env.get("OCR_TIMEOUT"):
         timeout = _convert(float, env["OCR_TIMEOUT"], "ocr.timeout_s (from OCR_TIMEOUT)", source)
         settings = dataclasses.replace(settings, ocr=dataclasses.replace(settings.ocr, timeout_s=timeout))
     _check_ranges(settings)
     return settings
+
+
+def default_state_dir(env: typing.Mapping[str, str]) -> Path:
+    """systemd's StateDirectory= ($STATE_DIRECTORY), else $XDG_STATE_HOME/watcherd, else
+    ~/.local/state/watcherd: a folder only the daemon's user can write, never the inbox."""
+    if env.get("STATE_DIRECTORY"):
+        return Path(env["STATE_DIRECTORY"].split(":")[0])
+    base = env.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(base) / "watcherd"
 
 
 def _check_ranges(s: Settings) -> None:
@@ -279,6 +310,15 @@ def _convert(hint: Any, value: Any, key: str, source: str | None) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"expected a string, got {_describe(value)}", key=key, source=source)
         return value
+    if hint is FileMode:
+        bits = value
+        if isinstance(value, str) and value.isdigit():
+            bits = int(value, 8)  # "0640" in quotes; unquoted YAML 0640 is already octal
+        if isinstance(bits, bool) or not isinstance(bits, int) or not 0 <= bits <= 0o666:
+            raise ConfigError(
+                f"expected permission bits such as 0640 (at most 0666), got {_describe(value)}", key=key, source=source
+            )
+        return FileMode(bits)
     if hint is Path:
         if not isinstance(value, str) or not value:
             raise ConfigError(f"expected a folder path, got {_describe(value)}", key=key, source=source)
