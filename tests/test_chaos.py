@@ -18,6 +18,7 @@ import pytest
 
 from tests.conftest import Daemon, gone_or_zombie, make_image, wait_until
 from tests.engines import CHATTY_WIDTH, CLOSE_PIPE_WIDTH, MEMORY_ERROR_WIDTH
+from watcherd import safefs
 
 pytestmark = pytest.mark.chaos
 
@@ -344,3 +345,39 @@ def test_five_thousand_files_at_once(daemon_factory, request) -> None:
     lost, duplicated = audit(daemon, names)
     assert (lost, duplicated) == (0, 0) and daemon.alive()
     record(request, "5,000 files at once", 1, len(names), lost, duplicated, "all processed once")
+
+
+def test_sparse_giant_and_deep_folder_bound_for_another_filesystem(daemon_factory, request, small_tmpfs) -> None:
+    """A 40 GiB sparse file (4 KB of data) and a folder named like a scan 1,100 levels deep, with
+    failed/ on another filesystem: the file is copied as a sparse file by the publisher thread
+    (free space checked first), the folder is kept in the work area's rejected/ (one rename, no
+    copy); neither stalls the loop nor fills the disk, and the next scan flows."""
+    daemon = daemon_factory(ocr={"engine": "tests.engines:Echo", "max_file_mb": 1}, watch={"mode": "polling"})
+    failed = small_tmpfs(daemon.failed, "4m")
+    daemon.start()
+    with open(daemon.inbox / "giant.tif", "wb") as f:
+        f.write(b"II*\x00")
+        f.seek(40 << 30)
+        f.write(b"end")
+    deep = daemon.root / "staging" / "deep.jpg"
+    with safefs.folder(daemon.root, ["staging", "deep.jpg", *["d"] * 1100], create=True):
+        pass
+    os.rename(deep, daemon.inbox / "deep.jpg")
+    assert daemon.wait_json("giant.tif", failed, timeout=60)["error_code"] == "too_large"
+    moved = failed / "giant.tif"
+    assert moved.stat().st_size == (40 << 30) + 3 and moved.stat().st_blocks * 512 < 1 << 20
+    document = daemon.wait_json("deep.jpg", failed, timeout=60)
+    assert document["error_code"] == "not_regular_file"
+    assert "/.watcherd/rejected/deep.jpg" in document["image_path"]
+    make_image(daemon.inbox / "next.png")
+    assert daemon.wait_json("next.png")["status"] == "ok" and daemon.alive()
+    assert not [p for p in failed.iterdir() if p.name.startswith(".")]  # no partial copy left
+    record(
+        request,
+        "40 GiB sparse file and 1,100-level folder, failed/ on another filesystem",
+        1,
+        3,
+        0,
+        0,
+        "sparse copy off the loop; folder kept in rejected/",
+    )

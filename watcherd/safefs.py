@@ -263,7 +263,10 @@ def _copy_across(src_fd: int, src: str, dst_fd: int, dst: str) -> None:
         vfs = os.fstatvfs(dst_fd)
         if need > vfs.f_bavail * vfs.f_frsize:
             raise OSError(errno.ENOSPC, f"{need} bytes needed, {vfs.f_bavail * vfs.f_frsize} free", dst)
-        tmp = _temp_name(dst)
+        # A fixed temp name: a copy cut short by kill -9 is found and started over by the redo.
+        tmp = f".{os.fsdecode(os.fsencode(dst)[:200])}.watcherd-copy"
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp, dir_fd=dst_fd)
         fd_out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dst_fd)
         try:
             try:

@@ -10,6 +10,7 @@ model is slow: a missed ping means the daemon itself is stuck.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import errno
 import json
@@ -135,6 +136,8 @@ class Service:
         self.last_error: dict[str, Any] | None = None
         self.last_gpu: dict[str, Any] = {"available": False}
         self.unpublished: list[Outcome] = []  # finished, but the outputs could not be written yet
+        self.publisher = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="watcherd-publish")
+        self.publishing: dict[concurrent.futures.Future[dict[str, Any]], Outcome] = {}  # copies across filesystems
         self.unpublished_since: float | None = None
         self.next_output_retry = 0.0
         self.stopping_since: float | None = None
@@ -188,6 +191,7 @@ class Service:
                 self._unclaim(job)
             raise
         finally:
+            self.publisher.shutdown(wait=True)
             self.intake.stop()
             for worker in self.workers + self.retiring:
                 worker.stop()
@@ -209,12 +213,16 @@ class Service:
             self._dispatch()
             for outcome in finished:
                 self._finish(outcome)
+            self._collect_publications()
             self._replace_retired()
-            self.spool.area.check()
+            if not self.publishing:  # the publisher thread uses the work area's descriptors
+                self.spool.area.check()
             self._systemd()
 
     def _finished(self) -> bool:
         if self.stopping_since is None:
+            return False
+        if self.publishing:  # a copy across filesystems is under way: let it end whole
             return False
         busy = [w for w in self.workers + self.retiring if w.state == "busy"]
         if busy and time.monotonic() - self.stopping_since < STOP_GRACE_S:
@@ -398,19 +406,43 @@ class Service:
         if outcome.ok and self._changed_since_claim(job):
             return
         document, text = document_for(outcome, settings=self.settings, received_at=job.received_at)
+        if self.spool.crosses_filesystems(job, ok=outcome.ok):
+            # Copying the original to another filesystem takes as long as the file is big (a
+            # too_large file can be any size): a publisher thread does it, the loop carries on.
+            future = self.publisher.submit(self.spool.finish, job, document, text)
+            future.add_done_callback(lambda _: self._wake())
+            self.publishing[future] = outcome
+            return
         try:
             document = self.spool.finish(job, document, text)
         except OSError as exc:
-            if exc.errno in TRANSIENT_OUTPUT_ERRORS:
-                self._output_failed(outcome, exc)
-            else:  # e.g. a name the outbox's filesystem refuses (EINVAL on CIFS): holding cannot help
-                log.error(
-                    "Cannot publish the result of %s (%s); it stays in %s and is tried again at the next start",
-                    outputs.display_name(job.rel)["source"],
-                    exc,
-                    job.path,
-                )
+            self._publication_failed(outcome, exc)
             return
+        self._published(outcome, document)
+
+    def _collect_publications(self) -> None:
+        for future in [f for f in self.publishing if f.done()]:
+            outcome = self.publishing.pop(future)
+            try:
+                document = future.result()
+            except OSError as exc:
+                self._publication_failed(outcome, exc)
+                continue
+            self._published(outcome, document)
+
+    def _publication_failed(self, outcome: Outcome, exc: OSError) -> None:
+        if exc.errno in TRANSIENT_OUTPUT_ERRORS:
+            self._output_failed(outcome, exc)
+        else:  # e.g. a name the outbox's filesystem refuses (EINVAL on CIFS): holding cannot help
+            log.error(
+                "Cannot publish the result of %s (%s); it stays in %s and is tried again at the next start",
+                outputs.display_name(outcome.job.rel)["source"],
+                exc,
+                outcome.job.path,
+            )
+
+    def _published(self, outcome: Outcome, document: dict[str, Any]) -> None:
+        job = outcome.job
         if self.unpublished_since is not None and not self.unpublished:
             log.warning("Results can be written again; resuming")
             self.unpublished_since = None

@@ -540,6 +540,20 @@ class Spool:
     def _relative(self, key: str, path: Path) -> str:
         return path.relative_to(self._root_path(key)).as_posix()
 
+    def crosses_filesystems(self, job: Job, *, ok: bool) -> bool:
+        """Will publishing `job` copy its original to another filesystem (which takes as long as
+        the file is big)? Only regular files are ever copied; see `_must_stay_on_this_filesystem`."""
+        if ok and self.settings.output.on_success != "archive":
+            return False
+        root = self.settings.paths.archive if ok else self.settings.paths.failed
+        st = self.lstat(job)
+        if root is None or st is None or not stat.S_ISREG(st.st_mode):
+            return False
+        try:
+            return os.stat(root).st_dev != st.st_dev
+        except OSError:
+            return False
+
     def _must_stay_on_this_filesystem(self, job: Job, failed: Path | None) -> bool:
         """A folder, link or FIFO named like a scan is moved to failed/ as it is, with one rename;
         when failed/ is on another filesystem it is kept in the work area's rejected/ instead of
