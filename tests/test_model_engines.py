@@ -18,8 +18,8 @@ import pytest
 
 from tests.conftest import Daemon, make_image
 from tests.tiny_models import LOOP, build_deepseek_ocr2, build_fake_deepseek_ocr
+from watcherd.engines.common import RepetitionGuard, collapse_loop, strip_grounding, trailing_loop
 from watcherd.engines.deepseek_ocr import PRESETS, Resolution, resolve_preset
-from watcherd.engines.transformers import RepetitionGuard, collapse_loop, strip_grounding, trailing_loop
 
 
 @pytest.fixture(scope="session")

@@ -34,13 +34,13 @@ from typing import Any, NamedTuple
 
 from PIL import Image
 
-from .transformers import (
+from .common import (
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_REPEAT_MAX_DISTINCT,
     DEFAULT_REPEAT_WINDOW,
     RepetitionGuard,
-    _note,
     clear_torch_cache,
+    note,
     pick_device,
     pick_dtype,
     strip_grounding,
@@ -138,7 +138,7 @@ class DeepseekOcrEngine:
         self.keep_grounding = keep_grounding
         self._torch = torch
         if not self.device.startswith("cuda"):
-            _note("DeepSeek-OCR's infer() calls .cuda(): without a GPU its pages will fail")
+            note("DeepSeek-OCR's infer() calls .cuda(): without a GPU its pages will fail")
 
         extra: dict[str, Any] = {}
         if attn_implementation:
@@ -176,7 +176,7 @@ class DeepseekOcrEngine:
             raise RuntimeError("DeepSeek-OCR infer() returned no text")
         guard, self._guard = self._guard, None
         if guard is not None and guard.fired:
-            _note(f"repetition guard stopped a page after {guard.fired_at} tokens ({self.model})")
+            note(f"repetition guard stopped a page after {guard.fired_at} tokens ({self.model})")
         text = str(text)
         return text.strip() if self.keep_grounding else strip_grounding(text).strip()
 
