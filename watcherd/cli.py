@@ -24,6 +24,7 @@ from pathlib import Path
 
 from . import __version__, admin, logs, mounts
 from . import settings as settings_mod
+from .documents import document_for, precheck
 from .outputs import now_iso, public_path
 from .settings import EX_CONFIG, EX_TEMPFAIL, ConfigError, Settings
 from .spool import Job, LockHeld
@@ -293,8 +294,6 @@ def cmd_retry(args: argparse.Namespace) -> int:
 
 
 def cmd_ocr(args: argparse.Namespace) -> int:
-    from .service import document_for, precheck
-
     explicit = args.config or os.environ.get("WATCHERD_CONFIG")
     if explicit or settings_mod.DEFAULT_CONFIG.exists():
         settings = settings_mod.load(explicit)

@@ -1,7 +1,7 @@
-"""What watcherd writes, as content and names: error messages, document fields, clash-free names.
-
-The writing itself (atomic, never overwriting, never through a link) is `safefs`; the order of the
-writes, which makes them crash-safe, is `spool`.
+"""Names: how paths and names appear in JSON (faithful even when not UTF-8), and clash-free names
+for a file's outputs (one suffix shared by every output, fitting NAME_MAX in bytes). The writing
+itself (atomic, never overwriting, never through a link) is `safefs`; the order of the writes,
+which makes them crash-safe, is `spool`; the documents themselves are `documents`.
 """
 
 from __future__ import annotations
@@ -14,46 +14,6 @@ from pathlib import Path
 from typing import Any
 
 NAME_MAX = 255  # bytes, for ext4, xfs, btrfs, SMB and NFS alike
-
-ERROR_CODES = (
-    "timeout",
-    "vram_insufficient",
-    "engine_error",
-    "child_crashed",
-    "unreadable",
-    "unsupported_type",
-    "too_large",
-    "not_regular_file",
-)
-
-# zh-TW wording follows the service watcherd replaces, so operators' alerts keep matching.
-MESSAGES: dict[str, dict[str, str]] = {
-    "zh-TW": {
-        "timeout": "OCR 處理超時 ({timeout:g} 秒)，請嘗試使用更小的圖片或增加超時設定",
-        "vram_insufficient": "GPU 記憶體不足，可用記憶體: {free_mb} MB，建議至少有 {min_free_mb} MB 可用記憶體",
-        "engine_error": "OCR 處理發生錯誤: {detail}",
-        "child_crashed": "OCR 處理發生錯誤: OCR 子程序異常終止 ({detail})",
-        "unreadable": "無法讀取檔案: {detail}",
-        "unsupported_type": "不支援的檔案類型: {detail}",
-        "too_large": "檔案過大: {detail}",
-        "not_regular_file": "不是一般檔案，已略過: {detail}",
-    },
-    "en": {
-        "timeout": "OCR timed out ({timeout:g} s); try a smaller image or raise ocr.timeout_s",
-        "vram_insufficient": "Not enough GPU memory: {free_mb} MB free, at least {min_free_mb} MB recommended",
-        "engine_error": "OCR failed: {detail}",
-        "child_crashed": "OCR failed: the OCR child process died ({detail})",
-        "unreadable": "Cannot read the file: {detail}",
-        "unsupported_type": "Unsupported file type: {detail}",
-        "too_large": "File too large: {detail}",
-        "not_regular_file": "Not a regular file, skipped: {detail}",
-    },
-}
-
-
-def error_message(code: str, locale: str, **values: Any) -> str:
-    values.setdefault("detail", "")
-    return MESSAGES[locale][code].format(**values)
 
 
 def now_iso() -> str:

@@ -17,13 +17,12 @@ import json
 import logging
 import os
 import signal
-import stat
 import time
 from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any
 
-from . import __version__, admin, intake, logs, outputs, safefs
+from . import __version__, admin, documents, intake, logs, outputs, safefs
 from . import settings as settings_mod
 from . import spool as spool_mod
 from .intake import Intake, StabilityTracker
@@ -43,76 +42,6 @@ OUTPUT_RETRY_S = 5.0
 # is held by descriptor and output roots are recreated, so it means a file of ours is gone).
 TRANSIENT_OUTPUT_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
 MAX_REREADS = 3  # how often results that could not be written are tried again
-
-
-def document_for(outcome: Outcome, *, settings: Settings, received_at: str) -> tuple[dict[str, Any], str | None]:
-    """The result or error JSON for an outcome (DESIGN §5), and the text for the .md/.txt file."""
-    common = {
-        **outputs.display_name(outcome.job.rel),
-        "image_path": None,  # set to the original's final place when it is published
-        "sha256": outcome.sha256,
-    }
-    if outcome.ok:
-        text = "\n\n".join(page["text"] for page in outcome.pages)
-        document = {
-            "status": "ok",
-            **common,
-            "text": text,
-            "pages": outcome.pages,
-            "processing_time": outcome.processing_time,
-            "engine": outcome.engine,
-            "model": outcome.model,
-            "gpu_info_before": outcome.gpu_info_before,
-            "gpu_info_after": outcome.gpu_info_after,
-            "attempts": outcome.job.attempts,
-            "received_at": received_at,
-            "finished_at": outputs.now_iso(),
-            "watcherd_version": __version__,
-        }
-        return document, text
-    code = outcome.code or "engine_error"
-    message = outputs.error_message(
-        code,
-        settings.output.locale,
-        detail=outcome.detail or "",
-        timeout=settings.ocr.timeout_s,
-        free_mb=outcome.gpu_info_after.get("free_mb", "?"),
-        min_free_mb=settings.gpu.min_free_mb,
-    )
-    document = {
-        "status": "failed",
-        "error_code": code,
-        "error": message,
-        **common,
-        "processing_time": outcome.processing_time,
-        "gpu_info": outcome.gpu_info_after,
-        "attempts": outcome.job.attempts,
-        "detail": outcome.detail,
-        "engine": outcome.engine,
-        "model": outcome.model,
-        "received_at": received_at,
-        "finished_at": outputs.now_iso(),
-        "watcherd_version": __version__,
-    }
-    return document, None
-
-
-def precheck(job: Job, st: os.stat_result, settings: Settings) -> Outcome | None:
-    """Failures the parent can see from lstat alone, without giving the file to the child."""
-    if not stat.S_ISREG(st.st_mode):
-        kind = (
-            "symbolic link"
-            if stat.S_ISLNK(st.st_mode)
-            else "folder"
-            if stat.S_ISDIR(st.st_mode)
-            else ("FIFO" if stat.S_ISFIFO(st.st_mode) else "socket or device")
-        )
-        return Outcome(job=job, ok=False, code="not_regular_file", detail=f"{kind}, not followed")
-    limit = settings.ocr.max_file_mb * 1024 * 1024
-    if st.st_size > limit:
-        detail = f"{st.st_size / 1024 / 1024:.1f} MB, more than ocr.max_file_mb ({settings.ocr.max_file_mb:g})"
-        return Outcome(job=job, ok=False, code="too_large", detail=detail)
-    return None
 
 
 class Service:
@@ -287,7 +216,7 @@ class Service:
                 if st is None:
                     log.warning("%s vanished from the work area before OCR", job.rel)
                     continue
-                early = precheck(job, st, self.settings)
+                early = documents.precheck(job, st, self.settings)
                 if early is not None:
                     self._finish(early)
                     continue
@@ -405,7 +334,7 @@ class Service:
         job = outcome.job
         if outcome.ok and self._changed_since_claim(job):
             return
-        document, text = document_for(outcome, settings=self.settings, received_at=job.received_at)
+        document, text = documents.document_for(outcome, settings=self.settings, received_at=job.received_at)
         if self.spool.crosses_filesystems(job, ok=outcome.ok):
             # Copying the original to another filesystem takes as long as the file is big (a
             # too_large file can be any size): a publisher thread does it, the loop carries on.

@@ -50,7 +50,7 @@ from typing import Any
 
 from . import outputs, safefs
 from .intake import appledouble_companion, matches_include
-from .outputs import public_path
+from .outputs import dumps, now_iso, public_path
 from .settings import ConfigError, Settings
 
 log = logging.getLogger("watcherd")
@@ -338,7 +338,7 @@ class Spool:
                 except (FileNotFoundError, FileExistsError):
                     return None
                 st = safefs.lstat_at(dst, name)
-        return Job(rel=rel, path=self.processing / rel, received_at=outputs.now_iso(), signature=signature(st))
+        return Job(rel=rel, path=self.processing / rel, received_at=now_iso(), signature=signature(st))
 
     def lstat(self, job: Job) -> os.stat_result | None:
         """The claimed file's lstat, through the work area's descriptor (never a path)."""
@@ -419,7 +419,7 @@ class Spool:
                     subdirs.append((*folders, name))
                     continue
                 rel = "/".join((*folders, name))
-                jobs.append(Job(rel=rel, path=self.processing / rel, received_at=outputs.now_iso()))
+                jobs.append(Job(rel=rel, path=self.processing / rel, received_at=now_iso()))
             stack.extend(reversed(subdirs))
         return jobs
 
@@ -572,7 +572,7 @@ class Spool:
         mode, dir_mode = self.settings.output.file_mode, self.settings.output.dir_mode
         *claimed_folders, claimed_name = safefs.parts(record["rel"])
         for role, data in (
-            ("json", outputs.dumps(record["document"])),
+            ("json", dumps(record["document"])),
             ("text", (record["text"] or "").encode("utf-8", "replace")),
         ):
             if role not in names:
