@@ -3,8 +3,22 @@ the daemon, forge its logs or leave invalid UTF-8 in a JSON (DESIGN §9). Real d
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
 from tests import crafted
-from tests.conftest import make_image, wait_until
+from tests.conftest import REPO, gone_or_zombie, make_image, wait_until
+from tests.engines import (
+    GARBAGE_MISSING_FIELDS,
+    GARBAGE_NOT_JSON,
+    GARBAGE_NOT_OBJECT,
+    GARBAGE_OVERSIZED,
+    GARBAGE_PARTIAL,
+    HANG_WIDTH,
+)
 
 
 def test_names_cannot_forge_log_lines_or_reach_the_terminal(daemon_factory) -> None:
@@ -37,3 +51,170 @@ def test_crafted_tiffs_neither_crash_nor_stall_the_parent(daemon_factory) -> Non
     assert daemon.wait_json("after.png")["text"] == "echo 33x10"
     assert daemon.alive()
     assert "Traceback" not in daemon.log().split("OCR child")[0]  # nothing raised in the parent
+
+
+def test_engine_text_with_lone_surrogates_is_published_as_valid_utf8(daemon_factory) -> None:
+    """It raised UnicodeEncodeError at publication, and again at every restart (recovery)."""
+    daemon = daemon_factory(ocr={"engine": "tests.engines:Surrogates"}).start()
+    make_image(daemon.inbox / "odd.png", 30, 10)
+    daemon.wait_json("odd.png", daemon.outbox)
+    raw = (daemon.outbox / "odd.png.json").read_bytes()
+    document = json.loads(raw.decode("utf-8"))  # strict UTF-8
+    assert document["text"] == "before \ufffd after \U0001f600 end \ufffd"
+    assert document["pages"][0]["replaced_characters"] == 2
+    assert (daemon.outbox / "odd.png.md").read_text("utf-8") == document["text"]
+    assert daemon.alive()
+
+
+def test_a_child_that_breaks_the_protocol_costs_its_file_only(daemon_factory) -> None:
+    """Garbage on the protocol pipe is a child crash (retried once, then child_crashed), never an
+    exception in the parent; half a message followed by silence is a timeout, not a stalled loop."""
+    daemon = daemon_factory(ocr={"engine": "tests.engines:Garbage", "timeout_s": 3}).start()
+    cases = {
+        "notjson.png": (GARBAGE_NOT_JSON, "not JSON"),
+        "oversized.png": (GARBAGE_OVERSIZED, "over the 67,108,864-byte cap"),
+        "notobject.png": (GARBAGE_NOT_OBJECT, "not a JSON object"),
+        "fields.png": (GARBAGE_MISSING_FIELDS, "field 'files_done' missing or not int"),
+    }
+    for name, (width, words) in cases.items():
+        make_image(daemon.inbox / name, width, 10)
+        error = daemon.wait_json(name, daemon.failed)
+        assert error["error_code"] == "child_crashed" and error["attempts"] == 2, error
+        assert "broke the protocol" in error["detail"] and words in error["detail"], error
+        make_image(daemon.inbox / f"ok-after-{name}", 30, 10)  # resets the crash backoff
+        assert daemon.wait_json(f"ok-after-{name}")["status"] == "ok"
+    make_image(daemon.inbox / "partial.png", GARBAGE_PARTIAL, 10)
+    started = time.monotonic()
+    error = daemon.wait_json("partial.png", daemon.failed)
+    assert error["error_code"] == "timeout"
+    assert time.monotonic() - started < 3 + 5  # the loop kept its clock while half a message sat in the pipe
+    make_image(daemon.inbox / "last.png", 30, 10)
+    assert daemon.wait_json("last.png")["status"] == "ok"
+    assert daemon.alive()
+
+
+def test_a_timeout_names_where_the_engine_hung(daemon_factory) -> None:
+    """Before the SIGKILL the child is asked for its Python stacks (faulthandler on SIGUSR1)."""
+    daemon = daemon_factory(ocr={"engine": "tests.engines:Stuck", "timeout_s": 2}).start()
+    make_image(daemon.inbox / "stuck.png", HANG_WIDTH, 10)
+    started = time.monotonic()
+    error = daemon.wait_json("stuck.png", daemon.failed)
+    assert time.monotonic() - started < 2 + 5
+    assert error["error_code"] == "timeout"
+    assert "hung in spin_inside_the_model (tests/engines.py:" in error["detail"], error
+    assert "← ocr (tests/engines.py:" in error["detail"]
+    assert "Python stacks of OCR child" in daemon.log() and "in spin_inside_the_model" in daemon.log()
+    make_image(daemon.inbox / "next.png", 30, 10)
+    assert daemon.wait_json("next.png")["status"] == "ok"
+
+
+def test_a_child_with_signals_blocked_gives_no_stack_and_dies_on_time(daemon_factory) -> None:
+    daemon = daemon_factory(ocr={"engine": "tests.engines:Hang", "timeout_s": 2}).start()
+    make_image(daemon.inbox / "native.png", HANG_WIDTH, 10)
+    started = time.monotonic()
+    error = daemon.wait_json("native.png", daemon.failed)
+    assert time.monotonic() - started < 2 + 5
+    assert error["error_code"] == "timeout" and "no Python stack" in error["detail"], error
+
+
+def test_the_child_runs_in_root_without_the_working_directory_on_its_path(daemon_factory, tmp_path: Path) -> None:
+    """`python -c` puts the working directory first on sys.path: a PIL planted in the daemon's
+    working directory would have run inside the child (the parent never imports PIL)."""
+    workdir = tmp_path / "workdir"
+    planted = workdir / "PIL"
+    planted.mkdir(parents=True)
+    marker = tmp_path / "planted-was-imported"
+    (planted / "__init__.py").write_text(f"open({str(marker)!r}, 'w').close()\nraise ImportError('planted')\n")
+    daemon = daemon_factory()
+    daemon.start(cwd=workdir, env={"PYTHONPATH": str(REPO)})
+    assert os.readlink(f"/proc/{daemon.child_pid()}/cwd") == "/"
+    make_image(daemon.inbox / "fine.png", 30, 10)
+    assert daemon.wait_json("fine.png")["text"] == "echo 30x10"
+    assert not marker.exists()
+
+
+def test_a_page_over_the_memory_limit_fails_alone(daemon_factory) -> None:
+    """ocr.memory_max_mb: RLIMIT_DATA in the child. A 48-megapixel page needs ~600 MB to decode."""
+    daemon = daemon_factory(ocr={"engine": "tests.engines:Echo", "memory_max_mb": 250}).start()
+    child = daemon.child_pid()
+    make_image(daemon.inbox / "huge.png", 8000, 6000)
+    error = daemon.wait_json("huge.png", daemon.failed, timeout=60)
+    assert error["error_code"] == "too_large", error
+    assert "memory limit ocr.memory_max_mb = 250 MB exceeded" in error["detail"]
+    make_image(daemon.inbox / "small.png", 30, 10)
+    assert daemon.wait_json("small.png")["status"] == "ok"
+    assert daemon.child_pid() == child  # a MemoryError costs the file, not the child
+
+
+def test_a_reload_whose_engine_imports_slowly_does_not_stop_the_loop(daemon_factory) -> None:
+    """SIGHUP probes the new engine before switching; the probe once ran synchronously for up to
+    ocr.load_timeout_s (600 s, ten times WatchdogSec). Files go on being served meanwhile."""
+    daemon = daemon_factory().start(env={"WATCHERD_TEST_IMPORT_S": "6"})
+    status = daemon.inbox / ".watcherd" / "status.json"
+    daemon.configure(ocr={"engine": "tests.slow_import_engine:SlowImport"})
+    daemon.proc.send_signal(signal.SIGHUP)
+    make_image(daemon.inbox / "during.png", 30, 10)
+    result = daemon.wait_json("during.png")
+    assert result["text"] == "echo 30x10"  # the running engine served it, while the probe ran
+    assert "Configuration reloaded" not in daemon.log()
+    first = json.loads(status.read_text())["updated_at"]
+    wait_until(lambda: json.loads(status.read_text())["updated_at"] != first, 10, "the status file to move on")
+    assert "Configuration reloaded" not in daemon.log()  # still probing: the loop was not waiting on it
+    wait_until(lambda: "Configuration reloaded" in daemon.log(), 30, "the probe to answer")
+    wait_until(lambda: daemon.log().count(" ready: ") >= 2, 30, "the new engine to load")
+    make_image(daemon.inbox / "after.png", 31, 10)
+    assert daemon.wait_json("after.png")["text"] == "new engine echo 31x10"
+    wait_until(lambda: all(gone_or_zombie(pid) for pid in daemon.child_pids()[:1]), 10, "the old child reaped")
+    assert daemon.alive()
+
+
+def test_the_one_decode_site_refuses_what_is_not_a_message() -> None:
+    from watcherd import protocol
+
+    bad = {
+        b"\xff\xfe": "not JSON",
+        b"[1, 2]": "not a JSON object",
+        b'{"op": "launch"}': "unknown op",
+        b'{"op": "ready", "pid": true, "load_time": 1, "engine": null}': "'pid' missing or not int",
+        b'{"op": "failed", "id": 1, "code": "rm -rf", "detail": ""}': "unknown error code",
+        b"[" * 100_000: "not JSON",
+    }
+    for raw, words in bad.items():
+        try:
+            protocol.decode(raw)
+        except protocol.ProtocolError as exc:
+            assert words in str(exc), (raw[:40], exc)
+        else:
+            raise AssertionError(f"accepted {raw[:40]!r}")
+    page = protocol.decode(b'{"op": "page", "id": 1, "page": 1, "text": "a\\udce9b", "processing_time": 0, "size": []}')
+    assert page["text"] == "a\ufffdb" and page["replaced_characters"] == 1
+    assert protocol.valid_text("\ud83d\ude00 \udc80") == ("\U0001f600 \ufffd", 1)
+
+
+def test_the_reader_returns_whole_frames_and_refuses_oversized_ones() -> None:
+    import struct
+
+    from watcherd import protocol
+
+    r, w = os.pipe()
+    reader = protocol.Reader(r)
+    try:
+        os.write(w, struct.pack("!i", 5) + b"hel")
+        assert reader.read() == ([], False)  # half a frame: nothing yet, and no waiting for the rest
+        os.write(w, b"lo" + struct.pack("!i", 2) + b"ok")
+        assert reader.read() == ([b"hello", b"ok"], False)
+        os.write(w, struct.pack("!iQ", -1, protocol.MAX_MESSAGE_BYTES + 1))
+        try:
+            reader.read()
+        except protocol.ProtocolError as exc:
+            assert "cap" in str(exc)
+        else:
+            raise AssertionError("an oversized frame was accepted")
+        os.close(w)
+        w = -1
+        reader.buffer.clear()
+        assert reader.read() == ([], True)
+    finally:
+        reader.close()
+        if w >= 0:
+            os.close(w)

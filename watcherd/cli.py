@@ -320,7 +320,7 @@ def cmd_ocr(args: argparse.Namespace) -> int:
         print(f"watcherd: cannot load the OCR engine: {exc}", file=sys.stderr)
         return EX_CONFIG if exc.config_error else 1
     finally:
-        worker.stop()
+        worker.stop(wait_s=5.0)
         if progress is not None:
             progress.close()
     output = documents[0] if len(documents) == 1 else documents
@@ -337,7 +337,7 @@ def _run_one(worker: Worker, job: Job) -> Outcome:
         due = worker.next_wakeup()
         timeout = None if due is None else max(0.0, due - worker.clock())
         if worker.conn_in is not None:
-            wait([worker.conn_in], timeout)
+            wait([worker.conn_in.fileno()], timeout)
         elif timeout:
             time.sleep(timeout)  # a crashed child's respawn backoff
         for outcome in worker.pump() + worker.tick():

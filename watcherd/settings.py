@@ -85,6 +85,7 @@ class OcrSettings:
     max_pages: int = 500
     max_file_mb: float = 500.0
     recycle_after_files: int = 0
+    memory_max_mb: float | None = None  # the child's RLIMIT_DATA; None: no limit
 
 
 @dataclass(frozen=True)
@@ -203,6 +204,8 @@ def _check_ranges(s: Settings) -> None:
         "gpu.min_free_mb": s.gpu.min_free_mb,
         "gpu.wait_for_memory_s": s.gpu.wait_for_memory_s,
     }
+    if s.ocr.memory_max_mb is not None:
+        positive["ocr.memory_max_mb"] = s.ocr.memory_max_mb
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"must be greater than 0, got {value}", key=key, source=s.source)
