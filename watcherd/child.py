@@ -218,9 +218,9 @@ def _open_nofollow(path: str, flags: int) -> int:
 
 
 def _limit_memory(megabytes: float | None) -> None:
-    """RLIMIT_DATA, not RLIMIT_AS: it counts memory written to (heap, anonymous mappings, thread
-    stacks) but not the address space torch and onnxruntime reserve without using, which an
-    RLIMIT_AS of a few GB would refuse at model load."""
+    """RLIMIT_DATA, not RLIMIT_AS: it counts private writable memory (heap, anonymous mappings,
+    thread stacks) but not address space reserved without access, which CUDA's initialisation
+    takes by the tens of GB and RLIMIT_AS would count. rapidocr on CPU needs about 600 MB."""
     if megabytes:
         limit = int(megabytes * 1024 * 1024)
         resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
