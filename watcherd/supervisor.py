@@ -58,6 +58,7 @@ LOAD_RETRIES = 5  # consecutive load failures before the daemon gives up (after 
 MAX_BACKOFF_S = 30.0
 STACK_GRACE_S = 0.5  # after SIGUSR1 on a timeout: how long the child's stacks may take to arrive
 STACK_BYTES = 256 * 1024  # what we read of them
+STACK_LINES = 300  # and log
 EXIT_GRACE_S = 5.0  # an idle child asked to exit: then SIGKILL
 DEATH_GRACE_S = 1.0  # a child whose pipe closed: time to finish dying before SIGKILL
 POLL_DYING_S = 0.05  # how often a child on its way out is polled
@@ -721,8 +722,9 @@ class Worker:
             child_pid=pid,
             level=logging.WARNING,
         )
-        if stacks:
-            log.warning("Python stacks of OCR child %s at the timeout:\n%s", pid, stacks.rstrip())
+        # One log line per stack line: the log formatter escapes line breaks inside a message.
+        for line in stacks.rstrip().splitlines()[:STACK_LINES]:
+            log.warning("Python stacks of OCR child %s at the timeout: %s", pid, line)
         self._release(f"page timeout on {job.rel}", ask_exit=False)
         self.next_spawn_at = now  # respawn at once; the load is not charged to the next file
         detail = f"page {page}, {elapsed:g} s; " + (
