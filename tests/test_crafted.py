@@ -218,3 +218,35 @@ def test_the_reader_returns_whole_frames_and_refuses_oversized_ones() -> None:
         reader.close()
         if w >= 0:
             os.close(w)
+
+
+def test_journald_keeps_the_exact_name_and_the_message_escapes_it(daemon_factory, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.test_systemd_integration import JOURNAL_SCRIPT
+
+    assert os.geteuid() == 0, "needs root for unshare -m and journald (CI runs as root)"
+    assert Path("/lib/systemd/systemd-journald").exists(), "systemd-journald missing: run scripts/setup --test"
+    daemon = daemon_factory(logging={"target": "journal"})
+    names = [b"a\nINFO b.png", b"caf\xe9.png", b"esc\x1b[2J.png"]
+    for i, name in enumerate(names):
+        make_image(Path(os.fsdecode(os.fsencode(daemon.inbox) + b"/" + name)), 20 + i, 10)
+    wait_for_three = '[ "$(ls "$WORK/outbox" 2>/dev/null | grep -c "json$")" -lt 3 ]'
+    script = JOURNAL_SCRIPT.replace(
+        '[ ! -e "$WORK/outbox/good.png.json" ] || [ ! -e "$WORK/failed/bad.jpg.json" ]', wait_for_three
+    )
+    assert script != JOURNAL_SCRIPT
+    Path("/run/systemd/journal").mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHON": sys.executable, "CONFIG": str(daemon.config_path), "WORK": str(tmp_path)}
+    subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script], cwd=REPO, env=env, timeout=120)
+    entries = [json.loads(line) for line in (tmp_path / "journal.json").read_text().splitlines()]
+    done = [e for e in entries if e.get("WATCHERD_EVENT") == "done"]
+
+    def raw(value: str | list[int]) -> bytes:  # journalctl -o json: binary fields are byte arrays
+        return bytes(value) if isinstance(value, list) else value.encode()
+
+    assert sorted(raw(e["WATCHERD_SOURCE"]) for e in done) == sorted(names)
+    messages = " ".join(raw(e["MESSAGE"]).decode() for e in done)
+    assert "a\\nINFO b.png: 1 page(s)" in messages and "caf\\xe9.png" in messages and "esc\\x1b[2J.png" in messages
+    assert not any(b"\x1b" in raw(e["MESSAGE"]) or b"\n" in raw(e["MESSAGE"]) for e in done)

@@ -61,6 +61,20 @@ class EscapingFormatter(logging.Formatter):
         return super().formatMessage(clone)
 
 
+def _escaping_journal_handler(base: type) -> type:
+    """JournalHandler sends every record attribute, the raw `msg` and `args` too, and encodes
+    each as UTF-8: a non-UTF-8 name (a surrogate escape) made it drop the whole event with a
+    "Logging error". It gets a copy whose message is already formatted and escaped."""
+
+    class EscapingJournalHandler(base):  # type: ignore[misc,valid-type]
+        def emit(self, record: logging.LogRecord) -> None:
+            clone = logging.makeLogRecord(record.__dict__)
+            clone.msg, clone.args = escape(record.getMessage()), None
+            super().emit(clone)
+
+    return EscapingJournalHandler
+
+
 FIELD_NAMES = {
     "source": "WATCHERD_SOURCE",
     "error_code": "WATCHERD_ERROR_CODE",
@@ -96,7 +110,7 @@ def setup(level: str = "info", target: str = "auto") -> str:
         except ImportError:
             JournalHandler = None
         if JournalHandler is not None:
-            handler = JournalHandler(SYSLOG_IDENTIFIER="watcherd")
+            handler = _escaping_journal_handler(JournalHandler)(SYSLOG_IDENTIFIER="watcherd")
             handler.setFormatter(EscapingFormatter())
             root.addHandler(handler)
             return "journal"
