@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from . import outputs
+from .logs import escape
 from .settings import Settings
 
 
@@ -51,7 +52,7 @@ def format_status(status: dict[str, Any]) -> str:
     )
     for item in status["in_flight"]:
         lines.append(
-            f"  in flight: {item['source']} page {item['page'] or 1}/{item['pages'] or '?'}, "
+            f"  in flight: {escape(item['source'])} page {item['page'] or 1}/{item['pages'] or '?'}, "
             f"{item['elapsed_s']:.0f} s (child {item['child_pid']})"
         )
     for child in status["children"]:
@@ -59,7 +60,8 @@ def format_status(status: dict[str, Any]) -> str:
         lines.append(f"  child pid {child['pid']} on {device}: {child['state']}, {child['files_done']} files")
     if status["last_error"]:
         e = status["last_error"]
-        lines.append(f"  last error: {e['source']}: {e['error_code']}: {e['detail']} ({e['at']})")
+        # Names and details come from the inbox and the engine: escaped before a terminal sees them.
+        lines.append(f"  last error: {escape(e['source'])}: {e['error_code']}: {escape(str(e['detail']))} ({e['at']})")
     gpu = status.get("gpu") or {}
     if gpu.get("available"):
         lines.append(f"  GPU: {gpu['free_mb']} MB free of {gpu['total_mb']} MB ({gpu['usage_percent']}% used)")

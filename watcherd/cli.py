@@ -278,7 +278,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
     settings.require_paths()
     moved = admin.retry(settings, args.pattern)
     for original, back in moved:
-        print(f"{original} → {back}")
+        print(f"{logs.escape(str(original))} → {logs.escape(str(back))}")  # names from the inbox
     print(f"{len(moved)} file(s) back in the inbox")
     return 0
 
