@@ -236,3 +236,10 @@ class Garbage(Echo):
         elif image.width == GARBAGE_MISSING_FIELDS:
             frame(json.dumps({"op": "cleared", "files_done": "many"}).encode())
         return super().ocr(image)
+
+
+class SlowClose(Echo):
+    """Never finishes `close()`: a child asked to exit stays until it is killed."""
+
+    def close(self) -> None:
+        time.sleep(3600)

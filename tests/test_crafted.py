@@ -250,3 +250,19 @@ def test_journald_keeps_the_exact_name_and_the_message_escapes_it(daemon_factory
     messages = " ".join(raw(e["MESSAGE"]).decode() for e in done)
     assert "a\\nINFO b.png: 1 page(s)" in messages and "caf\\xe9.png" in messages and "esc\\x1b[2J.png" in messages
     assert not any(b"\x1b" in raw(e["MESSAGE"]) or b"\n" in raw(e["MESSAGE"]) for e in done)
+
+
+def test_a_child_that_will_not_exit_is_killed_later_without_holding_the_loop(daemon_factory) -> None:
+    """Replacing children (SIGHUP with new ocr.* settings) asks the idle one to exit; it once
+    waited up to 5 s for it in the loop (and 10 s more after a SIGKILL)."""
+    daemon = daemon_factory(ocr={"engine": "tests.engines:SlowClose"}).start()
+    old = daemon.child_pid()
+    daemon.configure(ocr={"engine": "tests.engines:SlowClose", "options": {"delay_s": 0.01}})
+    daemon.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: len(daemon.child_pids()) >= 2, 10, "the new child")
+    make_image(daemon.inbox / "meanwhile.png", 30, 10)
+    assert daemon.wait_json("meanwhile.png")["status"] == "ok"
+    assert f"OCR child {old} killed" not in daemon.log()  # served while the old one lingered
+    wait_until(lambda: f"OCR child {old} killed by watcherd (stopping)" in daemon.log(), 15, "the old child killed")
+    wait_until(lambda: gone_or_zombie(old), 10, "the old child reaped")
+    assert daemon.alive()
