@@ -1,5 +1,5 @@
 # The two commands (README.md): `make run` and `make test`. Both set up what they need.
-.PHONY: run test chaos bench setup setup-test check
+.PHONY: run test chaos fuzz bench setup setup-test check
 
 run: setup
 	mkdir -p var/inbox
@@ -10,6 +10,10 @@ test: setup-test
 
 chaos: setup-test
 	.venv/bin/python -m pytest -m chaos -q $(PYTEST_ARGS)
+
+# The fuzz targets alone, for longer than the suite's bounded run (WATCHERD_FUZZ_SECONDS=24).
+fuzz: setup-test
+	WATCHERD_FUZZ_SECONDS=$${WATCHERD_FUZZ_SECONDS:-600} .venv/bin/python -m pytest -m fuzz -q $(PYTEST_ARGS)
 
 bench: setup-test
 	cd benchmarks && ../.venv/bin/python embedded.py && ../.venv/bin/python overhead.py

@@ -80,12 +80,13 @@ class Daemon:
             config.setdefault(section, {}).update(values)
         self.config_path.write_text(yaml.safe_dump(config, allow_unicode=True))
 
-    def start(self, wait_ready: bool = True, env: dict[str, str] | None = None) -> Daemon:
+    def start(self, wait_ready: bool = True, env: dict[str, str] | None = None, cwd: Path = REPO) -> Daemon:
+        """Run the daemon (from `cwd`: elsewhere than the repo, pass PYTHONPATH in `env`)."""
         self._log = open(self.log_path, "ab")
         self._log_start = self.log_path.stat().st_size
         self.proc = subprocess.Popen(
             [*self.prefix, sys.executable, "-m", "watcherd", "run", "--config", str(self.config_path)],
-            cwd=REPO,
+            cwd=cwd,
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},

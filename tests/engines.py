@@ -180,3 +180,66 @@ class CudaHog(Echo):
             a = a @ a / 8192
             torch.cuda.synchronize()
         return str(hold.shape)  # pragma: no cover
+
+
+class Surrogates(Echo):
+    """Returns text with a lone surrogate (what a bad decode in a model's tokenizer produces)
+    and a surrogate pair that only needs joining."""
+
+    def ocr(self, image: Image.Image) -> str:
+        return "before \udce9 after \ud83d\ude00 end \udc80"
+
+
+class Stuck(Echo):
+    """Hangs in Python (signals not blocked) inside a function with a telling name, so that the
+    timeout's stack shows where."""
+
+    def ocr(self, image: Image.Image) -> str:
+        if image.width != HANG_WIDTH:
+            return super().ocr(image)
+        return self.spin_inside_the_model()
+
+    def spin_inside_the_model(self) -> str:
+        while True:
+            time.sleep(0.1)
+
+
+GARBAGE_NOT_JSON = 41
+GARBAGE_OVERSIZED = 43
+GARBAGE_PARTIAL = 47
+GARBAGE_NOT_OBJECT = 53
+GARBAGE_MISSING_FIELDS = 59
+
+
+class Garbage(Echo):
+    """Writes to the protocol pipe itself (fd sys.argv[2], see watcherd.child.main), each trigger
+    width its own way of breaking the framing or the messages."""
+
+    def ocr(self, image: Image.Image) -> str:
+        import json
+        import struct
+
+        fd = int(sys.argv[2])
+
+        def frame(payload: bytes) -> None:
+            os.write(fd, struct.pack("!i", len(payload)) + payload)
+
+        if image.width == GARBAGE_NOT_JSON:
+            frame(b"\x00\xffnot json at all")
+        elif image.width == GARBAGE_OVERSIZED:
+            os.write(fd, struct.pack("!iQ", -1, 2**40))  # a 1 TiB message announced
+        elif image.width == GARBAGE_PARTIAL:
+            os.write(fd, struct.pack("!i", 1000) + b'{"op": "pa')  # half a message, then silence
+            time.sleep(3600)
+        elif image.width == GARBAGE_NOT_OBJECT:
+            frame(b'["op", "page"]')
+        elif image.width == GARBAGE_MISSING_FIELDS:
+            frame(json.dumps({"op": "cleared", "files_done": "many"}).encode())
+        return super().ocr(image)
+
+
+class SlowClose(Echo):
+    """Never finishes `close()`: a child asked to exit stays until it is killed."""
+
+    def close(self) -> None:
+        time.sleep(3600)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,10 @@ paths: {inbox: ROOT/inbox, outbox: ROOT/outbox, failed: ROOT/failed, archive: RO
         ("output: {on_success: keep}", "output.on_success", "archive | delete"),
         ("logging: {level: 3}", "logging.level", "must be one of"),
         ("scanner: {}", "scanner", "unknown key"),
+        ("ocr: {timeout_s: .nan}", "ocr.timeout_s", "must be a finite number"),
+        ("watch: {settle_s: .inf}", "watch.settle_s", "must be a finite number"),
+        ("ocr: {max_file_mb: -.inf}", "ocr.max_file_mb", "must be a finite number"),
+        ("gpu: {wait_for_memory_s: 1e999}", "gpu.wait_for_memory_s", "must be a finite number"),
     ],
 )
 def test_bad_values_exit_78_naming_the_key_and_file(tmp_path: Path, extra: str, key: str, words: str) -> None:
@@ -42,6 +47,33 @@ def test_bad_values_exit_78_naming_the_key_and_file(tmp_path: Path, extra: str, 
     message = result.stderr.strip()
     assert len(message.splitlines()) == 1, message
     assert f"{config}: {key}:" in message and words in message
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "NaN", "1e999"])
+def test_ocr_timeout_from_the_environment_must_be_finite(tmp_path: Path, value: str) -> None:
+    config = write(tmp_path, GOOD)
+    result = run_watcherd("run", "--config", str(config), env={**os.environ, "OCR_TIMEOUT": value})
+    assert result.returncode == 78, result.stderr
+    message = result.stderr.strip()
+    assert len(message.splitlines()) == 1, message
+    assert "ocr.timeout_s (from OCR_TIMEOUT)" in message and "must be a finite number" in message
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value"),
+    [
+        ("ocr", "timeout_s", float("nan")),
+        ("ocr", "load_timeout_s", float("inf")),
+        ("watch", "settle_s", float("inf")),
+        ("watch", "poll_interval_s", float("nan")),
+        ("gpu", "max_usage_percent", float("nan")),
+        ("gpu", "wait_for_memory_s", float("-inf")),
+        ("ocr", "timeout_s", "nan"),
+    ],
+)
+def test_non_finite_numbers_are_config_errors(section: str, key: str, value: object) -> None:
+    with pytest.raises(settings.ConfigError, match=f"{section}.{key}: must be a finite number"):
+        settings.from_dict({section: {key: value}}, env={})
 
 
 def test_missing_paths_and_loops_are_refused(tmp_path: Path) -> None:

@@ -18,20 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from . import outputs, safefs
+from .logs import escape
 from .settings import Settings
 from .spool import inbox_id
 
 STATUS_MAX_BYTES = 4 << 20
 STALE_AFTER_S = 60.0  # the loop rewrites the status at least every few seconds while it runs
-_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0))}
-_CONTROL.update({ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"})
-
-
-def escape(value: Any) -> str:
-    """`value` as text safe for a terminal: control characters (newlines, ESC sequences, C1) are
-    shown as escapes, so a file name can neither forge a line nor drive the terminal."""
-    text = value if isinstance(value, str) else str(value)
-    return text.encode("utf-8", "backslashreplace").decode("utf-8").translate(_CONTROL)
 
 
 def proc_start_time(pid: int) -> int | None:

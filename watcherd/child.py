@@ -5,6 +5,12 @@ that may hold CUDA state, in its own process group so the parent can SIGKILL it 
 started. It talks to the parent over two dedicated pipes with length-framed JSON messages; its
 stdout goes to stderr, because models print (DeepSeek-OCR streams its text to stdout).
 
+Text that leaves the child is valid UTF-8: an engine's lone surrogates become U+FFFD, counted in
+the page's `replaced_characters`. With `ocr.memory_max_mb` the child runs under RLIMIT_DATA, so a
+page that needs more ends as a MemoryError here (or the child's death), never the host's memory.
+On SIGUSR1 faulthandler writes every thread's Python stack to a pipe the parent reads: on a page
+timeout the parent asks for it before the SIGKILL, so the error says where the model hung.
+
 Every reply carries the request's id. The child never writes outputs or moves files: if it is
 killed at any instant, the parent still holds everything it needs to finish the file.
 
@@ -22,9 +28,11 @@ parent → child: ocr {id, path} | idle {} (queue drained: clear the cache) | ex
 from __future__ import annotations
 
 import ctypes
+import faulthandler
 import hashlib
 import json
 import os
+import resource
 import signal
 import sys
 import time
@@ -32,7 +40,7 @@ import traceback
 from multiprocessing.connection import Connection
 from typing import Any
 
-from . import gpu
+from . import gpu, protocol
 from .engines import EngineNotFound, resolve
 from .pages import Document, InputError
 
@@ -140,7 +148,10 @@ class Child:
         sha256 = None
         try:
             with open(path, "rb", opener=_open_nofollow) as f:
-                data = f.read(self.spec["max_file_bytes"] + 1)
+                # read(n) allocates n bytes first: ask for what the file holds (plus one, to see
+                # it grow past the limit), not for max_file_bytes, which RLIMIT_DATA may not allow.
+                size = os.fstat(f.fileno()).st_size
+                data = f.read(min(size, self.spec["max_file_bytes"]) + 1)
             if len(data) > self.spec["max_file_bytes"]:
                 raise InputError("too_large", f"larger than ocr.max_file_mb ({self.spec['max_file_mb']:g} MB)")
             sha256 = hashlib.sha256(data).hexdigest()
@@ -159,9 +170,12 @@ class Child:
                     text = self.engine.ocr(page.image)
                 except Exception as exc:  # noqa: BLE001 - MemoryError included: the model's failure
                     traceback.print_exc()
-                    raise _EngineError(f"{type(exc).__name__}: {exc}") from None
+                    note = self._memory_note() if isinstance(exc, MemoryError) else ""
+                    raise _EngineError(f"{type(exc).__name__}: {exc}{note}") from None
                 if not isinstance(text, str):
                     raise _EngineError(f"engine returned {type(text).__name__}, not text")
+                text, replaced = protocol.valid_text(text)
+                extra = {"replaced_characters": replaced} if replaced else {}
                 self.send(
                     "page",
                     id=request_id,
@@ -170,6 +184,7 @@ class Child:
                     processing_time=round(time.monotonic() - started, 3),
                     size=list(page.size),
                     resized_from=list(page.resized_from) if page.resized_from else None,
+                    **extra,
                 )
             self.files_done += 1
             if self.files_done % self.spec["clear_cache_every"] == 0:
@@ -182,11 +197,16 @@ class Child:
         except OSError as exc:
             self.send("failed", id=request_id, code="unreadable", detail=f"{exc.strerror or exc}", sha256=sha256)
         except MemoryError:
-            self.send("failed", id=request_id, code="too_large", detail="out of memory decoding it", sha256=sha256)
+            detail = f"out of memory decoding it{self._memory_note()}"
+            self.send("failed", id=request_id, code="too_large", detail=detail, sha256=sha256)
         except Exception as exc:  # noqa: BLE001 - a decoder bug on a hostile file (bad EXIF...) costs the file only
             traceback.print_exc()
             detail = f"{type(exc).__name__}: {exc}"
             self.send("failed", id=request_id, code="unreadable", detail=detail, sha256=sha256)
+
+    def _memory_note(self) -> str:
+        limit = self.spec.get("memory_max_mb")
+        return f" (memory limit ocr.memory_max_mb = {limit:g} MB exceeded)" if limit else ""
 
 
 class _EngineError(Exception):
@@ -197,10 +217,22 @@ def _open_nofollow(path: str, flags: int) -> int:
     return os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK)
 
 
+def _limit_memory(megabytes: float | None) -> None:
+    """RLIMIT_DATA, not RLIMIT_AS: it counts private writable memory (heap, anonymous mappings,
+    thread stacks) but not address space reserved without access, which CUDA's initialisation
+    takes by the tens of GB and RLIMIT_AS would count. rapidocr on CPU needs about 600 MB."""
+    if megabytes:
+        limit = int(megabytes * 1024 * 1024)
+        resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+
+
 def main() -> None:
     _die_with_parent()
     fd_in, fd_out = int(sys.argv[1]), int(sys.argv[2])
     spec = json.loads(sys.argv[3])
+    if spec.get("stack_fd") is not None:  # a page timeout: the parent asks where we are
+        faulthandler.register(signal.SIGUSR1, file=spec["stack_fd"], all_threads=True)
+    _limit_memory(spec.get("memory_max_mb"))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in a terminal is the parent's to handle
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     child = Child(Connection(fd_in, writable=False), Connection(fd_out, readable=False), spec)

@@ -277,7 +277,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     path = admin.status_file(settings)
     status = admin.load_status(path)
     if isinstance(status, str):
-        print(f"watcherd: {admin.escape(status)}", file=sys.stderr)
+        print(f"watcherd: {logs.escape(status)}", file=sys.stderr)
         return 3
     print(json.dumps(status, ensure_ascii=True, indent=2) if args.json else admin.format_status(status))
     return admin.liveness(status)[1]
@@ -288,7 +288,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
     settings.require_paths()
     moved = admin.retry(settings, args.pattern)
     for original, back in moved:
-        print(f"{admin.escape(original)} → inbox/{admin.escape(back)}")
+        print(f"{logs.escape(original)} → inbox/{logs.escape(back)}")  # names from the inbox
     print(f"{len(moved)} file(s) back in the inbox")
     return 0
 
@@ -327,7 +327,7 @@ def cmd_ocr(args: argparse.Namespace) -> int:
         print(f"watcherd: cannot load the OCR engine: {exc}", file=sys.stderr)
         return EX_CONFIG if exc.config_error else 1
     finally:
-        worker.stop()
+        worker.stop(wait_s=5.0)
         if progress is not None:
             progress.close()
     output = documents[0] if len(documents) == 1 else documents
@@ -344,7 +344,7 @@ def _run_one(worker: Worker, job: Job) -> Outcome:
         due = worker.next_wakeup()
         timeout = None if due is None else max(0.0, due - worker.clock())
         if worker.conn_in is not None:
-            wait([worker.conn_in], timeout)
+            wait([worker.conn_in.fileno()], timeout)
         elif timeout:
             time.sleep(timeout)  # a crashed child's respawn backoff
         for outcome in worker.pump() + worker.tick():

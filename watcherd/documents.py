@@ -16,17 +16,6 @@ from .settings import Settings
 from .spool import Job
 from .supervisor import Outcome
 
-ERROR_CODES = (
-    "timeout",
-    "vram_insufficient",
-    "engine_error",
-    "child_crashed",
-    "unreadable",
-    "unsupported_type",
-    "too_large",
-    "not_regular_file",
-)
-
 # zh-TW wording follows the service watcherd replaces, so operators' alerts keep matching.
 MESSAGES: dict[str, dict[str, str]] = {
     "zh-TW": {

@@ -29,7 +29,7 @@ from .intake import Intake, StabilityTracker
 from .sdnotify import Notifier
 from .settings import ConfigError, Settings
 from .spool import Job, Spool
-from .supervisor import EngineLoadError, Outcome, Worker, probe_engine
+from .supervisor import EngineLoadError, EngineProbe, Outcome, Worker
 
 log = logging.getLogger("watcherd")
 
@@ -54,7 +54,8 @@ class Service:
         self.intake = Intake(settings.paths.inbox, settings.watch, wake=self._wake)
         self.tracker = StabilityTracker(settings.watch.settle_s)
         self.workers = self._make_workers(settings)
-        self.retiring: list[Worker] = []  # busy workers to replace once their file is done (reload)
+        self.retiring: list[Worker] = []  # replaced workers (reload): busy ones finish their file, all are reaped
+        self.probe: tuple[EngineProbe, Settings] | None = None  # a reload waiting for its new engine to import
         self.ready: collections.deque[tuple[Path, tuple[int, int, int]]] = collections.deque()
         self.queued: set[Path] = set()  # paths in `ready`, so repeated events never queue twice
         self.jobs: collections.deque[Job] = collections.deque()  # claimed, waiting for a worker
@@ -122,8 +123,10 @@ class Service:
         finally:
             self.publisher.shutdown(wait=True)
             self.intake.stop()
+            if self.probe is not None:
+                self.probe[0].cancel()
             for worker in self.workers + self.retiring:
-                worker.stop()
+                worker.stop(wait_s=5.0)
             self._write_status(state="stopped")
         log.info("Stopped: %d ok, %d failed", self.counts["ok"], self.counts["failed"])
         return 0
@@ -174,6 +177,7 @@ class Service:
         log.info("Returned %s to the inbox as %s", job.rel, back)
 
     def _handle_signals(self) -> None:
+        self._probed()
         while self.signals:
             signum = self.signals.popleft()
             if signum in (signal.SIGTERM, signal.SIGINT) and self.stopping_since is None:
@@ -463,12 +467,29 @@ class Service:
             log.error("Reload failed, keeping the running configuration: %s", exc)
             self.notifier.ready()
             return
+        if self.probe is not None:  # this reload supersedes one still probing its engine
+            self.probe[0].cancel()
+            self.probe = None
         if (new.ocr.engine, new.ocr.python) != (old.ocr.engine, old.ocr.python):
-            problem = probe_engine(new.ocr)
-            if problem is not None:
-                log.error("Reload failed, keeping the running configuration: %s", problem)
-                self.notifier.ready()
-                return
+            # Importing a model's package can take minutes, longer than the watchdog allows the
+            # loop to stand still: probe it beside the loop and switch when it answers (_probed).
+            self.probe = (EngineProbe(new.ocr, on_done=self._wake), new)
+            return
+        self._switch(old, new)
+
+    def _probed(self) -> None:
+        """A reload's engine probe has answered: switch to the new configuration, or keep ours."""
+        if self.probe is None or not self.probe[0].done or self.stopping_since is not None:
+            return
+        probe, new = self.probe
+        self.probe = None
+        if probe.problem is not None:
+            log.error("Reload failed, keeping the running configuration: %s", probe.problem)
+            self.notifier.ready()
+            return
+        self._switch(self.settings, new)
+
+    def _switch(self, old: Settings, new: Settings) -> None:
         if new.paths != old.paths:
             log.warning("paths.* changed: that takes a restart; keeping the current folders until then")
             new = dataclasses.replace(new, paths=old.paths)
@@ -485,11 +506,7 @@ class Service:
             self.next_rescan = 0.0  # pick up what the old patterns left out
         if new.ocr != old.ocr or new.gpu != old.gpu:
             log.info("Engine settings changed: replacing the OCR child(ren)")
-            for worker in self.workers:
-                if worker.state == "busy":
-                    self.retiring.append(worker)  # finishes its file first
-                else:
-                    worker.stop()
+            self.retiring.extend(self.workers)  # busy ones finish their file first (_replace_retired)
             self.workers = self._make_workers(new)
             for worker in self.workers:
                 worker.spawn()
@@ -501,7 +518,8 @@ class Service:
     def _replace_retired(self) -> None:
         for worker in list(self.retiring):
             if worker.state != "busy":
-                worker.stop()
+                worker.stop()  # returns at once; the child is reaped by its tick()
+            if worker.gone:
                 self.retiring.remove(worker)
 
     # -- systemd and the status file -------------------------------------------------------

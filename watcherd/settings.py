@@ -8,6 +8,7 @@ so systemd's `RestartPreventExitStatus=78` stops a restart loop on a bad config.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -89,6 +90,7 @@ class OcrSettings:
     max_pages: int = 500
     max_file_mb: float = 500.0
     recycle_after_files: int = 0
+    memory_max_mb: float | None = None  # the child's RLIMIT_DATA; None: no limit
 
 
 @dataclass(frozen=True)
@@ -233,6 +235,8 @@ def _check_ranges(s: Settings) -> None:
         "gpu.min_free_mb": s.gpu.min_free_mb,
         "gpu.wait_for_memory_s": s.gpu.wait_for_memory_s,
     }
+    if s.ocr.memory_max_mb is not None:
+        positive["ocr.memory_max_mb"] = s.ocr.memory_max_mb
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"must be greater than 0, got {value}", key=key, source=s.source)
@@ -298,14 +302,21 @@ def _convert(hint: Any, value: Any, key: str, source: str | None) -> Any:
             raise ConfigError(f"expected a whole number, got {_describe(value)}", key=key, source=source)
         return value
     if hint is float:
+        number: float | None = None
         if isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            number = float(value)
+        if number is None:
             raise ConfigError(f"expected a number, got {_describe(value)}", key=key, source=source)
-        return float(value)
+        # YAML's .nan/.inf and OCR_TIMEOUT=nan parse as floats, and NaN passes every range check
+        # (nan <= 0 is False): a timeout of NaN never fires. Numbers must be finite (DESIGN §3).
+        if not math.isfinite(number):
+            raise ConfigError(f"must be a finite number, got {value!r}", key=key, source=source)
+        return number
     if hint is str:
         if not isinstance(value, str):
             raise ConfigError(f"expected a string, got {_describe(value)}", key=key, source=source)

@@ -1,13 +1,23 @@
 """The parent's side of the OCR child: spawn, feed, time, kill, respawn.
 
 The parent owns the clock. The per-page deadline restarts whenever the child reports a new page;
-past it the child's whole process group gets SIGKILL — the one signal native code cannot ignore,
-which is why the SIGALRM timeout of the service watcherd replaces never fired inside
-`model.infer()`. A killed child is never reused: a late reply can therefore never be taken for the
-next file's answer, and replies are matched by request id as well.
+past it the parent first asks the child for its Python stacks (SIGUSR1, which the child's
+faulthandler answers on a pipe of its own, even from inside native code) so that the operator
+learns where the model hung, then the child's whole process group gets SIGKILL — the one signal
+native code cannot ignore, which is why the SIGALRM timeout of the service watcherd replaces
+never fired inside `model.infer()`. A child that blocks signals gives no stack and dies on time all
+the same. A killed child is never reused: a late reply can therefore never be taken for the next
+file's answer, and replies are matched by request id as well.
 
 A `Worker` is driven from one loop: `fileno()` for waiting, `pump()` when readable, `tick()` for
-deadlines and respawns. Both return finished `Outcome`s.
+deadlines, reaping and respawns. Both return finished `Outcome`s. Nothing here waits on a child:
+a child asked to exit, or killed, is reaped later from `tick()` (`proc.poll()`), so a child stuck
+in uninterruptible sleep never stalls the main loop and its watchdog ping. Only `stop(wait_s=...)`,
+at exit, waits a bounded time.
+
+The child starts with "/" as its working directory and without the current directory on its
+import path: `python -c` would otherwise put the daemon's working directory first on sys.path,
+and a `runpy.py` or `json.py` planted there would run inside the child.
 """
 
 from __future__ import annotations
@@ -15,15 +25,18 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
+from . import protocol
 from .settings import GpuSettings, OcrSettings
 from .spool import Job
 
@@ -31,34 +44,112 @@ log = logging.getLogger("watcherd")
 
 # The child runs `watcherd.child` from this very installation. Under `ocr.python` (another venv,
 # pinned for a model) our folder is appended, not prepended, so that venv's own packages win.
+# `python -c` puts "" (the working directory) first on sys.path: dropped before anything is
+# imported (`-P` would do it too, but not on the older interpreters `ocr.python` may name).
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CHILD_PATH_SETUP = "import sys; sys.path.append(sys.argv.pop(1))"  # argv[1] is PACKAGE_ROOT
+CHILD_PATH_SETUP = (
+    "import sys; sys.path[:] = [p for p in sys.path if p not in ('', '.')]; "
+    "sys.path.append(sys.argv.pop(1))"  # argv[1] is PACKAGE_ROOT
+)
 CHILD_BOOTSTRAP = f"{CHILD_PATH_SETUP}; import runpy; runpy.run_module('watcherd.child', run_name='__main__')"
+CHILD_CWD = "/"
 
 LOAD_RETRIES = 5  # consecutive load failures before the daemon gives up (after backoffs of 1, 2, 4, 8 s)
 MAX_BACKOFF_S = 30.0
+STACK_GRACE_S = 0.5  # after SIGUSR1 on a timeout: how long the child's stacks may take to arrive
+STACK_BYTES = 256 * 1024  # what we read of them
+STACK_LINES = 300  # and log
+EXIT_GRACE_S = 5.0  # an idle child asked to exit: then SIGKILL
+DEATH_GRACE_S = 1.0  # a child whose pipe closed: time to finish dying before SIGKILL
+POLL_DYING_S = 0.05  # how often a child on its way out is polled
+UNKILLABLE_S = 10.0  # SIGKILLed this long ago and still there: D state (hung NFS/GPU); say so once
+
+
+def _probe_command(ocr: OcrSettings) -> list[str]:
+    python = _absolute_program(ocr.python) if ocr.python else sys.executable
+    probe = f"{CHILD_PATH_SETUP}; from watcherd.engines import resolve; resolve(sys.argv[1])"
+    return [python, "-c", probe, PACKAGE_ROOT, ocr.engine]
+
+
+def _probe_problem(returncode: int, stderr: str) -> str | None:
+    if returncode != 0:
+        return (stderr.strip().splitlines() or ["?"])[-1]
+    return None
 
 
 def probe_engine(ocr: OcrSettings) -> str | None:
     """Can the child's interpreter import `ocr.engine`? None if so, else what went wrong.
 
-    Runs in a throw-away process (the parent never imports an engine, or torch).
+    Runs in a throw-away process (the parent never imports an engine, or torch) and waits for it:
+    for `watcherd check`. The daemon's reload uses `EngineProbe`, which does not wait.
     """
-    python = ocr.python or sys.executable
-    probe = f"{CHILD_PATH_SETUP}; from watcherd.engines import resolve; resolve(sys.argv[1])"
+    command = _probe_command(ocr)
     try:
         result = subprocess.run(
-            [python, "-c", probe, PACKAGE_ROOT, ocr.engine],
-            capture_output=True,
-            text=True,
-            timeout=ocr.load_timeout_s,
-            check=False,
+            command, capture_output=True, text=True, timeout=ocr.load_timeout_s, check=False, cwd=CHILD_CWD
         )
     except (OSError, subprocess.TimeoutExpired) as exc:
-        return f"ocr.python: cannot run {python}: {exc}"
-    if result.returncode != 0:
-        return (result.stderr.strip().splitlines() or ["?"])[-1]
-    return None
+        return f"ocr.python: cannot run {command[0]}: {exc}"
+    return _probe_problem(result.returncode, result.stderr)
+
+
+class EngineProbe:
+    """`probe_engine` without waiting: the probe process runs while the main loop goes on.
+
+    A thread waits for the process (up to `ocr.load_timeout_s`, then kills it) and calls
+    `on_done` — the loop's wake-up — when the answer is there; `done` and `problem` hold it.
+    Importing a model's package can take minutes, far longer than the systemd watchdog allows
+    the loop to stand still.
+    """
+
+    def __init__(self, ocr: OcrSettings, *, on_done: Callable[[], None] = lambda: None):
+        self.ocr = ocr
+        self.done = False
+        self.problem: str | None = None
+        self._on_done = on_done
+        command = _probe_command(ocr)
+        try:
+            self._proc: subprocess.Popen[str] | None = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+                errors="replace",
+                cwd=CHILD_CWD,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            self._proc = None
+            self._finish(f"ocr.python: cannot run {command[0]}: {exc.strerror or exc}")
+            return
+        threading.Thread(target=self._wait, name="engine-probe", daemon=True).start()
+
+    def _wait(self) -> None:
+        assert self._proc is not None
+        try:
+            _, stderr = self._proc.communicate(timeout=self.ocr.load_timeout_s)
+        except subprocess.TimeoutExpired:
+            self.cancel()
+            self._proc.communicate()
+            self._finish(
+                f"importing {self.ocr.engine} took longer than ocr.load_timeout_s ({self.ocr.load_timeout_s:g} s)"
+            )
+            return
+        self._finish(_probe_problem(self._proc.returncode, stderr or ""))
+
+    def _finish(self, problem: str | None) -> None:
+        self.problem = problem
+        self.done = True
+        self._on_done()
+
+    def cancel(self) -> None:
+        """Kill the probe (a newer reload, or the daemon stopping)."""
+        if self._proc is not None and self._proc.poll() is None:
+            try:
+                os.killpg(self._proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
 
 
 class EngineLoadError(Exception):
@@ -102,6 +193,52 @@ def describe_exit(returncode: int | None) -> str:
     return f"exited with status {returncode}"
 
 
+def _absolute_program(program: str) -> str:
+    """`ocr.python` as given, made absolute when relative: the child starts in "/"."""
+    return os.path.abspath(program) if os.sep in program and not os.path.isabs(program) else program
+
+
+def _absolute_model(model: str | None) -> str | None:
+    """A relative model folder that exists here, made absolute (the child starts in "/"); a hub
+    id such as "deepseek-ai/DeepSeek-OCR" is left as it is."""
+    if model and not os.path.isabs(model) and os.path.exists(model):
+        return os.path.abspath(model)
+    return model
+
+
+_FRAME = re.compile(r'^\s*File "(?P<file>[^"]*)", line (?P<line>\d+) in (?P<func>.*)$')
+
+
+def summarise_stack(text: str, frames: int = 4) -> str | None:
+    """The top frames of the thread that was running the engine, from faulthandler's dump
+    ("ocr (tests/engines.py:71) ← ocr_file (watcherd/child.py:170)"); None without any."""
+    blocks = [b for b in re.split(r"\n\s*\n", text) if "most recent call first" in b]
+    if not blocks:
+        return None
+    chosen = next((b for b in blocks if " in ocr_file" in b), blocks[0])
+    shown = []
+    for line in chosen.splitlines():
+        match = _FRAME.match(line)
+        if match:
+            path = match["file"]
+            short = os.path.relpath(path, PACKAGE_ROOT) if path.startswith(PACKAGE_ROOT + os.sep) else path
+            shown.append(f"{match['func']} ({short}:{match['line']})")
+        if len(shown) == frames:
+            break
+    return " ← ".join(shown) or None
+
+
+@dataclass
+class _Dying:
+    """A child on its way out, reaped from `tick()` (never waited for in the loop)."""
+
+    proc: subprocess.Popen[bytes]
+    reason: str | None  # why we ended it; None: it died by itself (its exit status says how)
+    kill_at: float  # SIGKILL its process group at this time if it has not exited
+    killed_at: float | None = None
+    said_unkillable: bool = False
+
+
 class Worker:
     """One supervised child on one device (None: the default device)."""
 
@@ -120,9 +257,13 @@ class Worker:
         self.on_event = on_event or (lambda *a, **k: None)
         self.clock = clock
         self.proc: subprocess.Popen[bytes] | None = None
-        self.conn_in: Connection | None = None  # child → parent
+        self.conn_in: protocol.Reader | None = None  # child → parent (non-blocking, framed)
         self.conn_out: Connection | None = None  # parent → child
-        self.state = "stopped"  # stopped | loading | idle | busy
+        self._stacks: int | None = None  # read end of the pipe the child's faulthandler writes to
+        # stopped | loading | idle | busy | exiting (its pipe closed: waiting for its exit status)
+        self.state = "stopped"
+        self.retired = False  # stop() was called: never respawn
+        self.dying: list[_Dying] = []
         self.deadline: float | None = None
         self.next_spawn_at: float = 0.0
         self.load_failures = 0
@@ -139,6 +280,9 @@ class Worker:
         self._gpu_before: dict[str, Any] = {"available": False}
         self.current_page = 0
         self.page_count = 0
+        self._stack_until: float | None = None  # timed out: the child's stacks are awaited until then
+        self._timed_out_after = 0.0
+        self._lost: tuple[str, Job | None, str | None, float] | None = None  # state, job, why, SIGKILL at
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -150,13 +294,20 @@ class Worker:
     def ready(self) -> bool:
         return self.state == "idle"
 
+    @property
+    def gone(self) -> bool:
+        """No child of ours is left, not even one on its way out."""
+        return self.proc is None and not self.dying
+
     def spawn(self) -> None:
         """Start a fresh interpreter for the child; it reports `ready` once its model is loaded."""
         parent_r, child_w = os.pipe()
         child_r, parent_w = os.pipe()
+        stacks_r, stacks_w = os.pipe()
+        os.set_blocking(stacks_r, False)
         spec = {
             "engine": self.ocr.engine,
-            "model": self.ocr.model,
+            "model": _absolute_model(self.ocr.model),
             "prompt": self.ocr.prompt,
             "options": self.ocr.options,
             "device": None if self.device is None else "cuda",
@@ -164,34 +315,38 @@ class Worker:
             "max_pages": self.ocr.max_pages,
             "max_file_mb": self.ocr.max_file_mb,
             "max_file_bytes": int(self.ocr.max_file_mb * 1024 * 1024),
+            "memory_max_mb": self.ocr.memory_max_mb,
             "clear_cache_every": self.gpu.clear_cache_every,
             "min_free_mb": self.gpu.min_free_mb,
             "max_usage_percent": self.gpu.max_usage_percent,
+            "stack_fd": stacks_w,
         }
         env = dict(os.environ)
         if self.device is not None:
             env["CUDA_VISIBLE_DEVICES"] = str(self.device)
-        python = self.ocr.python or sys.executable
+        python = _absolute_program(self.ocr.python) if self.ocr.python else sys.executable
         try:
             self.proc = subprocess.Popen(
                 [python, "-c", CHILD_BOOTSTRAP, PACKAGE_ROOT, str(child_r), str(child_w), json.dumps(spec)],
-                pass_fds=(child_r, child_w),
+                pass_fds=(child_r, child_w, stacks_w),
                 stdin=subprocess.DEVNULL,
                 stdout=sys.stderr.fileno(),  # models print; keep the protocol pipe clean
                 start_new_session=True,  # own process group: killpg reaches grandchildren
+                cwd=CHILD_CWD,
                 env=env,
             )
         except OSError as exc:  # ocr.python missing or not executable: retrying cannot fix it
-            os.close(parent_r)
-            os.close(parent_w)
+            for fd in (parent_r, parent_w, stacks_r):
+                os.close(fd)
             raise EngineLoadError(
                 f"ocr.python: cannot start {python}: {exc.strerror or exc}", config_error=True
             ) from None
         finally:
-            os.close(child_r)
-            os.close(child_w)
-        self.conn_in = Connection(parent_r, writable=False)
+            for fd in (child_r, child_w, stacks_w):
+                os.close(fd)
+        self.conn_in = protocol.Reader(parent_r)
         self.conn_out = Connection(parent_w, readable=False)
+        self._stacks = stacks_r
         self.state = "loading"
         self.deadline = self.clock() + self.ocr.load_timeout_s
         self.on_event(
@@ -200,52 +355,91 @@ class Worker:
             child_pid=self.proc.pid,
         )
 
-    def stop(self, grace_s: float = 5.0) -> None:
-        """Ask the child to exit; kill its process group if it has not within `grace_s`."""
-        if self.proc is None:
-            return
-        try:
-            if self.state == "idle" and self.conn_out is not None:
-                self.conn_out.send_bytes(b'{"op": "exit"}')
-            self.proc.wait(timeout=grace_s if self.state == "idle" else 0)
-        except (OSError, subprocess.TimeoutExpired):
-            pass
-        self._reap(kill=True, reason="stopping" if self.proc.poll() is None else None)
+    def stop(self, wait_s: float | None = None) -> None:
+        """Retire this worker: an idle child is asked to exit (SIGKILL after EXIT_GRACE_S), any
+        other is killed. Returns at once and the child is reaped from `tick()`; with `wait_s`
+        (at exit) it waits up to that long, then kills whatever is left and reaps it."""
+        self.retired = True
+        if self.state == "exiting" and wait_s is None:
+            return  # its death is still to be judged (its file retried): tick() finishes it
+        if self.proc is not None:
+            self._release("stopping", ask_exit=self.state == "idle")
+        if wait_s is not None:
+            self._wait_gone(wait_s)
 
     def kill(self, reason: str = "stopping") -> None:
-        self._reap(kill=True, reason=reason)
+        """SIGKILL the child's process group now; it is reaped from `tick()`."""
+        if self.proc is not None:
+            self._release(reason, ask_exit=False)
 
-    def _reap(self, *, kill: bool, reason: str | None = None) -> int | None:
-        """Make sure the child and its process group are gone; return its exit status.
-
-        `reason` says why we killed it, so the log does not blame the child for our SIGKILL.
-        """
+    def _release(self, reason: str | None, *, ask_exit: bool) -> None:
+        """Let go of the current child: close its pipes, ask it to exit or kill its group, and
+        hand it to the dying list. The worker is `stopped` at once (a new child may start)."""
         proc = self.proc
-        if proc is None:
-            return None
-        if kill:
+        assert proc is not None
+        now = self.clock()
+        if ask_exit and self.conn_out is not None:
             try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        try:
-            returncode = proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:  # unkillable (D state on a hung NFS/GPU): note and move on
-            log.error("OCR child %s did not die after SIGKILL", proc.pid)
-            returncode = None
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # grandchildren the child left behind
-        except (ProcessLookupError, PermissionError):
-            pass
-        for conn in (self.conn_in, self.conn_out):
-            if conn is not None:
-                conn.close()
-        self.proc = self.conn_in = self.conn_out = None
+                self.conn_out.send_bytes(b'{"op": "exit"}')
+            except OSError:
+                ask_exit = False
+        self._close_pipes()
+        dying = _Dying(proc, reason, kill_at=now + EXIT_GRACE_S if ask_exit else now)
+        self.dying.append(dying)
+        self.proc = None
+        self.job = None
         self.state = "stopped"
         self.deadline = None
-        how = f"killed by watcherd ({reason})" if reason else describe_exit(returncode)
-        self.on_event("child_exited", f"OCR child {proc.pid} {how}", child_pid=proc.pid, level=logging.INFO)
-        return returncode
+        self._stack_until = None
+        self._lost = None
+        self._reap_dying(now)
+
+    def _close_pipes(self) -> None:
+        if self.conn_in is not None:
+            self.conn_in.close()
+        if self.conn_out is not None:
+            self.conn_out.close()
+        if self._stacks is not None:
+            os.close(self._stacks)
+        self.conn_in = self.conn_out = None
+        self._stacks = None
+
+    def _reap_dying(self, now: float) -> None:
+        """Poll the children on their way out; SIGKILL the overdue; log the reaped."""
+        for dying in list(self.dying):
+            proc = dying.proc
+            if dying.killed_at is None and now >= dying.kill_at and proc.poll() is None:
+                _killpg(proc.pid)
+                dying.killed_at = now
+            returncode = proc.poll()
+            if returncode is None:
+                if dying.killed_at is not None and now - dying.killed_at > UNKILLABLE_S and not dying.said_unkillable:
+                    dying.said_unkillable = True  # D state (hung NFS/GPU): note it, keep polling
+                    log.error("OCR child %s did not die %g s after SIGKILL", proc.pid, UNKILLABLE_S)
+                continue
+            self.dying.remove(dying)
+            _killpg(proc.pid)  # grandchildren the child left behind
+            how = f"killed by watcherd ({dying.reason})" if dying.reason else describe_exit(returncode)
+            self.on_event("child_exited", f"OCR child {proc.pid} {how}", child_pid=proc.pid, level=logging.INFO)
+
+    def _wait_gone(self, wait_s: float) -> None:
+        """At exit only: wait up to `wait_s` for the dying children, then kill and reap them."""
+        deadline = time.monotonic() + wait_s
+        for dying in self.dying:
+            try:
+                dying.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for dying in self.dying:
+            dying.kill_at = 0.0
+        self._reap_dying(self.clock())
+        for dying in list(self.dying):
+            try:
+                dying.proc.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                log.error("OCR child %s did not die after SIGKILL", dying.proc.pid)
+                self.dying.remove(dying)
+        self._reap_dying(self.clock())
 
     def fileno(self) -> int:
         assert self.conn_in is not None
@@ -276,7 +470,7 @@ class Worker:
             job.attempts -= 1
             self.job = None
             self.state = "idle"
-            self._died()  # reaps it, logs how it died, schedules a new child
+            self._died()  # reaped later; logs how it died, schedules a new child
             return False
         return True
 
@@ -290,19 +484,29 @@ class Worker:
                 self._died()
 
     def pump(self) -> list[Outcome]:
-        """Read every message the child has sent; handle its death."""
+        """Read every complete message the child has sent, without waiting for a partial one;
+        note its death. A message that breaks the protocol counts as the child crashing."""
         outcomes: list[Outcome] = []
-        while self.conn_in is not None:
+        reader = self.conn_in
+        if reader is None:
+            return outcomes
+        try:
+            frames, eof = reader.read()
+        except protocol.ProtocolError as exc:
+            self._died(f"broke the protocol: {exc}")
+            return outcomes
+        for raw in frames:
             try:
-                if not self.conn_in.poll():
-                    break
-                message = json.loads(self.conn_in.recv_bytes())
-            except (EOFError, OSError):
-                outcomes.extend(self._died())
-                break
-            outcome = self._handle(message)
+                outcome = self._handle(protocol.decode(raw))
+            except protocol.ProtocolError as exc:
+                self._died(f"broke the protocol: {exc}")
+                return outcomes
             if outcome is not None:
                 outcomes.append(outcome)
+            if self.conn_in is not reader:  # the child was let go while handling (recycled)
+                return outcomes
+        if eof:
+            self._died()
         return outcomes
 
     def _handle(self, message: dict[str, Any]) -> Outcome | None:
@@ -312,11 +516,12 @@ class Worker:
             self.deadline = None
             self.load_failures = 0
             self.engine_name = message.get("engine")
-            self.model = message.get("model")
+            model = message.get("model")
+            self.model = model if isinstance(model, str) else None
             log.info("OCR child %s ready: %s loaded in %.1f s", message["pid"], self.engine_name, message["load_time"])
             return None
         if op == "load_failed":
-            self._load_failed(message["detail"], config_error=message.get("config_error", False))
+            self._load_failed(message["detail"], config_error=message.get("config_error") is True)
             return None
         if op == "cleared":
             before, after = message["before"], message["after"]
@@ -331,7 +536,7 @@ class Worker:
             else:
                 log.debug("Engine cache cleared after %d file(s)", message["files_done"])
             return None
-        if self.job is None or message.get("id") != self._request_id:
+        if self.job is None or message.get("id") != self._request_id or self._stack_until is not None:
             return None  # a reply to a request we gave up on: never read it as the next answer
         now = self.clock()
         if op == "pages":
@@ -341,7 +546,11 @@ class Worker:
             self.current_page = message["page"]
             self.deadline = now + self.ocr.timeout_s
         elif op == "page":
-            self._pages.append({k: message[k] for k in ("page", "text", "processing_time", "size", "resized_from")})
+            page = {k: message.get(k) for k in ("page", "text", "processing_time", "size", "resized_from")}
+            replaced = message.get("replaced_characters")
+            if isinstance(replaced, int) and replaced > 0:
+                page["replaced_characters"] = replaced
+            self._pages.append(page)
         elif op == "deferred":
             job, self.job = self.job, None
             job.attempts -= 1  # waiting for memory is not an attempt
@@ -371,21 +580,22 @@ class Worker:
                 sha256=message.get("sha256", self._sha256) or self._sha256,
                 pages=self._pages,
                 processing_time=round(now - self.started_at, 3),
-                gpu_info_before=message.get("gpu_info_before", {"available": False}),
-                gpu_info_after=message.get("gpu_info_after", {"available": False}),
+                gpu_info_before=_dict(message.get("gpu_info_before")),
+                gpu_info_after=_dict(message.get("gpu_info_after")),
                 engine=self.engine_name,
                 model=self.model,
             )
             self.files_done += 1
             if self.ocr.recycle_after_files and self.files_done >= self.ocr.recycle_after_files:
                 log.info("Recycling the OCR child after %d files (ocr.recycle_after_files)", self.files_done)
-                self.stop()
+                self._release("recycling", ask_exit=True)
                 self.files_done = 0
             return outcome
         return None
 
     def _load_failed(self, detail: str, *, config_error: bool) -> None:
-        self._reap(kill=True, reason="engine load failed")
+        if self.proc is not None:
+            self._release("engine load failed", ask_exit=False)
         self.load_failures += 1
         if config_error or self.load_failures >= LOAD_RETRIES:
             raise EngineLoadError(detail, config_error=config_error)
@@ -393,20 +603,45 @@ class Worker:
         log.error("OCR engine failed to load (%s); retrying in %.0f s", detail, backoff)
         self.next_spawn_at = self.clock() + backoff
 
-    def _died(self) -> list[Outcome]:
-        was = self.state
-        job = self.job
-        returncode = self._reap(kill=True)
-        why = describe_exit(returncode)
+    def _died(self, why: str | None = None) -> None:
+        """The child is lost: its pipe closed (`why` None: its exit status will say how) or it
+        broke the protocol (`why` says how; it is killed now). The outcome comes from `tick()`
+        once its exit status is known, so that "killed by SIGSEGV" is reported, not a guess."""
+        if self.proc is None or self.state == "exiting":
+            return
+        self._lost = (self.state, self.job, why, self.clock() + (0.0 if why else DEATH_GRACE_S))
+        self.job = None
+        self.state = "exiting"
+        self.deadline = None
+        self._stack_until = None
+        if self.conn_in is not None:
+            self.conn_in.close()
+            self.conn_in = None
+        if why:
+            _killpg(self.proc.pid)
+
+    def _finish_death(self, now: float) -> list[Outcome]:
+        """`exiting`: once the exit status is known (or the grace is over), decide what the
+        death costs: a load failure, nothing (it was idle), a retry, or `child_crashed`."""
+        assert self.proc is not None and self._lost is not None
+        was, job, why, kill_at = self._lost
+        returncode = self.proc.poll()
+        if returncode is None and now < kill_at:
+            return []
+        if why is None:
+            why = describe_exit(returncode) if returncode is not None else "closed its pipe without exiting"
+        if self.ocr.memory_max_mb and (returncode is None or returncode < 0):
+            why += f" (perhaps the memory limit ocr.memory_max_mb = {self.ocr.memory_max_mb:g} MB was exceeded)"
+        self._lost = None
+        self._release(None if returncode is not None else why, ask_exit=False)
         if was == "loading":
             self._load_failed(f"the child {why} while loading the engine", config_error=False)
             return []
         self.crashes_in_a_row += 1
-        self.next_spawn_at = self.clock() + min(MAX_BACKOFF_S, 0.5 * (2 ** (self.crashes_in_a_row - 1)) - 0.5)
+        self.next_spawn_at = now + min(MAX_BACKOFF_S, 0.5 * (2 ** (self.crashes_in_a_row - 1)) - 0.5)
         if job is None:
             log.warning("OCR child %s while idle; starting a new one", why)
             return []
-        self.job = None
         if job.attempts < 2:
             log.warning("OCR child %s on %s; retrying the file once with a new child", why, job.rel)
             return [Outcome(job=job, ok=False, retry=True, detail=why)]
@@ -417,19 +652,25 @@ class Worker:
                 code="child_crashed",
                 detail=why,
                 sha256=self._sha256,
-                processing_time=round(self.clock() - self.started_at, 3),
+                processing_time=round(now - self.started_at, 3),
                 engine=self.engine_name,
                 model=self.model,
             )
         ]
 
     def tick(self) -> list[Outcome]:
-        """Enforce deadlines and respawn a stopped child when its backoff has passed."""
+        """Enforce deadlines, reap children on their way out, respawn when the backoff has passed."""
         now = self.clock()
+        if self.dying:
+            self._reap_dying(now)
+        if self.state == "exiting":
+            return self._finish_death(now)
         if self.state == "stopped":
-            if now >= self.next_spawn_at:
+            if not self.retired and now >= self.next_spawn_at:
                 self.spawn()
             return []
+        if self._stack_until is not None:
+            return self._timed_out(now) if now >= self._stack_until else []
         if self.deadline is None or now < self.deadline:
             return []
         if self.state == "loading":
@@ -437,27 +678,64 @@ class Worker:
                 f"model did not load within ocr.load_timeout_s ({self.ocr.load_timeout_s:g} s)", config_error=False
             )
             return []
+        # The page is over time. Ask for the child's Python stacks first; kill it when they are
+        # in, or after STACK_GRACE_S (a child with signals blocked never answers).
+        assert self.proc is not None
+        self._timed_out_after = round(now - self.started_at, 3)
+        self._stack_until = now + STACK_GRACE_S
+        try:
+            os.kill(self.proc.pid, signal.SIGUSR1)
+        except ProcessLookupError:
+            self._stack_until = now
+        return self._timed_out(now) if now >= self._stack_until else []
+
+    def _read_stacks(self) -> str:
+        if self._stacks is None:
+            return ""
+        chunks = []
+        size = 0
+        while size < STACK_BYTES:
+            try:
+                chunk = os.read(self._stacks, STACK_BYTES - size)
+            except (BlockingIOError, OSError):
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        return b"".join(chunks).decode("utf-8", "replace")
+
+    def _timed_out(self, now: float) -> list[Outcome]:
         job = self.job
-        assert job is not None
+        assert job is not None and self.proc is not None
         self.job = None
-        elapsed = round(now - self.started_at, 3)
+        stacks = self._read_stacks()
+        where = summarise_stack(stacks)
+        elapsed = self._timed_out_after
         pid = self.pid
+        page = self.current_page or 1
         self.on_event(
             "timeout",
-            f"{job.rel}: page {self.current_page or 1} exceeded ocr.timeout_s "
-            f"({self.ocr.timeout_s:g} s); killing OCR child {pid}",
+            f"{job.rel}: page {page} exceeded ocr.timeout_s ({self.ocr.timeout_s:g} s); killing OCR child {pid}"
+            + (f"; it was in {where}" if where else "; it gave no Python stack (signals blocked, or native code)"),
             source=job.rel,
             child_pid=pid,
             level=logging.WARNING,
         )
-        self._reap(kill=True, reason=f"page timeout on {job.rel}")
+        # One log line per stack line: the log formatter escapes line breaks inside a message.
+        for line in stacks.rstrip().splitlines()[:STACK_LINES]:
+            log.warning("Python stacks of OCR child %s at the timeout: %s", pid, line)
+        self._release(f"page timeout on {job.rel}", ask_exit=False)
         self.next_spawn_at = now  # respawn at once; the load is not charged to the next file
+        detail = f"page {page}, {elapsed:g} s; " + (
+            f"hung in {where}" if where else "no Python stack (signals blocked, or stuck in native code)"
+        )
         return [
             Outcome(
                 job=job,
                 ok=False,
                 code="timeout",
-                detail=f"page {self.current_page or 1}, {elapsed:g} s",
+                detail=detail,
                 sha256=self._sha256,
                 processing_time=elapsed,
                 engine=self.engine_name,
@@ -466,6 +744,29 @@ class Worker:
         ]
 
     def next_wakeup(self) -> float | None:
-        if self.state == "stopped":
-            return self.next_spawn_at
-        return self.deadline
+        now = self.clock()
+        times = []
+        if self.dying:
+            unkillable = all(d.said_unkillable for d in self.dying)
+            times.append(now + (1.0 if unkillable else POLL_DYING_S))
+        if self.state == "exiting":
+            times.append(now + POLL_DYING_S)
+        elif self.state == "stopped":
+            if not self.retired:
+                times.append(self.next_spawn_at)
+        elif self._stack_until is not None:
+            times.append(self._stack_until)
+        elif self.deadline is not None:
+            times.append(self.deadline)
+        return min(times, default=None)
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {"available": False}
+
+
+def _killpg(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass

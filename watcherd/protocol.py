@@ -1,0 +1,170 @@
+"""The messages between the parent and the OCR child: framing, size cap, one decode site.
+
+Frames are multiprocessing's (`Connection.send_bytes`: a 4-byte big-endian length, or -1 and an
+8-byte length, then the bytes), so the child writes with a plain `Connection`. The parent does
+not read with one: `recv_bytes()` blocks until the whole frame is there, so a child that wrote a
+header claiming 60 MB and then hung would stall the main loop, timeout clock included. `Reader`
+reads what the pipe holds without blocking and returns complete frames.
+
+The child is not trusted either (it runs a model on hostile files, DESIGN §9): a frame over
+`MAX_MESSAGE_BYTES`, bytes that are not JSON, JSON that is not an object, an unknown `op` or a
+field missing or of the wrong type raise `ProtocolError`, which the supervisor treats like the
+child dying (the file retried once, then `child_crashed`), never as an exception in the parent.
+Strings that reach the parent are made valid UTF-8: an engine's text with a lone surrogate
+("before \\udce9 after") once raised UnicodeEncodeError at publication, and at every restart.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from typing import Any
+
+# DESIGN §5: every error JSON carries one of these; the child may report all but not_regular_file.
+ERROR_CODES = (
+    "timeout",
+    "vram_insufficient",
+    "engine_error",
+    "child_crashed",
+    "unreadable",
+    "unsupported_type",
+    "too_large",
+    "not_regular_file",
+)
+
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # a page's text is kilobytes; a bug or an attack is not
+READ_CHUNK = 1024 * 1024
+READ_PER_CALL = 8 * 1024 * 1024  # then back to the loop; the pipe stays readable, so we come back
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_NUMBER = (int, float)
+_OPTIONAL_STR = (str, type(None))
+
+# op → required fields and their types (bool is an int: excluded where it matters, below).
+FIELDS: dict[str, dict[str, Any]] = {
+    "ready": {"pid": int, "load_time": _NUMBER, "engine": _OPTIONAL_STR},
+    "load_failed": {"detail": str},
+    "cleared": {"files_done": int, "before": dict, "after": dict},
+    "pages": {"id": int, "count": int, "sha256": str},
+    "page_start": {"id": int, "page": int},
+    "page": {"id": int, "page": int, "text": str, "processing_time": _NUMBER, "size": list},
+    "done": {"id": int},
+    "failed": {"id": int, "code": str, "detail": str},
+    "deferred": {"id": int, "gpu_info": dict},
+}
+
+
+class ProtocolError(Exception):
+    """The child sent something that is not a message we know: treat it as a crash."""
+
+
+def valid_text(text: str) -> tuple[str, int]:
+    """`text` as valid UTF-8 and how many characters were replaced: surrogate pairs are joined,
+    lone surrogates become U+FFFD."""
+    try:
+        text.encode("utf-8")
+        return text, 0
+    except UnicodeEncodeError:
+        pass
+    joined = text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "surrogatepass")
+    return _SURROGATE.subn("\ufffd", joined)
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, str):
+        return valid_text(value)[0]
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    if isinstance(value, dict):
+        return {valid_text(str(k))[0]: _clean(v) for k, v in value.items()}
+    return value
+
+
+def decode(raw: bytes) -> dict[str, Any]:
+    """One child message, checked; raises ProtocolError."""
+    try:
+        message = json.loads(raw)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise ProtocolError(f"not JSON ({type(exc).__name__}: {str(exc)[:80]}; starts {raw[:32]!r})") from None
+    if not isinstance(message, dict):
+        raise ProtocolError(f"not a JSON object but {type(message).__name__}")
+    op = message.get("op")
+    if not isinstance(op, str) or op not in FIELDS:
+        raise ProtocolError(f"unknown op {str(op)[:40]!r}")
+    for name, kind in FIELDS[op].items():
+        value = message.get(name)
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind in (int, _NUMBER)):
+            raise ProtocolError(f"{op}: field {name!r} missing or not {getattr(kind, '__name__', kind)}")
+    if op == "failed" and message["code"] not in ERROR_CODES:
+        raise ProtocolError(f"failed: unknown error code {message['code'][:40]!r}")
+    if b"\\ud" in raw or b"\\uD" in raw:  # JSON escapes of surrogates: make every string valid
+        if op == "page":
+            message["text"], replaced = valid_text(message["text"])
+            message["replaced_characters"] = replaced + _count(message.get("replaced_characters"))
+        try:
+            message = _clean(message)
+        except RecursionError:
+            raise ProtocolError("nested too deeply") from None
+    return message
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+class Reader:
+    """Complete frames from a non-blocking pipe, without ever waiting for the rest of one."""
+
+    def __init__(self, fd: int):
+        os.set_blocking(fd, False)
+        self.fd = fd
+        self.buffer = bytearray()
+        self.closed = False
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            os.close(self.fd)
+
+    def read(self) -> tuple[list[bytes], bool]:
+        """(complete frames, end of file). Raises ProtocolError on an oversized frame."""
+        eof = False
+        taken = 0
+        while taken < READ_PER_CALL:
+            try:
+                chunk = os.read(self.fd, READ_CHUNK)
+            except BlockingIOError:
+                break
+            except OSError:
+                eof = True
+                break
+            if not chunk:
+                eof = True
+                break
+            self.buffer += chunk
+            taken += len(chunk)
+        return self._frames(), eof
+
+    def _frames(self) -> list[bytes]:
+        frames: list[bytes] = []
+        while True:
+            if len(self.buffer) < 4:
+                return frames
+            (size,) = struct.unpack("!i", self.buffer[:4])
+            start = 4
+            if size == -1:
+                if len(self.buffer) < 12:
+                    return frames
+                (size,) = struct.unpack("!Q", self.buffer[4:12])
+                start = 12
+            if size < 0 or size > MAX_MESSAGE_BYTES:
+                raise ProtocolError(f"a message of {size:,} bytes, over the {MAX_MESSAGE_BYTES:,}-byte cap")
+            if len(self.buffer) < start + size:
+                return frames
+            frames.append(bytes(self.buffer[start : start + size]))
+            del self.buffer[: start + size]
