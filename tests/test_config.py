@@ -38,6 +38,7 @@ paths: {inbox: ROOT/inbox, outbox: ROOT/outbox, failed: ROOT/failed, archive: RO
         ("watch: {settle_s: .inf}", "watch.settle_s", "must be a finite number"),
         ("ocr: {max_file_mb: -.inf}", "ocr.max_file_mb", "must be a finite number"),
         ("gpu: {wait_for_memory_s: 1e999}", "gpu.wait_for_memory_s", "must be a finite number"),
+        ("ocr: {load_timeout_s: " + "9" * 400 + "}", "ocr.load_timeout_s", "must be a finite number"),
     ],
 )
 def test_bad_values_exit_78_naming_the_key_and_file(tmp_path: Path, extra: str, key: str, words: str) -> None:

@@ -231,6 +231,9 @@ def main() -> None:
     fd_in, fd_out = int(sys.argv[1]), int(sys.argv[2])
     spec = json.loads(sys.argv[3])
     if spec.get("stack_fd") is not None:  # a page timeout: the parent asks where we are
+        # Non-blocking: should the pipe be full (SIGUSR1 sent by hand, again and again), the dump
+        # is cut short instead of blocking the child inside the signal handler.
+        os.set_blocking(spec["stack_fd"], False)
         faulthandler.register(signal.SIGUSR1, file=spec["stack_fd"], all_threads=True)
     _limit_memory(spec.get("memory_max_mb"))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in a terminal is the parent's to handle

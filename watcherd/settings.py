@@ -309,7 +309,10 @@ def _convert(hint: Any, value: Any, key: str, source: str | None) -> Any:
             except ValueError:
                 pass
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            number = float(value)
+            try:
+                number = float(value)
+            except OverflowError:  # a whole number of 400 digits
+                number = math.inf
         if number is None:
             raise ConfigError(f"expected a number, got {_describe(value)}", key=key, source=source)
         # YAML's .nan/.inf and OCR_TIMEOUT=nan parse as floats, and NaN passes every range check

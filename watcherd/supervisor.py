@@ -678,8 +678,8 @@ class Worker:
                 f"model did not load within ocr.load_timeout_s ({self.ocr.load_timeout_s:g} s)", config_error=False
             )
             return []
-        # The page is over time. Ask for the child's Python stacks first; kill it when they are
-        # in, or after STACK_GRACE_S (a child with signals blocked never answers).
+        # The page is over time. Ask for the child's Python stacks first and kill it STACK_GRACE_S
+        # later, without waiting here (a child with signals blocked never answers).
         assert self.proc is not None
         self._timed_out_after = round(now - self.started_at, 3)
         self._stack_until = now + STACK_GRACE_S
