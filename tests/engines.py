@@ -243,3 +243,11 @@ class SlowClose(Echo):
 
     def close(self) -> None:
         time.sleep(3600)
+
+
+class Announce(Echo):
+    """Says on stdout (the daemon's log, even while the daemon is stopped) which page it reads."""
+
+    def ocr(self, image: Image.Image) -> str:
+        print(f"announce {image.width}x{image.height}", flush=True)
+        return super().ocr(image)

@@ -374,3 +374,30 @@ def test_files_returned_at_stop_never_go_through_a_link(share: Share) -> None:
     assert "Cannot return sub/" in d.log()
     assert tree(share.outside) == before
     assert len(d.results()) + len(list(processing.iterdir())) == 3
+
+
+def test_a_file_swapped_under_the_child_is_never_published_as_the_claimed_one(share: Share) -> None:
+    """The child opens the claimed file by path. If the work area is swapped between the claim and
+    that open, the child reads someone else's bytes; the inode it read is checked against the one
+    claimed, and the claimed file is read again: its own text is published, not the planted one."""
+    d = share.daemon(ocr={"engine": "tests.engines:Announce"}).start()
+    child = d.child_pid()
+    os.kill(child, signal.SIGSTOP)  # the request will wait in the pipe
+    try:
+        make_image(d.inbox / "real.png", 40, 30)
+        wait_until(lambda: "real.png: OCR started" in d.log(), 30, "the claim")
+        evil = make_image(share.outside / "evil.png", 50, 20)
+        d.proc.send_signal(signal.SIGSTOP)  # the attacker is faster than one loop iteration
+        share.as_user(
+            f"mv .watcherd stolen && mkdir -p .watcherd/processing && cp {evil} .watcherd/processing/real.png",
+            cwd=d.inbox,
+        )
+    finally:
+        os.kill(child, signal.SIGCONT)
+    wait_until(
+        lambda: "announce 50x20" in d.log_path.read_text(errors="replace"), 30, "the child to read the planted file"
+    )
+    d.proc.send_signal(signal.SIGCONT)
+    document = d.wait_json("real.png")
+    assert document["text"] == "echo 40x30", document
+    assert "not the file claimed" in d.log()

@@ -150,14 +150,17 @@ class Child:
             with open(path, "rb", opener=_open_nofollow) as f:
                 # read(n) allocates n bytes first: ask for what the file holds (plus one, to see
                 # it grow past the limit), not for max_file_bytes, which RLIMIT_DATA may not allow.
-                size = os.fstat(f.fileno()).st_size
+                st = os.fstat(f.fileno())
+                size = st.st_size
                 data = f.read(min(size, self.spec["max_file_bytes"]) + 1)
+            file = [st.st_dev, st.st_ino]
             if len(data) > self.spec["max_file_bytes"]:
                 raise InputError("too_large", f"larger than ocr.max_file_mb ({self.spec['max_file_mb']:g} MB)")
             sha256 = hashlib.sha256(data).hexdigest()
             document = Document(data, max_side_px=self.spec["max_side_px"], max_pages=self.spec["max_pages"])
             del data
-            self.send("pages", id=request_id, count=len(document), sha256=sha256, kind=document.kind)
+            # The inode read: the parent checks it is the one it claimed (DESIGN §9).
+            self.send("pages", id=request_id, count=len(document), sha256=sha256, kind=document.kind, file=file)
             before = self.gpu_info()
             for page in document:
                 shortage = self.memory_shortage()

@@ -47,7 +47,7 @@ FIELDS: dict[str, dict[str, Any]] = {
     "ready": {"pid": int, "load_time": _NUMBER, "engine": _OPTIONAL_STR},
     "load_failed": {"detail": str},
     "cleared": {"files_done": int, "before": dict, "after": dict},
-    "pages": {"id": int, "count": int, "sha256": str},
+    "pages": {"id": int, "count": int, "sha256": str, "file": list},
     "page_start": {"id": int, "page": int},
     "page": {"id": int, "page": int, "text": str, "processing_time": _NUMBER, "size": list},
     "done": {"id": int},

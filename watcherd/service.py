@@ -336,6 +336,8 @@ class Service:
 
     def _finish(self, outcome: Outcome) -> None:
         job = outcome.job
+        if self._read_something_else(outcome):
+            return
         if outcome.ok and self._changed_since_claim(job):
             return
         document, text = documents.document_for(outcome, settings=self.settings, received_at=job.received_at)
@@ -410,6 +412,33 @@ class Service:
             self.ready.extendleft(reversed(self.blocked))
             self.queued.update(p for p, _ in self.blocked)
             self.blocked.clear()
+
+    def _read_something_else(self, outcome: Outcome) -> bool:
+        """The child opens the claimed file by path; if the work area was swapped between the claim
+        and that open (someone who can write the inbox, DESIGN §9), it read another file. Its inode
+        tells: that outcome is never published for the claimed file, which is read again."""
+        job = outcome.job
+        opened, job.opened = job.opened, None
+        if opened is None or job.identity is None or opened == job.identity:
+            return False
+        log.error(
+            "%s: the child read inode %s, not the file claimed (inode %s): the work area was tampered "
+            "with; reading the claimed file again",
+            job.rel,
+            opened[1],
+            job.identity[1],
+        )
+        job.attempts -= 1  # not the file's fault
+        if job.rereads >= MAX_REREADS:
+            self._finish_tampered(outcome)
+            return True
+        job.rereads += 1
+        self.jobs.appendleft(job)
+        return True
+
+    def _finish_tampered(self, outcome: Outcome) -> None:
+        detail = "the file read was never the one claimed: the work area keeps being tampered with"
+        self._finish(dataclasses.replace(outcome, ok=False, code="unreadable", detail=detail, pages=[]))
 
     def _changed_since_claim(self, job: Job) -> bool:
         """A writer on another host (SMB/NFS) may still hold the file and write on after the claim:

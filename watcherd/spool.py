@@ -88,6 +88,8 @@ class Job:
     deferrals: int = 0
     signature: tuple[int, int, int] | None = None  # (type, size, mtime) when claimed
     rereads: int = 0  # times it changed under us after the claim and was OCR'd again
+    identity: tuple[int, int] | None = None  # (st_dev, st_ino) of what was claimed
+    opened: tuple[int, int] | None = None  # (st_dev, st_ino) of what the child read
 
 
 def signature(st: os.stat_result | None) -> tuple[int, int, int] | None:
@@ -338,7 +340,13 @@ class Spool:
                 except (FileNotFoundError, FileExistsError):
                     return None
                 st = safefs.lstat_at(dst, name)
-        return Job(rel=rel, path=self.processing / rel, received_at=now_iso(), signature=signature(st))
+        return Job(
+            rel=rel,
+            path=self.processing / rel,
+            received_at=now_iso(),
+            signature=signature(st),
+            identity=None if st is None else (st.st_dev, st.st_ino),
+        )
 
     def lstat(self, job: Job) -> os.stat_result | None:
         """The claimed file's lstat, through the work area's descriptor (never a path)."""
@@ -419,7 +427,10 @@ class Spool:
                     subdirs.append((*folders, name))
                     continue
                 rel = "/".join((*folders, name))
-                jobs.append(Job(rel=rel, path=self.processing / rel, received_at=now_iso()))
+                job = Job(rel=rel, path=self.processing / rel, received_at=now_iso())
+                st = self.lstat(job)
+                job.identity = None if st is None else (st.st_dev, st.st_ino)
+                jobs.append(job)
             stack.extend(reversed(subdirs))
         return jobs
 

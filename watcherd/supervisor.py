@@ -542,6 +542,7 @@ class Worker:
         if op == "pages":
             self._sha256 = message["sha256"]
             self.page_count = message["count"]
+            self.job.opened = tuple(message["file"])
         elif op == "page_start":
             self.current_page = message["page"]
             self.deadline = now + self.ocr.timeout_s
