@@ -29,7 +29,7 @@ from .intake import Intake, StabilityTracker
 from .sdnotify import Notifier
 from .settings import ConfigError, Settings
 from .spool import Job, Spool
-from .supervisor import EngineLoadError, EngineProbe, Outcome, Worker
+from .supervisor import EngineLoadError, EngineProbe, Outcome, State, Worker
 
 log = logging.getLogger("watcherd")
 
@@ -156,7 +156,7 @@ class Service:
             return False
         if self.publishing:  # a copy across filesystems is under way: let it end whole
             return False
-        busy = [w for w in self.workers + self.retiring if w.state == "busy"]
+        busy = [w for w in self.workers + self.retiring if w.state == State.BUSY]
         if busy and time.monotonic() - self.stopping_since < STOP_GRACE_S:
             return False
         for worker in busy:  # grace is over: the page goes back to the inbox, never to failed
@@ -275,7 +275,7 @@ class Service:
         if self.notifier.watchdog_interval_s:
             times.append(self.next_watchdog)
         due = min(t for t in times if t is not None)
-        busy = any(w.state == "busy" for w in self.workers)
+        busy = any(w.state == State.BUSY for w in self.workers)
         timeout = max(0.0, min(due - now, 1.0 if busy else 5.0))  # busy: keep STATUS elapsed current
         if self.signals:
             timeout = 0.0
@@ -546,7 +546,7 @@ class Service:
 
     def _replace_retired(self) -> None:
         for worker in list(self.retiring):
-            if worker.state != "busy":
+            if worker.state != State.BUSY:
                 worker.stop()  # returns at once; the child is reaped by its tick()
             if worker.gone:
                 self.retiring.remove(worker)
@@ -555,7 +555,11 @@ class Service:
 
     def _systemd(self) -> None:
         now = time.monotonic()
-        if not self.is_ready and self.stopping_since is None and all(w.state in ("idle", "busy") for w in self.workers):
+        if (
+            not self.is_ready
+            and self.stopping_since is None
+            and all(w.state in (State.IDLE, State.BUSY) for w in self.workers)
+        ):
             self.is_ready = True
             self.notifier.ready(self._summary())
             engines = ", ".join(sorted({w.engine_name or "?" for w in self.workers}))
@@ -577,15 +581,15 @@ class Service:
 
     def _summary(self) -> str:
         """One line for `systemctl status`: what it is doing, counts, queue, engine."""
-        busy = [w for w in self.workers if w.state == "busy" and w.job is not None]
+        busy = [w.flight for w in self.workers if w.flight is not None]
         if self.stopping_since is not None:
             state = "stopping"
         elif busy:
             now = time.monotonic()
             state = "; ".join(
-                f"working on {outputs.display_name(w.job.rel)['source']} "  # type: ignore[union-attr]
-                f"(page {w.current_page or 1}/{w.page_count or '?'}, {now - w.started_at:.0f} s)"
-                for w in busy
+                f"working on {outputs.display_name(f.job.rel)['source']} "
+                f"(page {f.current_page or 1}/{f.page_count or '?'}, {now - f.started_at:.0f} s)"
+                for f in busy
             )
         elif not self.is_ready:
             state = "loading model"
@@ -616,7 +620,7 @@ class Service:
                 "stopping"
                 if self.stopping_since is not None
                 else "working"
-                if any(w.state == "busy" for w in self.workers)
+                if any(w.state == State.BUSY for w in self.workers)
                 else "idle"
                 if self.is_ready
                 else "starting"
@@ -637,14 +641,14 @@ class Service:
             },
             "in_flight": [
                 {
-                    "source": outputs.display_name(w.job.rel)["source"],
+                    "source": outputs.display_name(w.flight.job.rel)["source"],
                     "child_pid": w.pid,
-                    "page": w.current_page,
-                    "pages": w.page_count,
-                    "elapsed_s": round(now - w.started_at, 1),
+                    "page": w.flight.current_page,
+                    "pages": w.flight.page_count,
+                    "elapsed_s": round(now - w.flight.started_at, 1),
                 }
                 for w in self.workers + self.retiring
-                if w.state == "busy" and w.job is not None
+                if w.flight is not None
             ],
             "children": [
                 {"pid": w.pid, "device": w.device, "state": w.state, "files_done": w.files_done} for w in self.workers

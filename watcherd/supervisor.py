@@ -22,6 +22,7 @@ and a `runpy.py` or `json.py` planted there would run inside the child.
 
 from __future__ import annotations
 
+import enum
 import json
 import logging
 import os
@@ -228,6 +229,30 @@ def summarise_stack(text: str, frames: int = 4) -> str | None:
     return " ← ".join(shown) or None
 
 
+class State(enum.StrEnum):
+    """A worker's child: none (STOPPED), loading its engine, IDLE, BUSY with a file, or EXITING
+    (its pipe closed: waiting for its exit status)."""
+
+    STOPPED = "stopped"
+    LOADING = "loading"
+    IDLE = "idle"
+    BUSY = "busy"
+    EXITING = "exiting"
+
+
+@dataclass
+class InFlight:
+    """The file a child is working on: everything about it lives and dies together."""
+
+    job: Job
+    request_id: int
+    started_at: float  # when it was handed over
+    pages: list[dict[str, Any]] = field(default_factory=list)
+    sha256: str | None = None
+    current_page: int = 0
+    page_count: int = 0
+
+
 @dataclass
 class _Dying:
     """A child on its way out, reaped from `tick()` (never waited for in the loop)."""
@@ -260,8 +285,7 @@ class Worker:
         self.conn_in: protocol.Reader | None = None  # child → parent (non-blocking, framed)
         self.conn_out: Connection | None = None  # parent → child
         self._stacks: int | None = None  # read end of the pipe the child's faulthandler writes to
-        # stopped | loading | idle | busy | exiting (its pipe closed: waiting for its exit status)
-        self.state = "stopped"
+        self.state = State.STOPPED
         self.retired = False  # stop() was called: never respawn
         self.dying: list[_Dying] = []
         self.deadline: float | None = None
@@ -272,17 +296,11 @@ class Worker:
         self.dirty = False  # files done since the cache was last cleared for an empty queue
         self.engine_name: str | None = None
         self.model: str | None = None
-        self.job: Job | None = None
+        self.flight: InFlight | None = None  # the file the child is working on
         self._request_id = 0
-        self._pages: list[dict[str, Any]] = []
-        self._sha256: str | None = None
-        self.started_at = 0.0  # when the current file was handed over
-        self._gpu_before: dict[str, Any] = {"available": False}
-        self.current_page = 0
-        self.page_count = 0
         self._stack_until: float | None = None  # timed out: the child's stacks are awaited until then
         self._timed_out_after = 0.0
-        self._lost: tuple[str, Job | None, str | None, float] | None = None  # state, job, why, SIGKILL at
+        self._lost: tuple[State, InFlight | None, str | None, float] | None = None  # state, job, why, SIGKILL at
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -291,8 +309,12 @@ class Worker:
         return self.proc.pid if self.proc else None
 
     @property
+    def job(self) -> Job | None:
+        return self.flight.job if self.flight else None
+
+    @property
     def ready(self) -> bool:
-        return self.state == "idle"
+        return self.state == State.IDLE
 
     @property
     def gone(self) -> bool:
@@ -347,7 +369,7 @@ class Worker:
         self.conn_in = protocol.Reader(parent_r)
         self.conn_out = Connection(parent_w, readable=False)
         self._stacks = stacks_r
-        self.state = "loading"
+        self.state = State.LOADING
         self.deadline = self.clock() + self.ocr.load_timeout_s
         self.on_event(
             "child_started",
@@ -360,10 +382,10 @@ class Worker:
         other is killed. Returns at once and the child is reaped from `tick()`; with `wait_s`
         (at exit) it waits up to that long, then kills whatever is left and reaps it."""
         self.retired = True
-        if self.state == "exiting" and wait_s is None:
+        if self.state == State.EXITING and wait_s is None:
             return  # its death is still to be judged (its file retried): tick() finishes it
         if self.proc is not None:
-            self._release("stopping", ask_exit=self.state == "idle")
+            self._release("stopping", ask_exit=self.state == State.IDLE)
         if wait_s is not None:
             self._wait_gone(wait_s)
 
@@ -387,8 +409,8 @@ class Worker:
         dying = _Dying(proc, reason, kill_at=now + EXIT_GRACE_S if ask_exit else now)
         self.dying.append(dying)
         self.proc = None
-        self.job = None
-        self.state = "stopped"
+        self.flight = None
+        self.state = State.STOPPED
         self.deadline = None
         self._stack_until = None
         self._lost = None
@@ -450,33 +472,27 @@ class Worker:
     def assign(self, job: Job) -> bool:
         """Hand `job` to the idle child. False if the child turned out to be dead (killed while
         idle, e.g. by the OOM killer): the job was not started and goes back to the queue."""
-        assert self.state == "idle" and self.conn_out is not None
+        assert self.state == State.IDLE and self.conn_out is not None
         self._request_id += 1
-        self.job = job
+        self.flight = InFlight(job=job, request_id=self._request_id, started_at=self.clock())
         job.attempts += 1
-        self._pages = []
-        self._sha256 = None
-        self.current_page = 0
-        self.page_count = 0
-        self._gpu_before = {"available": False}
-        self.started_at = self.clock()
-        self.deadline = self.started_at + self.ocr.timeout_s  # opening the file counts too
-        self.state = "busy"
+        self.deadline = self.flight.started_at + self.ocr.timeout_s  # opening the file counts too
+        self.state = State.BUSY
         try:
             self.conn_out.send_bytes(
                 json.dumps({"op": "ocr", "id": self._request_id, "path": str(job.path)}, ensure_ascii=True).encode()
             )
         except OSError:
             job.attempts -= 1
-            self.job = None
-            self.state = "idle"
+            self.flight = None
+            self.state = State.IDLE
             self._died()  # reaped later; logs how it died, schedules a new child
             return False
         return True
 
     def drained(self) -> None:
         """The queue is empty: let the child clear the GPU cache while nothing waits."""
-        if self.dirty and self.state == "idle" and self.conn_out is not None:
+        if self.dirty and self.state == State.IDLE and self.conn_out is not None:
             self.dirty = False
             try:
                 self.conn_out.send_bytes(b'{"op": "idle"}')
@@ -512,7 +528,7 @@ class Worker:
     def _handle(self, message: dict[str, Any]) -> Outcome | None:
         op = message["op"]
         if op == "ready":
-            self.state = "idle"
+            self.state = State.IDLE
             self.deadline = None
             self.load_failures = 0
             self.engine_name = message.get("engine")
@@ -536,26 +552,27 @@ class Worker:
             else:
                 log.debug("Engine cache cleared after %d file(s)", message["files_done"])
             return None
-        if self.job is None or message.get("id") != self._request_id or self._stack_until is not None:
+        flight = self.flight
+        if flight is None or message.get("id") != flight.request_id or self._stack_until is not None:
             return None  # a reply to a request we gave up on: never read it as the next answer
         now = self.clock()
         if op == "pages":
-            self._sha256 = message["sha256"]
-            self.page_count = message["count"]
-            self.job.opened = tuple(message["file"])
+            flight.sha256 = message["sha256"]
+            flight.page_count = message["count"]
+            flight.job.opened = tuple(message["file"])
         elif op == "page_start":
-            self.current_page = message["page"]
+            flight.current_page = message["page"]
             self.deadline = now + self.ocr.timeout_s
         elif op == "page":
             page = {k: message.get(k) for k in ("page", "text", "processing_time", "size", "resized_from")}
             replaced = message.get("replaced_characters")
             if isinstance(replaced, int) and replaced > 0:
                 page["replaced_characters"] = replaced
-            self._pages.append(page)
+            flight.pages.append(page)
         elif op == "deferred":
-            job, self.job = self.job, None
+            job, self.flight = flight.job, None
             job.attempts -= 1  # waiting for memory is not an attempt
-            self.state = "idle"
+            self.state = State.IDLE
             self.deadline = None
             self.dirty = True
             return Outcome(
@@ -570,17 +587,17 @@ class Worker:
         elif op in ("done", "failed"):
             self.dirty = True
             self.crashes_in_a_row = 0
-            job, self.job = self.job, None
-            self.state = "idle"
+            job, self.flight = flight.job, None
+            self.state = State.IDLE
             self.deadline = None
             outcome = Outcome(
                 job=job,
                 ok=op == "done",
                 code=message.get("code"),
                 detail=message.get("detail"),
-                sha256=message.get("sha256", self._sha256) or self._sha256,
-                pages=self._pages,
-                processing_time=round(now - self.started_at, 3),
+                sha256=message.get("sha256", flight.sha256) or flight.sha256,
+                pages=flight.pages,
+                processing_time=round(now - flight.started_at, 3),
                 gpu_info_before=_dict(message.get("gpu_info_before")),
                 gpu_info_after=_dict(message.get("gpu_info_after")),
                 engine=self.engine_name,
@@ -608,11 +625,11 @@ class Worker:
         """The child is lost: its pipe closed (`why` None: its exit status will say how) or it
         broke the protocol (`why` says how; it is killed now). The outcome comes from `tick()`
         once its exit status is known, so that "killed by SIGSEGV" is reported, not a guess."""
-        if self.proc is None or self.state == "exiting":
+        if self.proc is None or self.state == State.EXITING:
             return
-        self._lost = (self.state, self.job, why, self.clock() + (0.0 if why else DEATH_GRACE_S))
-        self.job = None
-        self.state = "exiting"
+        self._lost = (self.state, self.flight, why, self.clock() + (0.0 if why else DEATH_GRACE_S))
+        self.flight = None
+        self.state = State.EXITING
         self.deadline = None
         self._stack_until = None
         if self.conn_in is not None:
@@ -625,7 +642,7 @@ class Worker:
         """`exiting`: once the exit status is known (or the grace is over), decide what the
         death costs: a load failure, nothing (it was idle), a retry, or `child_crashed`."""
         assert self.proc is not None and self._lost is not None
-        was, job, why, kill_at = self._lost
+        was, flight, why, kill_at = self._lost
         returncode = self.proc.poll()
         if returncode is None and now < kill_at:
             return []
@@ -635,14 +652,15 @@ class Worker:
             why += f" (perhaps the memory limit ocr.memory_max_mb = {self.ocr.memory_max_mb:g} MB was exceeded)"
         self._lost = None
         self._release(None if returncode is not None else why, ask_exit=False)
-        if was == "loading":
+        if was == State.LOADING:
             self._load_failed(f"the child {why} while loading the engine", config_error=False)
             return []
         self.crashes_in_a_row += 1
         self.next_spawn_at = now + min(MAX_BACKOFF_S, 0.5 * (2 ** (self.crashes_in_a_row - 1)) - 0.5)
-        if job is None:
+        if flight is None:
             log.warning("OCR child %s while idle; starting a new one", why)
             return []
+        job = flight.job
         if job.attempts < 2:
             log.warning("OCR child %s on %s; retrying the file once with a new child", why, job.rel)
             return [Outcome(job=job, ok=False, retry=True, detail=why)]
@@ -652,8 +670,8 @@ class Worker:
                 ok=False,
                 code="child_crashed",
                 detail=why,
-                sha256=self._sha256,
-                processing_time=round(now - self.started_at, 3),
+                sha256=flight.sha256,
+                processing_time=round(now - flight.started_at, 3),
                 engine=self.engine_name,
                 model=self.model,
             )
@@ -664,9 +682,9 @@ class Worker:
         now = self.clock()
         if self.dying:
             self._reap_dying(now)
-        if self.state == "exiting":
+        if self.state == State.EXITING:
             return self._finish_death(now)
-        if self.state == "stopped":
+        if self.state == State.STOPPED:
             if not self.retired and now >= self.next_spawn_at:
                 self.spawn()
             return []
@@ -674,15 +692,15 @@ class Worker:
             return self._timed_out(now) if now >= self._stack_until else []
         if self.deadline is None or now < self.deadline:
             return []
-        if self.state == "loading":
+        if self.state == State.LOADING:
             self._load_failed(
                 f"model did not load within ocr.load_timeout_s ({self.ocr.load_timeout_s:g} s)", config_error=False
             )
             return []
         # The page is over time. Ask for the child's Python stacks first and kill it STACK_GRACE_S
         # later, without waiting here (a child with signals blocked never answers).
-        assert self.proc is not None
-        self._timed_out_after = round(now - self.started_at, 3)
+        assert self.proc is not None and self.flight is not None
+        self._timed_out_after = round(now - self.flight.started_at, 3)
         self._stack_until = now + STACK_GRACE_S
         try:
             os.kill(self.proc.pid, signal.SIGUSR1)
@@ -707,14 +725,15 @@ class Worker:
         return b"".join(chunks).decode("utf-8", "replace")
 
     def _timed_out(self, now: float) -> list[Outcome]:
-        job = self.job
-        assert job is not None and self.proc is not None
-        self.job = None
+        flight = self.flight
+        assert flight is not None and self.proc is not None
+        self.flight = None
+        job = flight.job
         stacks = self._read_stacks()
         where = summarise_stack(stacks)
         elapsed = self._timed_out_after
         pid = self.pid
-        page = self.current_page or 1
+        page = flight.current_page or 1
         self.on_event(
             "timeout",
             f"{job.rel}: page {page} exceeded ocr.timeout_s ({self.ocr.timeout_s:g} s); killing OCR child {pid}"
@@ -737,7 +756,7 @@ class Worker:
                 ok=False,
                 code="timeout",
                 detail=detail,
-                sha256=self._sha256,
+                sha256=flight.sha256,
                 processing_time=elapsed,
                 engine=self.engine_name,
                 model=self.model,
@@ -750,9 +769,9 @@ class Worker:
         if self.dying:
             unkillable = all(d.said_unkillable for d in self.dying)
             times.append(now + (1.0 if unkillable else POLL_DYING_S))
-        if self.state == "exiting":
+        if self.state == State.EXITING:
             times.append(now + POLL_DYING_S)
-        elif self.state == "stopped":
+        elif self.state == State.STOPPED:
             if not self.retired:
                 times.append(self.next_spawn_at)
         elif self._stack_until is not None:
