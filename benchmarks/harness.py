@@ -38,7 +38,10 @@ class BenchDaemon:
         )
         self.inbox.mkdir()
         config = {
-            "paths": {n: str(getattr(self, n)) for n in ("inbox", "outbox", "failed", "archive")},
+            "paths": {
+                **{n: str(getattr(self, n)) for n in ("inbox", "outbox", "failed", "archive")},
+                "state": str(root / "state"),
+            },
             "watch": {"mode": "events", "settle_s": 0.2, **(watch or {})},
             "ocr": ocr,
             "output": {"text_file": "none"},
