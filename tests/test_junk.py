@@ -11,12 +11,16 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.conftest import make_image, wait_until
+from tests.test_sdnotify import Receiver
 from watcherd.intake import MAX_DEPTH
 
 DEPTH = 1100  # past Python's recursion limit (1,000): os.walk in 3.11 recursed once per level
@@ -102,3 +106,106 @@ def test_polling_never_follows_a_subfolder_swapped_for_a_symlink(tmp_path: Path,
     assert "secret.png" not in daemon.log()
     assert (daemon.inbox / "sub").is_symlink()
     assert daemon.alive()
+
+
+class WatchdogPings:
+    """systemd's side of the notify socket: records when each WATCHDOG=1 arrives, on a thread."""
+
+    def __init__(self, tmp_path: Path):
+        path = str(tmp_path / "notify.sock")
+        self.receiver = Receiver(path, path)
+        self.times: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                lines = self.receiver.messages()
+            except (TimeoutError, OSError):
+                continue
+            if "WATCHDOG=1" in lines:
+                self.times.append(time.monotonic())
+
+    def max_gap(self, since: float) -> float:
+        times = [t for t in self.times if t >= since]
+        return max((b - a for a, b in zip(times, times[1:], strict=False)), default=0.0)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self.receiver.close()
+
+
+@pytest.fixture
+def pings(tmp_path: Path) -> Iterator[WatchdogPings]:
+    p = WatchdogPings(tmp_path)
+    yield p
+    p.close()
+
+
+def cpu_seconds(pid: int) -> float:
+    t = psutil.Process(pid).cpu_times()
+    return t.user + t.system
+
+
+class Idle:
+    """A wait_until condition: true once the daemon used under 25 % of a core over the last
+    second or more, i.e. it has digested what it was given (sampled at each call, no sleep)."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.samples: list[tuple[float, float]] = []
+
+    def __call__(self) -> bool:
+        now, cpu = time.monotonic(), cpu_seconds(self.pid)
+        self.samples.append((now, cpu))
+        old = [(t, c) for t, c in self.samples if now - t >= 1.0]
+        if not old:
+            return False
+        t, c = old[-1]
+        return (cpu - c) / (now - t) < 0.25  # the poller alone may use up to POLL_DUTY (10 %)
+
+
+WATCHDOG_USEC = 2_000_000  # pings every 1 s: a stall of 1 s (WatchdogSec/2) shows as a 2 s gap
+FOLDERS = int(os.environ.get("JUNK_FOLDERS", "20000"))
+FILES = int(os.environ.get("JUNK_FILES", "20000"))
+
+
+def junk_piles(staging: Path) -> list[Path]:
+    """FOLDERS empty folders in one folder, FILES files the filter skips in another."""
+    folders, files = staging / "empty-folders", staging / "junk-files"
+    folders.mkdir(parents=True)
+    files.mkdir()
+    for i in range(FOLDERS):
+        os.mkdir(folders / f"f{i:06d}")
+    for i in range(FILES):
+        # a mix of what the filter skips: other documents, Office lock files, partial downloads
+        name = (f"doc{i}.txt", f"~$scan{i}.jpg", f"scan{i}.jpg.part")[i % 3]
+        (files / name).write_bytes(b"")
+    return [folders, files]
+
+
+@pytest.mark.parametrize("mode", ["events", "polling"])
+def test_piles_of_junk_never_stall_the_main_loop_and_a_real_scan_still_gets_through(
+    tmp_path: Path, daemon_factory, pings: WatchdogPings, mode: str
+) -> None:
+    daemon = daemon_factory(watch={"mode": mode, "settle_s": 0.3, "poll_interval_s": 0.5})
+    env = pings.receiver.env(WATCHDOG_USEC=str(WATCHDOG_USEC))
+    daemon.start(env=env)
+    wait_until(lambda: len(pings.times) >= 2, 10, "the first WATCHDOG=1 pings")
+    piles = junk_piles(tmp_path / "staging")
+    since = time.monotonic()
+    for pile in piles:
+        os.rename(pile, daemon.inbox / pile.name)  # one mv each, as a share user would
+    make_image(daemon.inbox / "real.png", 40, 10)
+    assert daemon.wait_json("real.png", timeout=30)["text"] == "echo 40x10"
+    served = time.monotonic() - since
+    wait_until(Idle(daemon.proc.pid), 120, "the daemon to digest the junk")
+    wait_until(lambda: len([t for t in pings.times if t >= since]) >= 4, 10, "pings over the whole time")
+    digested = time.monotonic() - since
+    gap = pings.max_gap(since)
+    print(f"{mode}: real scan served after {served:.1f} s, junk digested in {digested:.1f} s, longest gap {gap:.2f} s")
+    assert gap <= WATCHDOG_USEC / 1e6, f"the main loop stalled: {gap:.2f} s between WATCHDOG=1 pings"
+    assert daemon.alive() and len(pings.times) >= digested / 2

@@ -471,6 +471,8 @@ class Poller:
             self._stop.wait(self._pause(self.clock() - started))
 
     def _pause(self, elapsed: float) -> float:
+        if self.polls <= 1:  # the first pass lists every folder: not what later passes cost
+            return max(0.0, self.interval_s - elapsed)
         pause = max(self.interval_s - elapsed, elapsed * (1 - POLL_DUTY) / POLL_DUTY)
         if pause > self.interval_s - elapsed and not self._slow_warned:
             self._slow_warned = True
@@ -675,6 +677,7 @@ class Intake:
         self._overflow = _OverflowFilter(self._on_overflow)
         self._rescan_requested = threading.Event()
         self._overflows = 0
+        self._overflow_times: list[float] = []
         self._wake = wake
         self.complaints = _Complaints()
         self._inbox = str(inbox)
@@ -776,12 +779,26 @@ class Intake:
         return any(not t.is_alive() for t in threads)
 
     def _check_observer(self) -> None:
-        if not self._observer_died():
+        if self._observer is None:
             return
-        self._fall_back(
-            "a watchdog thread died (its error is logged above; a folder tree too deep for its recursive "
-            "walk does this)"
-        )
+        if len(self._overflow_times) >= OVERFLOW_STORM:
+            # watchdog answers an overflow by removing and re-adding one watch per folder; past
+            # max_queued_events folders (20,000 folders moved in at once) that overflows the queue
+            # again, for ever: two threads spinning and a full rescan every second.
+            limit = mounts.inotify_limits()["max_queued_events"]
+            self._overflow_times = []
+            self._fall_back(
+                f"the inotify event queue overflowed {OVERFLOW_STORM} times within {OVERFLOW_STORM_S:g} s "
+                f"(fs.inotify.max_queued_events = {limit}; watchdog re-adds a watch per folder after each "
+                "overflow, which on a big tree overflows it again)"
+            )
+        elif self._observer_died():
+            self._fall_back(
+                "a watchdog thread died (its error is logged above; a folder tree too deep for its recursive "
+                "walk does this)"
+            )
+        else:
+            return
         self._start_poller([self.inbox])
         self.request_scan()  # whatever arrived since the thread died
 
@@ -815,6 +832,8 @@ class Intake:
     def _on_overflow(self) -> None:
         """Called on watchdog's thread: request a rescan and wake the loop; one warning."""
         self._overflows += 1
+        now = time.monotonic()
+        self._overflow_times = [t for t in self._overflow_times if now - t < OVERFLOW_STORM_S] + [now]
         if self._overflows == 1:
             limit = mounts.inotify_limits()["max_queued_events"]
             log.warning(
@@ -991,6 +1010,7 @@ class Intake:
             return None
 
 
+OVERFLOW_STORM, OVERFLOW_STORM_S = 3, 60.0  # this many queue overflows within this long: poll instead
 TOO_DEEP = (
     "the inbox holds a folder tree too deep for watchdog's inotify backend (it walks folders "
     "recursively and hit Python's recursion limit)"
