@@ -758,8 +758,17 @@ class Intake:
         self._events.put(path)
         self._wake()
 
-    def _fall_back(self, why: str) -> None:
-        """inotify failed: poll the whole inbox instead, and say so once."""
+    def _fall_back(self, why: str, *, from_loop: bool = False) -> None:
+        """inotify failed: poll the whole inbox instead, and say so once.
+
+        `from_loop`: called by the main loop while running. Stopping watchdog's observer joins
+        its threads, which may be busy re-adding a watch per folder of a huge tree (seconds), so
+        a helper thread does that; the loop goes on at once."""
+        if from_loop and self._observer is not None:
+            observer, self._observer = self._observer, None
+            threading.Thread(
+                target=_stop_observer, args=(observer,), name="watcherd-observer-stop", daemon=True
+            ).start()
         self.stop()
         self.mode = "polling"
         self.reason = f"{why}; polling instead (was: {self.reason})"
@@ -788,14 +797,16 @@ class Intake:
             limit = mounts.inotify_limits()["max_queued_events"]
             self._overflow_times = []
             self._fall_back(
-                f"the inotify event queue overflowed {OVERFLOW_STORM} times within {OVERFLOW_STORM_S:g} s "
+                from_loop=True,
+                why=f"the inotify event queue overflowed {OVERFLOW_STORM} times within {OVERFLOW_STORM_S:g} s "
                 f"(fs.inotify.max_queued_events = {limit}; watchdog re-adds a watch per folder after each "
-                "overflow, which on a big tree overflows it again)"
+                "overflow, which on a big tree overflows it again)",
             )
         elif self._observer_died():
             self._fall_back(
                 "a watchdog thread died (its error is logged above; a folder tree too deep for its recursive "
-                "walk does this)"
+                "walk does this)",
+                from_loop=True,
             )
         else:
             return
@@ -1015,6 +1026,11 @@ TOO_DEEP = (
     "the inbox holds a folder tree too deep for watchdog's inotify backend (it walks folders "
     "recursively and hit Python's recursion limit)"
 )
+
+
+def _stop_observer(observer: BaseObserver) -> None:
+    observer.stop()
+    observer.join(timeout=60)
 
 
 def _is_real_folder(path: Path) -> bool:
