@@ -17,7 +17,16 @@ Going blind is the failure this module exists to prevent, so each way inotify ca
   counting watches in /proc/self/fdinfo against folders at start; poll instead, one warning;
 - the kernel's event queue overflowed (events lost): watchdog 7 logs it; a logging filter turns
   that into a rescan of the inbox, with one warning. (watchdog 6 drops the overflow silently:
-  there only the periodic rescan finds what was lost.)
+  there only the periodic rescan finds what was lost.) Overflows that keep coming (watchdog
+  re-adds a watch per folder after each, which on a big tree overflows the queue again): poll;
+- watchdog cannot walk the tree (RecursionError: Python 3.11's os.walk recurses per level, and a
+  share user can make a tree 1,100 levels deep), at start or later, when one of its threads dies
+  of it: poll instead, one warning; the loop checks watchdog's threads every tick.
+
+No folder shape may stall the main loop (systemd's watchdog would kill the daemon) or crash it
+(DESIGN §9): walks are iterative, scans and the stability tracker work in slices of
+TICK_BUDGET_S per tick, the poller works on its own thread at a bounded duty cycle, nothing
+descends more than MAX_DEPTH folders, and no symlink is ever followed below the inbox.
 
 When a file is ready (`StabilityTracker`): its size and mtime have not changed for `settle_s`, no
 local process has it open for writing (a lease probe: smbd keeps a slow upload open, so a file
@@ -386,9 +395,10 @@ class _Dir:
     """What the poller remembers of one folder. Small on purpose (one per folder, and a share may
     hold 300,000): no set of child names, which the pass order makes unnecessary (see `poll`)."""
 
-    __slots__ = ("key", "first_seen", "settled", "verified")
+    __slots__ = ("parent", "key", "first_seen", "settled", "verified")
 
-    def __init__(self) -> None:
+    def __init__(self, parent: _Dir | None) -> None:
+        self.parent = parent  # None for a root
         self.key: int | None = None  # hash of (mtime_ns, ctime_ns, ino, dev) at the last listing
         self.first_seen = 0.0  # when `key` was first seen (monotonic)
         self.settled = False  # the listing is known to reflect `key`
@@ -441,7 +451,7 @@ class Poller:
         self.roots = [str(r) for r in roots]
         self._roots = set(self.roots)
         self._inbox = str(inbox)
-        self._dirs: dict[str, _Dir] = {root: _Dir() for root in self.roots}
+        self._dirs: dict[str, _Dir] = {root: _Dir(None) for root in self.roots}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._slow_warned = False
@@ -497,20 +507,19 @@ class Poller:
         """
         self.polls += 1
         listed = 0
-        order = list(self._dirs)
+        now = self.clock()
+        order = list(self._dirs.items())
         i = 0
         while i < len(order):
-            path = order[i]
+            path, folder = order[i]
             i += 1
-            folder = self._dirs.get(path)
-            if folder is None:
+            if self._dirs.get(path) is not folder:
+                continue  # dropped earlier in this pass
+            parent = folder.parent
+            if parent is not None and parent.verified != self.polls:
+                self._dirs.pop(path, None)  # its parent is gone, or no longer a real folder
                 continue
-            if path not in self._roots:
-                parent = self._dirs.get(os.path.dirname(path))
-                if parent is None or parent.verified != self.polls:
-                    del self._dirs[path]
-                    continue
-            new = self._check(path, folder)
+            new = self._check(path, folder, now)
             if new is None:
                 continue
             listed += 1
@@ -518,32 +527,33 @@ class Poller:
         self.listings += listed
         return listed
 
-    def _check(self, path: str, folder: _Dir) -> list[str] | None:
-        """lstat `path`; list it if changed. Returns new subfolders to visit, or None if not listed."""
+    def _check(self, path: str, folder: _Dir, now: float) -> list[tuple[str, _Dir]] | None:
+        """lstat `path`; list it if changed. Returns new subfolders to visit, or None if not listed.
+        This runs for every folder in every pass: keep it lean."""
+        root = folder.parent is None
         try:
             st = self.stat(path)
-            if path in self._roots and stat.S_ISLNK(st.st_mode):
+            if root and stat.S_ISLNK(st.st_mode):
                 st = os.stat(path)  # the configured inbox (or a mount point) may be a symlink
         except OSError as exc:
-            if exc.errno in (errno.ENOENT, errno.ENOTDIR) and path not in self._roots:
-                del self._dirs[path]
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR) and not root:
+                self._dirs.pop(path, None)
             else:
                 self.complaints.problem("polling", path, f"Cannot poll {path}: {exc.strerror}")
             return None
         if not stat.S_ISDIR(st.st_mode):
-            if path not in self._roots:
-                del self._dirs[path]  # a file or a symlink now: never followed
+            if not root:
+                self._dirs.pop(path, None)  # a file or a symlink now: never followed
             return None
         folder.verified = self.polls
         key = hash((st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev))
-        now = self.clock()
         if key == folder.key and folder.settled:
             return None
         if key != folder.key:
             folder.key, folder.first_seen = key, now
         depth = 0 if path == self._inbox else path[len(self._inbox) + 1 :].count(os.sep) + 1
         files: list[str] = []
-        new: list[str] = []
+        new: list[tuple[str, _Dir]] = []
         try:
             with self.scandir(path) as entries:  # type: ignore[attr-defined]
                 for entry in entries:  # streamed: a folder of 300,000 entries is never held whole
@@ -556,8 +566,8 @@ class Poller:
                         continue
                     if is_dir and self.filter.descend(entry.name, depth, self.complaints, self.inbox):
                         if entry.path not in self._dirs:
-                            self._dirs[entry.path] = _Dir()
-                            new.append(entry.path)
+                            child = self._dirs[entry.path] = _Dir(folder)
+                            new.append((entry.path, child))
         except OSError as exc:
             # Keep the key: the folder is listed again only when it changes (chmod changes ctime).
             folder.settled = True
@@ -717,6 +727,14 @@ class Intake:
             self._poller = None
 
     def _start_events(self) -> None:
+        watches = mounts.inotify_limits()["max_user_watches"]
+        if self.watch.recursive and watches is not None:
+            # More folders than watches: watchdog would spend its start adding watches one by one
+            # (300,000 folders: 40 s before the loop ran) and still leave part of the tree blind.
+            folders = 1 + mounts.count_folders(self.inbox, limit=watches)
+            if folders > watches:
+                self._fall_back(self._limit_reason(OSError(errno.ENOSPC, "too many folders"), (watches, folders)))
+                return
         for name in WATCHDOG_LOGGERS:
             logging.getLogger(name).addFilter(self._overflow)
         observer: BaseObserver | None = None
@@ -823,7 +841,7 @@ class Intake:
         else:
             what = f"inotify could not start ({exc.strerror or exc})"
         if missing:
-            what += f": only {missing[0]} of at least {missing[1]} folders are watched"
+            what += f": at most {missing[0]} of at least {missing[1]} folders can be watched"
         return what + "; raise the limit with sysctl to get events back"
 
     def _unwatched_folders(self) -> tuple[int, int] | None:
