@@ -389,6 +389,7 @@ def _claimable(folder: str, complaints: _Complaints) -> bool:
 # Most of one core the poller may use: a pass over a huge tree (300,000 folders: about a second
 # of stat calls) is followed by a pause this long relative to it, however short poll_interval_s.
 POLL_DUTY = 0.1
+MAX_POLL_PAUSE_S = 30.0  # ... but a new file is never left unseen for longer than this plus a pass
 
 
 class _Dir:
@@ -414,9 +415,9 @@ class Poller:
     interval and lists a folder only when its mtime/ctime changed (creating, deleting or renaming
     an entry changes the folder's mtime on every filesystem we support, including NFS, SMB and
     FUSE). A listing uses the d_type from readdir, so no per-file stat either. Growth of a file
-    already found is the StabilityTracker's business, not the poller's. A pass that takes long
-    (a huge tree) is followed by a pause nine times as long, with one warning: the poller never
-    uses more than POLL_DUTY of a core.
+    already found is the StabilityTracker's business, not the poller's. A steady pass that takes
+    long (a huge tree) is followed by a pause nine times as long (at most MAX_POLL_PAUSE_S), with
+    one warning: at rest the poller uses about POLL_DUTY of a core at most.
 
     Symlinks are never followed (DESIGN §9): folders below the roots are checked with lstat, and a
     folder is looked at only after its parent was seen as a real folder in the same pass, so a
@@ -474,16 +475,19 @@ class Poller:
     def _run(self) -> None:
         while not self._stop.is_set():
             started = self.clock()
+            listed = 0
             try:
-                self.poll()
+                listed = self.poll()
             except Exception:  # never let the poller die silently: the daemon would go blind
                 log.exception("Polling %s failed; trying again in %g s", self.inbox, self.interval_s)
-            self._stop.wait(self._pause(self.clock() - started))
+            self._stop.wait(self._pause(self.clock() - started, listed))
 
-    def _pause(self, elapsed: float) -> float:
-        if self.polls <= 1:  # the first pass lists every folder: not what later passes cost
+    def _pause(self, elapsed: float, listed: int) -> float:
+        if listed * 10 > len(self._dirs):
+            # Mostly listings (the first pass, a pile of new folders settling): real work that
+            # ends by itself, and not what a steady pass costs; pacing on it once meant 208 s.
             return max(0.0, self.interval_s - elapsed)
-        pause = max(self.interval_s - elapsed, elapsed * (1 - POLL_DUTY) / POLL_DUTY)
+        pause = max(self.interval_s - elapsed, min(elapsed * (1 - POLL_DUTY) / POLL_DUTY, MAX_POLL_PAUSE_S))
         if pause > self.interval_s - elapsed and not self._slow_warned:
             self._slow_warned = True
             log.warning(
