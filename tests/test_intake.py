@@ -115,7 +115,7 @@ def test_the_poller_relists_a_folder_until_its_mtime_can_be_trusted(tmp_path: Pa
     (inbox / "b.png").write_bytes(b"2")
     os.utime(inbox, ns=(before.st_atime_ns, before.st_mtime_ns))  # same tick: mtime looks unchanged
     # ctime moved too (utime sets it): forge the worst case by making the poller ignore ctime
-    poller._dirs[str(inbox)].key = (before.st_mtime_ns, os.stat(inbox).st_ctime_ns, before.st_ino, before.st_dev)
+    poller._dirs[str(inbox)].key = hash((before.st_mtime_ns, os.stat(inbox).st_ctime_ns, before.st_ino, before.st_dev))
     found.clear()
     clock[0] += 0.5
     poller.poll()

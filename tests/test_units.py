@@ -202,3 +202,25 @@ def test_the_parent_never_imports_torch_or_image_libraries() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_ready_stops_after_its_budget_and_the_rest_stays_due() -> None:
+    """200,000 junk files statted in one ready() call held the main loop 31 s: a call now looks
+    at due files only until its budget is spent, and next_due() says the rest are due."""
+    clock = FakeClock()
+    looked: list[Path] = []
+
+    def lstat(path: Path) -> os.stat_result:
+        looked.append(path)
+        return fake_stat(5, 1)
+
+    tracker = StabilityTracker(1.0, clock=clock, lstat=lstat, complete=lambda p: True, busy=lambda p: False)
+    for i in range(100):
+        tracker.track(Path(f"/inbox/{i}.jpg"))
+    clock.now += 1.0
+    looked.clear()
+    first = tracker.ready(budget_s=0.0)  # at least one file per call, so it always progresses
+    assert len(first) == 1 and len(looked) == 1
+    assert tracker.next_due() is not None and tracker.next_due() <= clock.now  # type: ignore[operator]
+    rest = tracker.ready()
+    assert len(first) + len(rest) == 100 and len(tracker) == 0 and tracker.next_due() is None

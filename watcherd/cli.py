@@ -18,7 +18,6 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from multiprocessing.connection import wait
 from pathlib import Path
 
@@ -231,7 +230,7 @@ def _check_watch(settings: Settings) -> list[tuple[bool | None, str, str]]:
             )
         )
     limits = mounts.inotify_limits()
-    folders = 1 + sum(1 for _ in _folders_below(inbox)) if watch.recursive else 1
+    folders = 1 + mounts.count_folders(inbox) if watch.recursive else 1
     detail = (
         f"max_user_watches {limits['max_user_watches']}, max_user_instances {limits['max_user_instances']}, "
         f"max_queued_events {limits['max_queued_events']}; the inbox tree has {folders} folder(s)"
@@ -247,14 +246,6 @@ def _check_watch(settings: Settings) -> list[tuple[bool | None, str, str]]:
             )
     lines.append((ok, "inotify", detail))
     return lines
-
-
-def _folders_below(top: Path) -> Iterator[str]:
-    """Every folder below `top` (what a recursive inotify watch needs one watch each for)."""
-    for parent, dirs, _ in os.walk(top):
-        for name in dirs:
-            if not os.path.islink(os.path.join(parent, name)):
-                yield name
 
 
 def _check_engine(settings: Settings) -> tuple[bool, str, str]:

@@ -17,7 +17,16 @@ Going blind is the failure this module exists to prevent, so each way inotify ca
   counting watches in /proc/self/fdinfo against folders at start; poll instead, one warning;
 - the kernel's event queue overflowed (events lost): watchdog 7 logs it; a logging filter turns
   that into a rescan of the inbox, with one warning. (watchdog 6 drops the overflow silently:
-  there only the periodic rescan finds what was lost.)
+  there only the periodic rescan finds what was lost.) Overflows that keep coming (watchdog
+  re-adds a watch per folder after each, which on a big tree overflows the queue again): poll;
+- watchdog cannot walk the tree (RecursionError: Python 3.11's os.walk recurses per level, and a
+  share user can make a tree 1,100 levels deep), at start or later, when one of its threads dies
+  of it: poll instead, one warning; the loop checks watchdog's threads every tick.
+
+No folder shape may stall the main loop (systemd's watchdog would kill the daemon) or crash it
+(DESIGN §9): walks are iterative, scans and the stability tracker work in slices of
+TICK_BUDGET_S per tick, the poller works on its own thread at a bounded duty cycle, nothing
+descends more than MAX_DEPTH folders, and no symlink is ever followed below the inbox.
 
 When a file is ready (`StabilityTracker`): its size and mtime have not changed for `settle_s`, no
 local process has it open for writing (a lease probe: smbd keeps a slow upload open, so a file
@@ -37,18 +46,21 @@ period protects, which is why `settle_s` should exceed the longest pause of the 
 
 from __future__ import annotations
 
+import collections
 import errno
 import fcntl
 import fnmatch
+import heapq
+import itertools
 import logging
 import os
 import queue
+import re
 import signal
 import stat
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
@@ -67,6 +79,11 @@ InotifyMoveEventGrouper.delay = 0.05
 
 log = logging.getLogger("watcherd")
 
+# How far below the inbox files are taken from. Scanner and office trees are a handful of levels
+# deep; a share user can make one 1,100 levels deep in a second, and a file at its bottom once
+# crashed the daemon (recursive mkdir of its mirror folders). Deeper folders are not descended
+# into, with one warning: a bound on the work too (no path grows towards PATH_MAX).
+MAX_DEPTH = 64
 INCOMPLETE_GRACE = 5  # quiet periods (x settle_s) an incomplete-looking file may wait
 # A directory's mtime is trusted to reveal every later change only once this long has passed since
 # we first saw its value: a file created in the same timestamp tick as our listing leaves the mtime
@@ -74,9 +91,16 @@ INCOMPLETE_GRACE = 5  # quiet periods (x settle_s) an incomplete-looking file ma
 MTIME_GRANULARITY_S = 2.0
 
 
+def _compile(patterns: Iterable[str]) -> re.Pattern[str] | None:
+    """One regex for a list of fnmatch patterns, matched against lower-cased names: a junk pile of
+    200,000 names is matched once per name, not once per name and pattern."""
+    patterns = [p.lower() for p in patterns]
+    return re.compile("|".join(fnmatch.translate(p) for p in patterns)) if patterns else None
+
+
 def matches_include(name: str, include: tuple[str, ...]) -> bool:
-    lower = name.lower()
-    return any(fnmatch.fnmatchcase(lower, pattern.lower()) for pattern in include)
+    regex = _compile(include)
+    return regex is not None and regex.match(name.lower()) is not None
 
 
 def appledouble_companion(path: Path) -> Path:
@@ -93,17 +117,44 @@ class PathFilter:
         self.include = watch.include
         self.ignore = tuple(p.lower() for p in BUILTIN_IGNORE + watch.ignore)
         self.recursive = watch.recursive
+        self._include = _compile(self.include)
+        self._ignore = _compile(self.ignore)
 
     def ignored_component(self, name: str) -> bool:
-        lower = name.lower()
-        return any(fnmatch.fnmatchcase(lower, pattern) for pattern in self.ignore)
+        return self._ignore is not None and self._ignore.match(name.lower()) is not None
+
+    def descend(self, name: str, depth: int, complaints: _Complaints, inbox: Path) -> bool:
+        """Whether scans and the poller go into subfolder `name` of a folder `depth` levels
+        below the inbox; the first folder refused for its depth is reported once."""
+        if not self.recursive or self.ignored_component(name):
+            return False
+        if depth + 1 > MAX_DEPTH:
+            complaints.problem(
+                "depth",
+                str(inbox),
+                f"Folders more than {MAX_DEPTH} levels below {inbox} are not looked into "
+                f"(first seen: {name!r} at that depth); files there are left alone",
+            )
+            return False
+        return True
 
     def wanted(self, rel_parts: tuple[str, ...]) -> bool:
-        if not rel_parts or (not self.recursive and len(rel_parts) > 1):
+        if not rel_parts or (not self.recursive and len(rel_parts) > 1) or len(rel_parts) > MAX_DEPTH + 1:
             return False
         if any(self.ignored_component(part) for part in rel_parts):
             return False
-        return matches_include(rel_parts[-1], self.include)
+        return self._include is not None and self._include.match(rel_parts[-1].lower()) is not None
+
+    def wanted_name(self, name: str, depth: int) -> bool:
+        """`wanted` for a name `depth` folders below the inbox (0: in the inbox itself) whose
+        folders are already known not to be ignored (scans and the poller only descend into
+        those): checks one component, not the whole path, so deep trees cost nothing extra."""
+        if (not self.recursive and depth > 0) or depth > MAX_DEPTH:
+            return False
+        lower = name.lower()
+        if self._ignore is not None and self._ignore.match(lower):
+            return False
+        return self._include is not None and self._include.match(lower) is not None
 
 
 # -- readiness -------------------------------------------------------------------------------
@@ -142,11 +193,19 @@ def open_for_writing(path: Path) -> bool | None:
     return False
 
 
-@dataclass
+# The main loop's share of one tick for each kind of intake work. systemd kills a daemon whose
+# loop misses WatchdogSec; a junk pile (300,000 folders moved in at once) once held the loop for
+# 79 s in one listing. Work beyond the slice waits for the next tick, which comes at once.
+TICK_BUDGET_S = 0.05
+
+
 class _Tracked:
-    signature: tuple[int, int, int]  # (mode, size, mtime_ns)
-    quiet_since: float
-    due: float
+    __slots__ = ("signature", "quiet_since", "due")
+
+    def __init__(self, signature: tuple[int, int, int], quiet_since: float, due: float):
+        self.signature = signature  # (mode, size, mtime_ns)
+        self.quiet_since = quiet_since
+        self.due = due
 
 
 class StabilityTracker:
@@ -154,6 +213,10 @@ class StabilityTracker:
 
     `clock`, `lstat`, `complete` and `busy` are injectable so tests can drive time instead of
     sleeping. `busy(path)` says whether a local writer still has the file open (None: unknown).
+
+    Files wait in a heap ordered by when they are next due, so a tick looks only at files that
+    are due, and `ready()` stops after `budget_s` of real time (200,000 junk files statted in one
+    call held the main loop 31 s): the rest stay due and are looked at in the next tick.
     """
 
     def __init__(
@@ -171,6 +234,9 @@ class StabilityTracker:
         self.complete = complete
         self.busy = busy
         self._files: dict[Path, _Tracked] = {}
+        # (due, seq, path); an entry is stale when the file was forgotten or re-armed since.
+        self._heap: list[tuple[float, int, Path]] = []
+        self._seq = 0
 
     def __len__(self) -> int:
         return len(self._files)
@@ -187,51 +253,81 @@ class StabilityTracker:
         except OSError:
             return
         now = self.clock()
-        self._files[path] = _Tracked(_signature(st), now, now + self.settle_s)
+        tracked = _Tracked(_signature(st), now, now + self.settle_s)
+        self._files[path] = tracked
+        self._arm(path, tracked)
 
     def forget(self, path: Path) -> None:
         self._files.pop(path, None)
 
-    def next_due(self) -> float | None:
-        return min((t.due for t in self._files.values()), default=None)
+    def _arm(self, path: Path, tracked: _Tracked) -> None:
+        self._seq += 1
+        heapq.heappush(self._heap, (tracked.due, self._seq, path))
 
-    def ready(self) -> list[tuple[Path, tuple[int, int, int]]]:
+    def _stale(self, entry: tuple[float, int, Path]) -> bool:
+        tracked = self._files.get(entry[2])
+        return tracked is None or tracked.due != entry[0]
+
+    def next_due(self) -> float | None:
+        while self._heap and self._stale(self._heap[0]):
+            heapq.heappop(self._heap)
+        return self._heap[0][0] if self._heap else None
+
+    def ready(self, budget_s: float | None = None) -> list[tuple[Path, tuple[int, int, int]]]:
         """Stat the files whose quiet period may be over; return those that are ready, with the
-        signature they were judged on (the claim re-checks it: a change since means not ready)."""
+        signature they were judged on (the claim re-checks it: a change since means not ready).
+        With `budget_s`, stop after that much real time; `next_due()` then says more are due."""
         now = self.clock()
+        deadline = None if budget_s is None else time.perf_counter() + budget_s
         out = []
-        for path, tracked in list(self._files.items()):
-            if tracked.due > now:
+        looked = 0
+        while self._heap and self._heap[0][0] <= now:
+            if deadline is not None and looked and time.perf_counter() > deadline:
+                break
+            entry = heapq.heappop(self._heap)
+            if self._stale(entry):
                 continue
-            try:
-                st = self.lstat(path)
-            except OSError:
-                del self._files[path]  # claimed, moved away or deleted
-                continue
-            signature = _signature(st)
-            if signature != tracked.signature:
-                tracked.signature, tracked.quiet_since, tracked.due = signature, now, now + self.settle_s
-                continue
-            quiet = now - tracked.quiet_since
-            if quiet < self.settle_s:
-                tracked.due = tracked.quiet_since + self.settle_s
-                continue
-            if stat.S_ISREG(st.st_mode) and self.busy(path):
-                # Still open for writing (smbd holding a slow upload, a scanner between pages):
-                # no grace applies, the writer decides when it is done.
-                tracked.due = now + max(self.settle_s, 0.1)
-                continue
-            if stat.S_ISREG(st.st_mode) and quiet < INCOMPLETE_GRACE * self.settle_s:
-                try:
-                    complete = self.complete(path)
-                except OSError:
-                    complete = True  # unreadable: let the child report why, once
-                if not complete:
-                    tracked.due = now + max(self.settle_s, 0.1)
-                    continue
-            del self._files[path]
-            out.append((path, signature))
+            looked += 1
+            path = entry[2]
+            tracked = self._files[path]
+            signature = self._judge(path, tracked, now)
+            if signature is not None:
+                out.append((path, signature))
+            elif path in self._files:
+                self._arm(path, tracked)
         return out
+
+    def _judge(self, path: Path, tracked: _Tracked, now: float) -> tuple[int, int, int] | None:
+        """The signature if `path` is ready (and forgotten); else None: it left (forgotten too),
+        or it waits with its `due` moved on."""
+        try:
+            st = self.lstat(path)
+        except OSError:
+            del self._files[path]  # claimed, moved away or deleted
+            return None
+        signature = _signature(st)
+        if signature != tracked.signature:
+            tracked.signature, tracked.quiet_since, tracked.due = signature, now, now + self.settle_s
+            return None
+        quiet = now - tracked.quiet_since
+        if quiet < self.settle_s:
+            tracked.due = tracked.quiet_since + self.settle_s
+            return None
+        if stat.S_ISREG(st.st_mode) and self.busy(path):
+            # Still open for writing (smbd holding a slow upload, a scanner between pages):
+            # no grace applies, the writer decides when it is done.
+            tracked.due = now + max(self.settle_s, 0.1)
+            return None
+        if stat.S_ISREG(st.st_mode) and quiet < INCOMPLETE_GRACE * self.settle_s:
+            try:
+                complete = self.complete(path)
+            except OSError:
+                complete = True  # unreadable: let the child report why, once
+            if not complete:
+                tracked.due = now + max(self.settle_s, 0.1)
+                return None
+        del self._files[path]
+        return signature
 
 
 def _signature(st: os.stat_result) -> tuple[int, int, int]:
@@ -290,14 +386,24 @@ def _claimable(folder: str, complaints: _Complaints) -> bool:
 
 # -- the poller ------------------------------------------------------------------------------
 
+# Most of one core the poller may use: a pass over a huge tree (300,000 folders: about a second
+# of stat calls) is followed by a pause this long relative to it, however short poll_interval_s.
+POLL_DUTY = 0.1
+MAX_POLL_PAUSE_S = 30.0  # ... but a new file is never left unseen for longer than this plus a pass
 
-@dataclass
+
 class _Dir:
-    rel: tuple[str, ...]  # below the inbox
-    key: tuple[int, int, int, int] | None = None  # (mtime_ns, ctime_ns, ino, dev) at the last listing
-    first_seen: float = 0.0  # when `key` was first seen (monotonic)
-    settled: bool = False  # the listing is known to reflect `key`
-    subdirs: set[str] = field(default_factory=set)
+    """What the poller remembers of one folder. Small on purpose (one per folder, and a share may
+    hold 300,000): no set of child names, which the pass order makes unnecessary (see `poll`)."""
+
+    __slots__ = ("parent", "key", "first_seen", "settled", "verified")
+
+    def __init__(self, parent: _Dir | None) -> None:
+        self.parent = parent  # None for a root
+        self.key: int | None = None  # hash of (mtime_ns, ctime_ns, ino, dev) at the last listing
+        self.first_seen = 0.0  # when `key` was first seen (monotonic)
+        self.settled = False  # the listing is known to reflect `key`
+        self.verified = -1  # the pass in which lstat last showed a real folder here
 
 
 class Poller:
@@ -309,11 +415,17 @@ class Poller:
     interval and lists a folder only when its mtime/ctime changed (creating, deleting or renaming
     an entry changes the folder's mtime on every filesystem we support, including NFS, SMB and
     FUSE). A listing uses the d_type from readdir, so no per-file stat either. Growth of a file
-    already found is the StabilityTracker's business, not the poller's.
+    already found is the StabilityTracker's business, not the poller's. A steady pass that takes
+    long (a huge tree) is followed by a pause nine times as long (at most MAX_POLL_PAUSE_S), with
+    one warning: at rest the poller uses about POLL_DUTY of a core at most.
+
+    Symlinks are never followed (DESIGN §9): folders below the roots are checked with lstat, and a
+    folder is looked at only after its parent was seen as a real folder in the same pass, so a
+    subfolder swapped for a symlink to elsewhere is dropped with everything below it, never listed.
 
     Every listing reports all wanted names in the folder (not only new ones): a file claimed and
     replaced by another of the same name within one interval is still seen, and the service
-    ignores names it already tracks or queued. `stat` and `scandir` are injectable.
+    ignores names it already tracks or queued. `stat` (an lstat) and `scandir` are injectable.
     """
 
     def __init__(
@@ -326,7 +438,7 @@ class Poller:
         emit: Callable[[Path], None],
         complaints: _Complaints | None = None,
         clock: Callable[[], float] = time.monotonic,
-        stat_fn: Callable[[str], os.stat_result] = os.stat,
+        stat_fn: Callable[[str], os.stat_result] = os.lstat,
         scandir: Callable[[str], Iterator[os.DirEntry[str]]] = os.scandir,
     ):
         self.inbox = inbox
@@ -338,12 +450,12 @@ class Poller:
         self.stat = stat_fn
         self.scandir = scandir
         self.roots = [str(r) for r in roots]
-        self._dirs: dict[str, _Dir] = {}
-        for root in self.roots:
-            rel = Path(root).relative_to(inbox).parts if root != str(inbox) else ()
-            self._dirs[root] = _Dir(rel)
+        self._roots = set(self.roots)
+        self._inbox = str(inbox)
+        self._dirs: dict[str, _Dir] = {root: _Dir(None) for root in self.roots}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._slow_warned = False
         self.polls = 0
         self.listings = 0  # folders listed so far (for tests and the benchmark)
 
@@ -363,53 +475,103 @@ class Poller:
     def _run(self) -> None:
         while not self._stop.is_set():
             started = self.clock()
+            listed = 0
             try:
-                self.poll()
+                listed = self.poll()
             except Exception:  # never let the poller die silently: the daemon would go blind
                 log.exception("Polling %s failed; trying again in %g s", self.inbox, self.interval_s)
-            self._stop.wait(max(0.0, self.interval_s - (self.clock() - started)))
+            self._stop.wait(self._pause(self.clock() - started, listed))
+
+    def _pause(self, elapsed: float, listed: int) -> float:
+        if listed * 10 > len(self._dirs):
+            # Mostly listings (the first pass, a pile of new folders settling): real work that
+            # ends by itself, and not what a steady pass costs; pacing on it once meant 208 s.
+            return max(0.0, self.interval_s - elapsed)
+        pause = max(self.interval_s - elapsed, min(elapsed * (1 - POLL_DUTY) / POLL_DUTY, MAX_POLL_PAUSE_S))
+        if pause > self.interval_s - elapsed and not self._slow_warned:
+            self._slow_warned = True
+            log.warning(
+                "Polling %d folders below %s takes %.1f s a pass: polling every %.1f s instead of every "
+                "%g s, to keep the poller under %d%% of a core (fewer folders, or events, would be faster)",
+                len(self._dirs),
+                self.inbox,
+                elapsed,
+                elapsed + pause,
+                self.interval_s,
+                round(POLL_DUTY * 100),
+            )
+        return pause
 
     def poll(self) -> int:
-        """One pass: stat every known folder, list the changed ones; returns how many were listed."""
+        """One pass: stat every known folder, list the changed ones; returns how many were listed.
+
+        Folders are visited in the order they were found, so a parent always comes before its
+        children: a folder whose parent is gone or is no longer a real folder (replaced by a
+        symlink) is dropped without being looked at, and so, in turn, is everything below it.
+        """
+        self.polls += 1
         listed = 0
-        pending = list(self._dirs)
-        while pending:
-            path = pending.pop()
-            folder = self._dirs.get(path)
-            if folder is None:
-                continue  # dropped with a removed parent during this pass
-            new = self._check(path, folder)
+        now = self.clock()
+        order = list(self._dirs.items())
+        i = 0
+        while i < len(order):
+            path, folder = order[i]
+            i += 1
+            if self._dirs.get(path) is not folder:
+                continue  # dropped earlier in this pass
+            parent = folder.parent
+            if parent is not None and parent.verified != self.polls:
+                self._dirs.pop(path, None)  # its parent is gone, or no longer a real folder
+                continue
+            new = self._check(path, folder, now)
             if new is None:
                 continue
             listed += 1
-            pending.extend(new)
-        self.polls += 1
+            order.extend(new)
         self.listings += listed
         return listed
 
-    def _check(self, path: str, folder: _Dir) -> list[str] | None:
-        """Stat `path`; list it if changed. Returns new subfolders to visit, or None if not listed."""
+    def _check(self, path: str, folder: _Dir, now: float) -> list[tuple[str, _Dir]] | None:
+        """lstat `path`; list it if changed. Returns new subfolders to visit, or None if not listed.
+        This runs for every folder in every pass: keep it lean."""
+        root = folder.parent is None
         try:
             st = self.stat(path)
+            if root and stat.S_ISLNK(st.st_mode):
+                st = os.stat(path)  # the configured inbox (or a mount point) may be a symlink
         except OSError as exc:
-            if exc.errno in (errno.ENOENT, errno.ENOTDIR) and path not in self.roots:
-                self._drop(path)
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR) and not root:
+                self._dirs.pop(path, None)
             else:
                 self.complaints.problem("polling", path, f"Cannot poll {path}: {exc.strerror}")
             return None
         if not stat.S_ISDIR(st.st_mode):
-            if path not in self.roots:
-                self._drop(path)
+            if not root:
+                self._dirs.pop(path, None)  # a file or a symlink now: never followed
             return None
-        key = (st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
-        now = self.clock()
+        folder.verified = self.polls
+        key = hash((st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev))
         if key == folder.key and folder.settled:
             return None
         if key != folder.key:
             folder.key, folder.first_seen = key, now
+        depth = 0 if path == self._inbox else path[len(self._inbox) + 1 :].count(os.sep) + 1
+        files: list[str] = []
+        new: list[tuple[str, _Dir]] = []
         try:
             with self.scandir(path) as entries:  # type: ignore[attr-defined]
-                found = list(entries)
+                for entry in entries:  # streamed: a folder of 300,000 entries is never held whole
+                    if self.filter.wanted_name(entry.name, depth):
+                        files.append(entry.path)
+                        continue
+                    try:
+                        is_dir = entry.is_dir(follow_symlinks=False)
+                    except OSError:
+                        continue
+                    if is_dir and self.filter.descend(entry.name, depth, self.complaints, self.inbox):
+                        if entry.path not in self._dirs:
+                            child = self._dirs[entry.path] = _Dir(folder)
+                            new.append((entry.path, child))
         except OSError as exc:
             # Keep the key: the folder is listed again only when it changes (chmod changes ctime).
             folder.settled = True
@@ -421,37 +583,10 @@ class Poller:
         self.complaints.fine("listing", path)
         # The listing reflects `key` for sure only once the timestamp tick has passed (see above).
         folder.settled = now - folder.first_seen >= MTIME_GRANULARITY_S
-        subdirs = set()
-        files = []
-        for entry in found:
-            rel = (*folder.rel, entry.name)
-            try:
-                is_dir = entry.is_dir(follow_symlinks=False)
-            except OSError:
-                is_dir = False
-            if self.filter.wanted(rel):
-                files.append(entry.path)
-            elif is_dir and self.filter.recursive and not self.filter.ignored_component(entry.name):
-                subdirs.add(entry.name)
         if files and _claimable(path, self.complaints):
             for file in files:
                 self.emit(Path(file))
-        for gone in folder.subdirs - subdirs:
-            self._drop(os.path.join(path, gone))
-        new = []
-        for name in sorted(subdirs - folder.subdirs):
-            child = os.path.join(path, name)
-            if child not in self._dirs:
-                self._dirs[child] = _Dir((*folder.rel, name))
-                new.append(child)
-        folder.subdirs = subdirs
         return new
-
-    def _drop(self, path: str) -> None:
-        prefix = path + os.sep
-        for known in [p for p in self._dirs if p == path or p.startswith(prefix)]:
-            if known not in self.roots:
-                del self._dirs[known]
 
 
 # -- events ----------------------------------------------------------------------------------
@@ -495,11 +630,45 @@ WATCHDOG_LOGGERS = ("watchdog.observers.inotify_c", "watchdog.observers.inotify"
 INOTIFY_LIMIT_ERRORS = (errno.ENOSPC, errno.EMFILE, errno.ENFILE, errno.ENOMEM)
 
 
+class _Listing:
+    """A folder a scan is listing: open, and resumable from one tick to the next."""
+
+    __slots__ = ("path", "depth", "fd", "entries", "claimable", "files")
+
+    def __init__(self, path: str, depth: int, fd: int, claimable: bool):
+        self.path = path
+        self.depth = depth
+        self.fd = fd
+        self.entries = os.scandir(fd)
+        self.claimable = claimable
+        self.files: list[str] = []  # wanted names found so far, handed on sorted when it is done
+
+    def close(self) -> None:
+        self.entries.close()
+        os.close(self.fd)
+
+
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+MAX_CANDIDATES_PER_TICK = 2000  # the service lstats each one it is handed: bound that too
+
+
 class Intake:
     """Candidate paths from events, polling and scans; the service asks `drain()` for them.
 
     `mode` is "events" or "polling" (what the inbox itself gets) and `reason` says why, in words
-    an operator can act on; both may change in `start()` if inotify fails.
+    an operator can act on; both may change in `start()` if inotify fails, and later if
+    watchdog's threads die (`drain` checks them every tick).
+
+    Scans (the startup scan, the periodic rescan, a folder that appeared) are resumable: `drain`
+    lists entries only for TICK_BUDGET_S of each tick and carries on in the next, so no folder
+    shape (300,000 folders moved in at once, a folder of 200,000 junk files) holds the main loop.
+    Events are served before scan work, so a scan dropped into the inbox is tracked at once even
+    while a big scan is in progress.
+
+    Scans never follow symlinks (DESIGN §9): a folder is opened with O_NOFOLLOW, a folder named
+    by an event is opened one component at a time from the inbox (openat, O_NOFOLLOW each), and a
+    subfolder is listed only if it is still the folder its parent's listing showed (same device
+    and inode, from an lstat relative to the parent's descriptor).
     """
 
     def __init__(
@@ -522,8 +691,18 @@ class Intake:
         self._overflow = _OverflowFilter(self._on_overflow)
         self._rescan_requested = threading.Event()
         self._overflows = 0
+        self._overflow_times: list[float] = []
         self._wake = wake
         self.complaints = _Complaints()
+        self._inbox = str(inbox)
+        # Scan work: folders still to list (path, depth, (st_dev, st_ino) or None for a scan's
+        # top), the same paths as a set (an event for a folder already queued adds nothing: one
+        # `mv` of 300,000 folders brings 300,000 folder events from watchdog), the listing in
+        # progress, and files found but not yet handed out.
+        self._to_list: list[tuple[str, int, tuple[int, int] | None]] = []
+        self._queued: set[str] = set()
+        self._listing: _Listing | None = None
+        self._found: collections.deque[Path] = collections.deque()
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -540,6 +719,7 @@ class Intake:
         log.info("Watch mode: %s (%s)", self.mode, self.reason)
 
     def stop(self) -> None:
+        """Stop the watchers (observer, poller); scan work in progress is kept."""
         if self._observer is not None:
             self._observer.stop()
             self._observer.join(timeout=5)
@@ -551,6 +731,14 @@ class Intake:
             self._poller = None
 
     def _start_events(self) -> None:
+        watches = mounts.inotify_limits()["max_user_watches"]
+        if self.watch.recursive and watches is not None:
+            # More folders than watches: watchdog would spend its start adding watches one by one
+            # (300,000 folders: 40 s before the loop ran) and still leave part of the tree blind.
+            folders = 1 + mounts.count_folders(self.inbox, limit=watches)
+            if folders > watches:
+                self._fall_back(self._limit_reason(OSError(errno.ENOSPC, "too many folders"), (watches, folders)))
+                return
         for name in WATCHDOG_LOGGERS:
             logging.getLogger(name).addFilter(self._overflow)
         observer: BaseObserver | None = None
@@ -559,12 +747,17 @@ class Intake:
             observer.schedule(_Handler(self._events, self._wake), str(self.inbox), recursive=self.watch.recursive)
             observer.daemon = True
             observer.start()
-        except OSError as exc:
-            if exc.errno not in INOTIFY_LIMIT_ERRORS:
+        except (OSError, RecursionError) as exc:
+            if isinstance(exc, OSError) and exc.errno not in INOTIFY_LIMIT_ERRORS:
                 raise
             if observer is not None:
                 observer.stop()  # closes its inotify instance; never started, so nothing to join
-            self._fall_back(self._limit_reason(exc))
+            if isinstance(exc, RecursionError):
+                # Python 3.11's os.walk recurses once per folder level; watchdog walks the tree
+                # with it to add watches, so a tree ~1,000 levels deep made every start exit 1.
+                self._fall_back(TOO_DEEP)
+            else:
+                self._fall_back(self._limit_reason(exc))
             return
         self._observer = observer
         if self.watch.recursive:
@@ -587,12 +780,60 @@ class Intake:
         self._events.put(path)
         self._wake()
 
-    def _fall_back(self, why: str) -> None:
-        """inotify failed: poll the whole inbox instead, and say so once."""
+    def _fall_back(self, why: str, *, from_loop: bool = False) -> None:
+        """inotify failed: poll the whole inbox instead, and say so once.
+
+        `from_loop`: called by the main loop while running. Stopping watchdog's observer joins
+        its threads, which may be busy re-adding a watch per folder of a huge tree (seconds), so
+        a helper thread does that; the loop goes on at once."""
+        if from_loop and self._observer is not None:
+            observer, self._observer = self._observer, None
+            threading.Thread(
+                target=_stop_observer, args=(observer,), name="watcherd-observer-stop", daemon=True
+            ).start()
         self.stop()
         self.mode = "polling"
         self.reason = f"{why}; polling instead (was: {self.reason})"
         log.warning("inotify failed: %s", self.reason)
+
+    def _observer_died(self) -> bool:
+        """True if one of watchdog's threads is dead: its observer (dispatch), an emitter, or the
+        thread reading the inotify descriptor. Any of them dying leaves the daemon blind without
+        a word (a tree too deep for the recursive os.walk it runs when a folder appears did it)."""
+        observer = self._observer
+        if observer is None:
+            return False
+        threads: list[threading.Thread] = [observer, *observer.emitters]
+        reader = getattr(observer, "_inotify_fd", None)  # watchdog 7's InotifyObserver
+        if isinstance(reader, threading.Thread):
+            threads.append(reader)
+        return any(not t.is_alive() for t in threads)
+
+    def _check_observer(self) -> None:
+        if self._observer is None:
+            return
+        if len(self._overflow_times) >= OVERFLOW_STORM:
+            # watchdog answers an overflow by removing and re-adding one watch per folder; past
+            # max_queued_events folders (20,000 folders moved in at once) that overflows the queue
+            # again, for ever: two threads spinning and a full rescan every second.
+            limit = mounts.inotify_limits()["max_queued_events"]
+            self._overflow_times = []
+            self._fall_back(
+                from_loop=True,
+                why=f"the inotify event queue overflowed {OVERFLOW_STORM} times within {OVERFLOW_STORM_S:g} s "
+                f"(fs.inotify.max_queued_events = {limit}; watchdog re-adds a watch per folder after each "
+                "overflow, which on a big tree overflows it again)",
+            )
+        elif self._observer_died():
+            self._fall_back(
+                "a watchdog thread died (its error is logged above; a folder tree too deep for its recursive "
+                "walk does this)",
+                from_loop=True,
+            )
+        else:
+            return
+        self._start_poller([self.inbox])
+        self.request_scan()  # whatever arrived since the thread died
 
     @staticmethod
     def _limit_reason(exc: OSError, missing: tuple[int, int] | None = None) -> str:
@@ -604,23 +845,28 @@ class Intake:
         else:
             what = f"inotify could not start ({exc.strerror or exc})"
         if missing:
-            what += f": only {missing[0]} of {missing[1]} folders are watched"
+            what += f": at most {missing[0]} of at least {missing[1]} folders can be watched"
         return what + "; raise the limit with sysctl to get events back"
 
     def _unwatched_folders(self) -> tuple[int, int] | None:
         """(watched, folders) if watchdog silently left folders unwatched, else None."""
+        shortfall = None
         for _ in range(2):  # a folder created or removed meanwhile must not look like a shortfall
-            folders = 1 + sum(
-                1 for top, dirs, _ in os.walk(self.inbox) for d in dirs if not os.path.islink(os.path.join(top, d))
-            )
             watched = mounts.inotify_watch_count()
-            if watched is None or watched >= folders:
+            if watched is None:
                 return None
-        return (watched, folders)  # type: ignore[return-value]  # not None: the loop returned otherwise
+            # Counting past `watched` tells nothing more; on a huge tree it would only cost time.
+            folders = 1 + mounts.count_folders(self.inbox, limit=watched)
+            if folders <= watched:
+                return None
+            shortfall = (watched, folders)
+        return shortfall
 
     def _on_overflow(self) -> None:
         """Called on watchdog's thread: request a rescan and wake the loop; one warning."""
         self._overflows += 1
+        now = time.monotonic()
+        self._overflow_times = [t for t in self._overflow_times if now - t < OVERFLOW_STORM_S] + [now]
         if self._overflows == 1:
             limit = mounts.inotify_limits()["max_queued_events"]
             log.warning(
@@ -640,14 +886,39 @@ class Intake:
 
     # -- candidates ------------------------------------------------------------------------
 
-    def drain(self) -> Iterator[Path]:
-        """Candidate files from events and polling since the last call. A new folder is scanned
-        whole (files moved in with their folder arrive as one event for the folder), and so is the
-        inbox after events were lost."""
+    def request_scan(self, top: Path | None = None) -> None:
+        """Queue a scan of `top` (default: the whole inbox); `drain` does it, a slice per tick."""
+        path = str(top or self.inbox)
+        if path not in self._queued:
+            self._queued.add(path)
+            self._to_list.append((path, self._depth(path), None))
+
+    @property
+    def scanning(self) -> bool:
+        return bool(self._to_list or self._listing is not None or self._found)
+
+    def drain(self, budget_s: float = TICK_BUDGET_S) -> list[Path]:
+        """Candidate files from events, polling and scans since the last call, for about
+        `budget_s` of work: events first, then scan work. What is left waits for the next call,
+        and the loop is woken at once so that the next call comes without delay."""
+        deadline = time.perf_counter() + budget_s
+        self._check_observer()
         if self._rescan_requested.is_set():
             self._rescan_requested.clear()
-            yield from self.scan()
-        while True:
+            self.request_scan()
+        self._drain_events(deadline - (budget_s / 2 if self.scanning else 0.0))
+        self._scan_some(deadline)
+        out: list[Path] = []
+        while self._found and len(out) < MAX_CANDIDATES_PER_TICK:
+            out.append(self._found.popleft())
+        if self.scanning or not self._events.empty():
+            self._wake()
+        return out
+
+    def _drain_events(self, deadline: float) -> None:
+        for n in itertools.count():
+            if n % 64 == 63 and time.perf_counter() > deadline:
+                return
             try:
                 path = self._events.get_nowait()
             except queue.Empty:
@@ -657,51 +928,136 @@ class Intake:
                 continue
             if self.filter.wanted(rel):
                 if _claimable(os.path.dirname(path), self.complaints):
-                    yield path
+                    self._found.append(path)
             elif (
-                os.path.isdir(path)
-                and not os.path.islink(path)
+                self.watch.recursive
+                and len(rel) <= MAX_DEPTH
                 and not any(self.filter.ignored_component(p) for p in rel)
+                and _is_real_folder(path)
+                and not self._covered(str(path))
             ):
-                yield from self.scan(path)
+                self.request_scan(path)
 
-    def scan(self, top: Path | None = None) -> Iterator[Path]:
-        """Every candidate below `top` (default: the inbox); never follows symlinked folders.
-        A folder that cannot be listed, or whose files cannot be claimed, is reported once."""
-        top = top or self.inbox
-        stack = [top]
-        while stack:
-            folder = stack.pop()
-            try:
-                with os.scandir(folder) as it:
-                    entries = list(it)
-            except OSError as exc:
-                self.complaints.problem(
-                    "listing",
-                    str(folder),
-                    f"Cannot list {folder}: {exc.strerror}; files in it are not seen until this is fixed",
-                )
-                continue
-            self.complaints.fine("listing", str(folder))
-            files = []
-            for entry in sorted(entries, key=lambda e: e.name):
-                path = Path(entry.path)
-                rel = self._rel_parts(path)
-                if rel is None:
+    def _covered(self, path: str) -> bool:
+        """Whether `path` or a folder above it waits to be listed (so `path` will be too)."""
+        while len(path) > len(self._inbox):
+            if path in self._queued:
+                return True
+            path = os.path.dirname(path)
+        return path in self._queued
+
+    def _scan_some(self, deadline: float) -> None:
+        """List folders until `deadline`; found files go to `_found`, subfolders to `_to_list`."""
+        n = 0
+        while True:
+            listing = self._listing
+            if listing is None:
+                if not self._to_list:
+                    return
+                listing = self._listing = self._open_next()
+                if listing is None:
                     continue
-                if self.filter.wanted(rel):
-                    files.append(path)
-                elif (
-                    self.watch.recursive
-                    and entry.is_dir(follow_symlinks=False)
-                    and not self.filter.ignored_component(entry.name)
-                ):
-                    stack.append(path)
-            if files and _claimable(str(folder), self.complaints):
-                yield from files
+            try:
+                for entry in listing.entries:
+                    n += 1
+                    self._take(listing, entry)
+                    if n % 64 == 0 and time.perf_counter() > deadline:
+                        return
+            except OSError as exc:  # readdir failed midway (EIO on a share): hand on what was seen
+                self.complaints.problem("listing", listing.path, f"Cannot list {listing.path}: {exc.strerror}")
+            else:
+                self.complaints.fine("listing", listing.path)
+            self._listing = None
+            listing.close()
+            self._found.extend(Path(os.path.join(listing.path, name)) for name in sorted(listing.files))
+            if time.perf_counter() > deadline:
+                return
+
+    def _take(self, listing: _Listing, entry: os.DirEntry[str]) -> None:
+        name = entry.name
+        if self.filter.wanted_name(name, listing.depth):
+            if listing.claimable:
+                listing.files.append(name)
+            return
+        try:
+            if not entry.is_dir(follow_symlinks=False):
+                return
+            if not self.filter.descend(name, listing.depth, self.complaints, self.inbox):
+                return
+            st = entry.stat(follow_symlinks=False)  # fstatat on the parent's descriptor
+        except OSError:
+            return
+        child = os.path.join(listing.path, name)
+        if child not in self._queued:
+            self._queued.add(child)
+            self._to_list.append((child, listing.depth + 1, (st.st_dev, st.st_ino)))
+
+    def _open_next(self) -> _Listing | None:
+        path, depth, identity = self._to_list.pop()
+        self._queued.discard(path)
+        try:
+            if path == self._inbox:
+                fd = os.open(path, DIR_FLAGS)  # the configured inbox itself may be a symlink
+            elif identity is None:
+                fd = self._open_beneath(path)
+            else:
+                fd = os.open(path, DIR_FLAGS | os.O_NOFOLLOW)
+                st = os.fstat(fd)
+                if (st.st_dev, st.st_ino) != identity:
+                    # Not the folder its parent's listing showed: moved, or a folder above it was
+                    # swapped for a symlink. Whatever is there now brings its own event or rescan.
+                    os.close(fd)
+                    return None
+        except OSError as exc:
+            if exc.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):  # gone or not a folder now
+                self.complaints.problem(
+                    "listing", path, f"Cannot list {path}: {exc.strerror}; files in it are not seen until this is fixed"
+                )
+            return None
+        try:
+            return _Listing(path, depth, fd, _claimable(path, self.complaints))
+        except OSError:
+            os.close(fd)
+            return None
+
+    def _open_beneath(self, path: str) -> int:
+        """Open a folder below the inbox one component at a time, refusing symlinks on the way."""
+        fd = os.open(self._inbox, DIR_FLAGS)
+        try:
+            for part in path[len(self._inbox) + 1 :].split(os.sep):
+                child = os.open(part, DIR_FLAGS | os.O_NOFOLLOW, dir_fd=fd)
+                os.close(fd)
+                fd = child
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _depth(self, path: str) -> int:
+        return 0 if path == self._inbox else path[len(self._inbox) + 1 :].count(os.sep) + 1
 
     def _rel_parts(self, path: Path) -> tuple[str, ...] | None:
         try:
             return path.relative_to(self.inbox).parts
         except ValueError:
             return None
+
+
+OVERFLOW_STORM, OVERFLOW_STORM_S = 3, 60.0  # this many queue overflows within this long: poll instead
+TOO_DEEP = (
+    "the inbox holds a folder tree too deep for watchdog's inotify backend (it walks folders "
+    "recursively and hit Python's recursion limit)"
+)
+
+
+def _stop_observer(observer: BaseObserver) -> None:
+    observer.stop()
+    observer.join(timeout=60)
+
+
+def _is_real_folder(path: Path) -> bool:
+    """A folder, not a symlink to one (lstat: the last component is never followed)."""
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False

@@ -155,6 +155,29 @@ def inotify_limits(root: Path = INOTIFY_SYSCTL) -> dict[str, int | None]:
     return limits
 
 
+def count_folders(top: Path, limit: int | None = None) -> int:
+    """Folders below `top` (not counting `top`), never following symlinks; stops at `limit`.
+
+    Iterative on purpose: Python 3.11's `os.walk` recurses once per level, so a tree 1,100
+    folders deep (any share user can make one) raised RecursionError and watcherd exited at
+    every start. `limit` bounds the work on huge trees when only "more than N?" matters.
+    """
+    count, stack = 0, [os.fspath(top)]
+    while stack and (limit is None or count < limit):
+        try:
+            with os.scandir(stack.pop()) as entries:
+                for entry in entries:
+                    try:
+                        if entry.is_dir(follow_symlinks=False):
+                            stack.append(entry.path)
+                            count += 1
+                    except OSError:
+                        continue
+        except OSError:
+            continue  # vanished or unreadable: not a folder we could watch either
+    return count if limit is None else min(count, limit)
+
+
 def inotify_watch_count(pid: int | str = "self") -> int | None:
     """Watches held by this process's inotify instances, from /proc/<pid>/fdinfo; None if none.
 

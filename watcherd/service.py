@@ -196,14 +196,15 @@ class Service:
         if self.stopping_since is not None:
             return
         now = time.monotonic()
-        candidates = list(self.intake.drain())
         if now >= self.next_rescan:
-            candidates.extend(self.intake.scan())
+            self.intake.request_scan()  # done by drain(), a time slice per tick
             self.next_rescan = now + self.settings.watch.rescan_interval_s
-        for path in candidates:
+        # Each step is bounded per tick (intake.TICK_BUDGET_S), so no pile of folders or files
+        # can hold the loop past the systemd watchdog; the rest waits for the next tick.
+        for path in self.intake.drain():
             if path not in self.queued:
                 self.tracker.track(path)
-        for path, signature in self.tracker.ready():
+        for path, signature in self.tracker.ready(budget_s=intake.TICK_BUDGET_S):
             self.ready.append((path, signature))
             self.queued.add(path)
 
