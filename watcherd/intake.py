@@ -724,8 +724,7 @@ class Intake:
             self._observer.stop()
             self._observer.join(timeout=5)
             self._observer = None
-        for name in WATCHDOG_LOGGERS:
-            logging.getLogger(name).removeFilter(self._overflow)
+            self._remove_overflow_filter()
         if self._poller is not None:
             self._poller.stop()
             self._poller = None
@@ -752,6 +751,7 @@ class Intake:
                 raise
             if observer is not None:
                 observer.stop()  # closes its inotify instance; never started, so nothing to join
+            self._remove_overflow_filter()
             if isinstance(exc, RecursionError):
                 # Python 3.11's os.walk recurses once per folder level; watchdog walks the tree
                 # with it to add watches, so a tree ~1,000 levels deep made every start exit 1.
@@ -764,6 +764,10 @@ class Intake:
             missing = self._unwatched_folders()
             if missing:
                 self._fall_back(self._limit_reason(OSError(errno.ENOSPC, "inotify watch limit reached"), missing))
+
+    def _remove_overflow_filter(self) -> None:
+        for name in WATCHDOG_LOGGERS:
+            logging.getLogger(name).removeFilter(self._overflow)
 
     def _start_poller(self, roots: list[Path]) -> None:
         self._poller = Poller(
@@ -788,8 +792,13 @@ class Intake:
         a helper thread does that; the loop goes on at once."""
         if from_loop and self._observer is not None:
             observer, self._observer = self._observer, None
+            # The overflow filter stays until the observer is gone: watchdog's own overflow
+            # warnings, which we fold into ours, keep coming while it winds down.
             threading.Thread(
-                target=_stop_observer, args=(observer,), name="watcherd-observer-stop", daemon=True
+                target=_stop_observer,
+                args=(observer, self._remove_overflow_filter),
+                name="watcherd-observer-stop",
+                daemon=True,
             ).start()
         self.stop()
         self.mode = "polling"
@@ -1050,9 +1059,10 @@ TOO_DEEP = (
 )
 
 
-def _stop_observer(observer: BaseObserver) -> None:
+def _stop_observer(observer: BaseObserver, then: Callable[[], None]) -> None:
     observer.stop()
     observer.join(timeout=60)
+    then()
 
 
 def _is_real_folder(path: Path) -> bool:
