@@ -19,12 +19,12 @@ import os
 import signal
 import time
 from multiprocessing.connection import wait
-from pathlib import Path
 from typing import Any
 
 from . import __version__, admin, documents, intake, logs, outputs, safefs
 from . import settings as settings_mod
 from . import spool as spool_mod
+from .backlog import Backlog
 from .intake import Intake, StabilityTracker
 from .sdnotify import Notifier
 from .settings import ConfigError, Settings
@@ -41,6 +41,7 @@ OUTPUT_RETRY_S = 5.0
 # ENOENT is not among them: a folder that vanished does not come back by waiting (the work area
 # is held by descriptor and output roots are recreated, so it means a file of ours is gone).
 TRANSIENT_OUTPUT_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
+MAX_CLAIM_TRIES = 1000  # ready files looked at per claim: a pile that vanished costs a tick each
 MAX_REREADS = 3  # how often results that could not be written are tried again
 
 
@@ -56,11 +57,7 @@ class Service:
         self.workers = self._make_workers(settings)
         self.retiring: list[Worker] = []  # replaced workers (reload): busy ones finish their file, all are reaped
         self.probe: tuple[EngineProbe, Settings] | None = None  # a reload waiting for its new engine to import
-        self.ready: collections.deque[tuple[Path, tuple[int, int, int]]] = collections.deque()
-        self.queued: set[Path] = set()  # paths in `ready`, so repeated events never queue twice
-        self.jobs: collections.deque[Job] = collections.deque()  # claimed, waiting for a worker
-        self.deferred: list[tuple[float, Job]] = []  # (retry at, job): waiting for GPU memory
-        self.blocked: list[tuple[Path, tuple[int, int, int]]] = []  # same name still in progress
+        self.backlog = Backlog()
         self.signals: collections.deque[int] = collections.deque()
         self.counts = {"ok": 0, "failed": 0}
         self.last_error: dict[str, Any] | None = None
@@ -103,10 +100,11 @@ class Service:
             signal.signal(signum, self._on_signal)
         self.spool.lock()
         self.spool.prepare()
-        self.jobs.extend(self.spool.recover())
+        recovered = self.spool.recover()
+        self.backlog.add_claimed(recovered)
         self.started = admin.proc_start_time(os.getpid())
-        if self.jobs:
-            log.info("Recovered %d file(s) claimed before a crash", len(self.jobs))
+        if recovered:
+            log.info("Recovered %d file(s) claimed before a crash", len(recovered))
         self.intake.start()
         log.info(
             "Watching %s (%s); results to %s", self.settings.paths.inbox, self.intake.mode, self.settings.paths.outbox
@@ -117,7 +115,7 @@ class Service:
             self._loop()
         except EngineLoadError:
             # No engine: put back what was claimed but not started, so files wait in the inbox.
-            for job in [*self.jobs, *(job for _, job in self.deferred)]:
+            for job in self.backlog.waiting_jobs():
                 self._unclaim(job)
             raise
         finally:
@@ -163,8 +161,8 @@ class Service:
             job = worker.job
             worker.kill(f"stopping after the {STOP_GRACE_S:g} s grace")
             if job is not None:
-                self.jobs.appendleft(job)
-        for job in [*self.jobs, *(job for _, job in self.deferred)]:
+                self.backlog.put_back(job)
+        for job in self.backlog.waiting_jobs():
             self._unclaim(job)
         return True
 
@@ -202,11 +200,10 @@ class Service:
         # Each step is bounded per tick (intake.TICK_BUDGET_S), so no pile of folders or files
         # can hold the loop past the systemd watchdog; the rest waits for the next tick.
         for path in self.intake.drain():
-            if path not in self.queued:
+            if path not in self.backlog:
                 self.tracker.track(path)
         for path, signature in self.tracker.ready(budget_s=intake.TICK_BUDGET_S):
-            self.ready.append((path, signature))
-            self.queued.add(path)
+            self.backlog.add_ready(path, signature)
 
     def _dispatch(self) -> None:
         self._retry_outputs()
@@ -229,22 +226,20 @@ class Service:
                     "claimed", f"{job.rel}: OCR started (child {worker.pid})", source=job.rel, child_pid=worker.pid
                 )
                 if not worker.assign(job):
-                    self.jobs.appendleft(job)
-        if not self.jobs and not self.ready:
+                    self.backlog.put_back(job)
+        if self.backlog.empty:
             for worker in self.workers:
                 worker.drained()
 
     def _next_job(self) -> Job | None:
-        if self.jobs:
-            return self.jobs.popleft()
-        now = time.monotonic()
-        for i, (retry_at, waiting) in enumerate(self.deferred):
-            if retry_at <= now:
-                del self.deferred[i]
-                return waiting
-        while self.ready:
-            path, signature = self.ready.popleft()
-            self.queued.discard(path)
+        job = self.backlog.next_claimed()
+        if job is not None:
+            return job
+        for _ in range(MAX_CLAIM_TRIES):  # the rest next time round: vanished files cost a stat each
+            ready = self.backlog.next_ready()
+            if ready is None:
+                return None
+            path, signature = ready
             if intake.signature_of(path) != signature:
                 self.tracker.track(path)  # changed (or vanished) since it was judged ready
                 continue
@@ -257,7 +252,7 @@ class Service:
                 continue
             if job is None:
                 if os.path.lexists(path):
-                    self.blocked.append((path, signature))
+                    self.backlog.block(path, signature)
                 continue
             return job
         return None
@@ -268,7 +263,7 @@ class Service:
             self.next_rescan,
             *(w.next_wakeup() for w in self.workers + self.retiring),
             self.tracker.next_due(),
-            min((t for t, _ in self.deferred), default=None),
+            self.backlog.next_retry_at(),
             self.next_output_retry if self.unpublished else None,
         ]
         if self.stopping_since is not None:
@@ -298,7 +293,7 @@ class Service:
             if outcome.gpu_info_after.get("available"):
                 self.last_gpu = outcome.gpu_info_after
             if outcome.retry:
-                self.jobs.appendleft(outcome.job)
+                self.backlog.put_back(outcome.job)
             elif outcome.deferred:
                 self._defer(outcome)
             else:
@@ -333,7 +328,7 @@ class Service:
             return
         backoff = min(MAX_DEFER_BACKOFF_S, 2.0**job.deferrals * 0.5)
         job.deferrals += 1
-        self.deferred.append((now + backoff, job))
+        self.backlog.defer(job, backoff)
 
     def _finish(self, outcome: Outcome) -> None:
         job = outcome.job
@@ -409,10 +404,7 @@ class Service:
                 processing_time=outcome.processing_time,
                 gpu_free_mb=outcome.gpu_info_after.get("free_mb"),
             )
-        if self.blocked:  # a file waiting for this name may go now
-            self.ready.extendleft(reversed(self.blocked))
-            self.queued.update(p for p, _ in self.blocked)
-            self.blocked.clear()
+        self.backlog.unblock()  # a file waiting for this name may go now
 
     def _read_something_else(self, outcome: Outcome) -> bool:
         """The child opens the claimed file by path; if the work area was swapped between the claim
@@ -434,7 +426,7 @@ class Service:
             self._finish_tampered(outcome)
             return True
         job.rereads += 1
-        self.jobs.appendleft(job)
+        self.backlog.put_back(job)
         return True
 
     def _finish_tampered(self, outcome: Outcome) -> None:
@@ -451,7 +443,7 @@ class Service:
         job.signature = now
         job.attempts -= 1  # not the child's fault
         log.warning("%s changed while it was being OCR'd; reading it again", job.rel)
-        self.jobs.appendleft(job)
+        self.backlog.put_back(job)
         return True
 
     def _output_failed(self, outcome: Outcome, exc: OSError) -> None:
@@ -596,7 +588,8 @@ class Service:
             state = "loading model"
         else:
             state = "idle"
-        queue = len(self.ready) + len(self.jobs) + len(self.deferred)
+        counts = self.backlog.counts()
+        queue = sum(counts.values())
         engine = self.settings.ocr.engine
         where = "cpu" if self.settings.ocr.devices is None else "gpu " + ",".join(map(str, self.settings.ocr.devices))
         parts = [
@@ -606,8 +599,8 @@ class Service:
             f"queue {queue}",
             f"{engine} on {where}",
         ]
-        if self.deferred:
-            parts.insert(4, f"{len(self.deferred)} waiting for GPU memory")
+        if counts["waiting_for_memory"]:
+            parts.insert(4, f"{counts['waiting_for_memory']} waiting for GPU memory")
         return " · ".join(parts)
 
     def _write_status(self, state: str | None = None) -> None:
@@ -635,9 +628,7 @@ class Service:
             "engine": self.settings.ocr.engine,
             "counts": self.counts,
             "queue": {
-                "ready": len(self.ready),
-                "claimed": len(self.jobs),
-                "waiting_for_memory": len(self.deferred),
+                **self.backlog.counts(),
                 "settling": len(self.tracker),
             },
             "in_flight": [
