@@ -15,19 +15,18 @@ import faulthandler
 import json
 import logging
 import os
-import subprocess
 import sys
 import time
 from multiprocessing.connection import wait
 from pathlib import Path
 
-from . import __version__, admin, logs, mounts
+from . import __version__, admin, check, logs
 from . import settings as settings_mod
 from .documents import document_for, precheck
 from .outputs import now_iso, public_path
 from .settings import EX_CONFIG, EX_TEMPFAIL, ConfigError, Settings
 from .spool import Job, LockHeld
-from .supervisor import CHILD_PATH_SETUP, PACKAGE_ROOT, EngineLoadError, Outcome, Worker, probe_engine
+from .supervisor import EngineLoadError, Outcome, Worker
 
 log = logging.getLogger("watcherd")
 
@@ -76,7 +75,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     logs.setup(settings.logging.level, settings.logging.target)
     settings.require_paths()
     _prepare_folders(settings)
-    missing = [check for check in _check_folders(settings) if not check.ok]
+    missing = [c for c in check.folders(settings) if not c.ok]
     if missing:  # say exactly which folder lacks which permission, before anything is claimed
         raise ConfigError(missing[0].detail, key=missing[0].key, source=settings.source)
     try:
@@ -110,150 +109,9 @@ def _prepare_folders(settings: Settings) -> None:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    """Print one line per check (`ok` / `FAIL` / `note`); exit 1 if any check failed.
-
-    Covers DESIGN §4: configuration, folder permissions (naming the folder and the permission that
-    is missing), the inbox's filesystem and the watch mode chosen for it with the reason, inotify
-    limits against the size of the tree, and whether the engine imports.
-    """
     settings = settings_mod.load(args.config)
     settings.require_paths()
-    print(f"ok    config        {settings.source}")
-    failures = 0
-
-    def report(ok: bool | None, what: str, detail: str) -> None:
-        nonlocal failures
-        failures += ok is False
-        print(f"{'ok  ' if ok else 'note' if ok is None else 'FAIL'}  {what:<13} {detail}")
-
-    inbox = settings.paths.inbox
-    assert inbox is not None
-    for check in _check_folders(settings):
-        report(check.ok, check.key, check.detail)
-    if inbox.is_dir():
-        for ok, what, detail in _check_watch(settings):
-            report(ok, what, detail)
-    report(*_check_engine(settings))
-    for ok, what, detail in _check_gpu(settings):
-        report(ok, what, detail)
-    return 0 if failures == 0 else 1
-
-
-GPU_PROBE = """
-import json, sys
-try:
-    import torch
-except ImportError as exc:
-    print(json.dumps({"error": f"torch is not importable: {exc}"})); sys.exit()
-from watcherd import gpu
-print(json.dumps(gpu.info() if torch.cuda.is_available() else {"available": False}))
-"""
-
-
-def _check_gpu(settings: Settings) -> list[tuple[bool | None, str, str]]:
-    """Each configured GPU, its free memory now, and whether the guards would let a page run.
-
-    Read in a throw-away process under `ocr.python` with CUDA_VISIBLE_DEVICES set as the child
-    will have it: the parent never imports torch.
-    """
-    if settings.ocr.devices is None and settings.ocr.engine == "rapidocr":
-        return [(True, "gpu", "not used (rapidocr runs on the CPU)")]
-    python = settings.ocr.python or sys.executable
-    g = settings.gpu
-    lines: list[tuple[bool | None, str, str]] = []
-    for device in settings.ocr.devices or (None,):
-        env = dict(os.environ)
-        if device is not None:
-            env["CUDA_VISIBLE_DEVICES"] = str(device)
-        name = "gpu" if device is None else f"gpu {device}"
-        try:
-            out = subprocess.run(
-                [python, "-c", f"{CHILD_PATH_SETUP}\n{GPU_PROBE}", PACKAGE_ROOT],
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=120,
-            )
-            info = json.loads(out.stdout.strip().splitlines()[-1])
-        except (OSError, subprocess.TimeoutExpired, ValueError, IndexError) as exc:
-            lines.append((False, name, f"cannot read GPU memory under {python}: {exc}"))
-            continue
-        if "error" in info:
-            lines.append((None if device is None else False, name, info["error"]))
-        elif not info.get("available"):
-            lines.append(
-                (None if device is None else False, name, "no CUDA device visible: the engine runs on the CPU")
-            )
-        else:
-            passes = info["free_mb"] >= g.min_free_mb and info["usage_percent"] <= g.max_usage_percent
-            lines.append(
-                (
-                    passes,
-                    name,
-                    f"{info['device']}: {info['free_mb']:,} MB free of {info['total_mb']:,} MB "
-                    f"({info['usage_percent']}% used); guards (≥ {g.min_free_mb} MB free, ≤ "
-                    f"{g.max_usage_percent:g}% used) {'pass' if passes else 'would defer files'} now",
-                )
-            )
-    return lines
-
-
-def _check_folders(settings: Settings) -> list[mounts.Check]:
-    """The permission checks `watcherd run` needs to pass before it can work (see mounts.py)."""
-    inbox = settings.paths.inbox
-    assert inbox is not None
-    checks = mounts.check_inbox(inbox)
-    for key in ("outbox", "failed", "archive", "state"):
-        folder = getattr(settings.paths, key)
-        if folder is not None:
-            checks.append(mounts.check_output(folder, f"paths.{key}"))
-    return checks
-
-
-def _check_watch(settings: Settings) -> list[tuple[bool | None, str, str]]:
-    """Filesystem, watch mode and why, and inotify limits against the number of folders."""
-    inbox = settings.paths.inbox
-    assert inbox is not None
-    watch = settings.watch
-    plan = mounts.choose_watch_mode(inbox, watch.mode, recursive=watch.recursive)
-    lines: list[tuple[bool | None, str, str]] = [
-        (True, "filesystem", f"{inbox} is on {plan.fstype}"),
-        (True, "watch", f"{plan.mode}: {plan.reason}"),
-    ]
-    if plan.mode == "polling" or plan.poll_also:
-        lines.append(
-            (
-                True,
-                "watch.poll",
-                f"every {watch.poll_interval_s:g} s: one stat per folder, a listing "
-                f"only for folders that changed; full rescan every {watch.rescan_interval_s:g} s",
-            )
-        )
-    limits = mounts.inotify_limits()
-    folders = 1 + mounts.count_folders(inbox) if watch.recursive else 1
-    detail = (
-        f"max_user_watches {limits['max_user_watches']}, max_user_instances {limits['max_user_instances']}, "
-        f"max_queued_events {limits['max_queued_events']}; the inbox tree has {folders} folder(s)"
-    )
-    ok: bool | None = True
-    if plan.mode == "events":
-        watches = limits["max_user_watches"]
-        if watches is not None and folders > watches // 2:
-            ok = None  # not fatal: the daemon falls back to polling, but say so now
-            detail += (
-                f"; WARNING: one watch per folder would use more than half of max_user_watches "
-                f"(raise it: sysctl fs.inotify.max_user_watches={max(524288, folders * 4)})"
-            )
-    lines.append((ok, "inotify", detail))
-    return lines
-
-
-def _check_engine(settings: Settings) -> tuple[bool, str, str]:
-    python = settings.ocr.python or sys.executable
-    problem = probe_engine(settings.ocr)
-    if problem is not None:
-        return False, "ocr.engine", problem
-    return True, "ocr.engine", f"{settings.ocr.engine} imports under {python}"
+    return check.report(settings)
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -6,17 +6,13 @@
   by a Windows PC into the Samba server's disk *when we are the SMB client*, or by the daemon
   behind a FUSE mount produces no event at all, so those filesystems are polled.
 - `inotify_limits` reads the per-user limits that make inotify fail (ENOSPC, EMFILE).
-- `check_inbox` / `check_output` probe the permissions the daemon needs and name the folder and
-  the permission that is missing; `watcherd check` prints them and `watcherd run` should refuse
-  to start on the first failure rather than crash on the first file.
+- `count_folders` / `inotify_watch_count` compare the tree with the watches it needs.
+The permission probes are `check.py`'s.
 """
 
 from __future__ import annotations
 
-import errno
 import os
-import stat
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -200,124 +196,3 @@ def inotify_watch_count(pid: int | str = "self") -> int | None:
         found = True
         total += sum(1 for line in info.splitlines() if line.startswith("inotify wd:"))
     return total if found else None
-
-
-# -- permissions -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Check:
-    ok: bool
-    key: str  # the configuration key it is about (paths.inbox, ...)
-    detail: str  # names the folder and, on failure, the permission that is missing
-
-
-def _who() -> str:
-    return f"uid {os.geteuid()}, gid {os.getegid()}"
-
-
-def _describe(folder: Path) -> str:
-    try:
-        st = os.stat(folder)
-    except OSError:
-        return ""
-    return f" (mode {stat.filemode(st.st_mode)}, owner uid {st.st_uid} gid {st.st_gid}; watcherd runs as {_who()})"
-
-
-def _errno_words(exc: OSError) -> str:
-    if exc.errno == errno.EROFS:
-        return "the filesystem is mounted read-only"
-    return exc.strerror or str(exc)
-
-
-def check_inbox(inbox: Path) -> list[Check]:
-    """Can the daemon list the inbox, and create, rename (claim) and delete files in it?
-
-    Probes with a real file, because on shares the mode bits lie (ACLs, root_squash, Samba
-    `force user`, read-only exports): what counts is whether rename(2) works. The work area is not
-    touched here: `spool.WorkArea` opens it, and sets aside whatever share users put in its place.
-    """
-    key = "paths.inbox"
-    if not inbox.is_dir():
-        return [Check(False, key, f"{inbox}: not an existing folder")]
-    checks = []
-    try:
-        with os.scandir(inbox) as entries:
-            next(entries, None)
-    except OSError as exc:
-        return [
-            Check(
-                False,
-                key,
-                f"{inbox}: cannot list files: missing read permission on the folder "
-                f"({_errno_words(exc)}){_describe(inbox)}",
-            )
-        ]
-    probe = ""
-    try:
-        fd, probe = tempfile.mkstemp(dir=inbox, prefix=".watcherd-check-")
-        os.close(fd)
-    except OSError as exc:
-        return [
-            Check(
-                False,
-                key,
-                f"{inbox}: cannot create, rename or delete files: missing write permission "
-                f"on the folder ({_errno_words(exc)}){_describe(inbox)}",
-            )
-        ]
-    try:
-        moved = f"{probe}.claimed"
-        try:
-            os.rename(probe, moved)  # what claiming does
-            probe = moved
-        except OSError as exc:
-            checks.append(Check(False, key, f"{inbox}: cannot rename files (claiming a file): {_errno_words(exc)}"))
-            return checks
-        try:
-            os.unlink(probe)  # what on_success: delete does
-            probe = ""
-        except OSError as exc:
-            checks.append(Check(False, key, f"{inbox}: cannot delete files: {_errno_words(exc)}"))
-            return checks
-    finally:
-        if probe and os.path.lexists(probe):
-            try:
-                os.unlink(probe)
-            except OSError:
-                pass
-    st = os.stat(inbox)
-    note = ""
-    if st.st_mode & stat.S_ISVTX and os.geteuid() != 0:
-        # The sticky bit (common on shared drop folders) lets only a file's owner rename it: files
-        # uploaded by another account would fail at claim time although this probe passed.
-        note = f"; WARNING: the sticky bit is set, so only files owned by uid {os.geteuid()} can be claimed"
-    checks.append(Check(True, key, f"{inbox} (list, create, rename, delete: allowed){note}"))
-    return checks
-
-
-def check_output(folder: Path, key: str) -> Check:
-    """Can the daemon create `folder` (if missing) and create, rename and delete files in it?"""
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        return Check(False, key, f"{folder}: {existing} is not a folder")
-    if existing != folder:
-        if not os.access(existing, os.W_OK | os.X_OK):
-            return Check(
-                False, key, f"{folder}: cannot be created: missing write permission on {existing}{_describe(existing)}"
-            )
-        return Check(True, key, f"{folder} (will be created in {existing})")
-    try:
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=".watcherd-check-")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        return Check(
-            False,
-            key,
-            f"{folder}: cannot write files: missing write permission on the folder "
-            f"({_errno_words(exc)}){_describe(folder)}",
-        )
-    return Check(True, key, f"{folder} (write: allowed)")
