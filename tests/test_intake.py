@@ -10,7 +10,9 @@ from pathlib import Path
 
 from tests.conftest import wait_until
 from watcherd import mounts
-from watcherd.intake import MTIME_GRANULARITY_S, Intake, PathFilter, Poller, open_for_writing
+from watcherd.intake import Intake, PathFilter
+from watcherd.poller import MTIME_GRANULARITY_S, Poller
+from watcherd.readiness import open_for_writing
 from watcherd.settings import WatchSettings
 
 MOUNTINFO = """\

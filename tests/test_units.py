@@ -11,7 +11,8 @@ import pytest
 
 from tests.conftest import SAMPLES
 from watcherd import formats, outputs, safefs
-from watcherd.intake import INCOMPLETE_GRACE, PathFilter, StabilityTracker
+from watcherd.intake import PathFilter
+from watcherd.readiness import INCOMPLETE_GRACE, StabilityTracker
 from watcherd.settings import WatchSettings
 
 

@@ -1,4 +1,4 @@
-"""Intake: notice candidate files (events, polling, scans) and decide when each is ready.
+"""Intake: notice candidate files (events, polling, scans) and hand them to the service.
 
 Where files come from:
 - filesystem events (watchdog's inotify observer) when the inbox is on a local filesystem;
@@ -28,29 +28,16 @@ No folder shape may stall the main loop (systemd's watchdog would kill the daemo
 TICK_BUDGET_S per tick, the poller works on its own thread at a bounded duty cycle, nothing
 descends more than MAX_DEPTH folders, and no symlink is ever followed below the inbox.
 
-When a file is ready (`StabilityTracker`): its size and mtime have not changed for `settle_s`, no
-local process has it open for writing (a lease probe: smbd keeps a slow upload open, so a file
-Samba created at 0 bytes waits however long the client takes), and its own structure says it is
-complete (`formats.looks_complete`). A file still incomplete after `INCOMPLETE_GRACE` quiet periods
-is handed over anyway, so a truncated scan ends as an `unreadable` error JSON rather than waiting
-forever. Symlinks, FIFOs and folders named like images are never opened; they are ready once
-quiet, and the service fails them as `not_regular_file`.
-
-A file that changes after it was judged ready: before the claim, the service compares signatures
-and starts the quiet period again. After the claim (rename into the processing area) a writer
-that still holds the file open writes into the claimed inode; the child reads the file once and
-the JSON's sha256 is of exactly the bytes OCR'd. The lease probe rules this out for local writers
-(smbd on this host, cp, a scanner daemon); for a writer on another NFS/SMB client only the quiet
-period protects, which is why `settle_s` should exceed the longest pause of the slowest scanner.
+When a candidate is ready to be claimed is `readiness.py`'s business; the poller is
+`poller.py`. What follows a claim (a writer on another host still at it) is the service's: it
+compares signatures before claiming and OCRs a file again if it changed after the claim.
 """
 
 from __future__ import annotations
 
 import collections
 import errno
-import fcntl
 import fnmatch
-import heapq
 import itertools
 import logging
 import os
@@ -60,7 +47,7 @@ import signal
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
@@ -68,7 +55,9 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.inotify_move_event_grouper import InotifyMoveEventGrouper
 
-from . import formats, mounts
+from . import mounts
+from .poller import Complaints, Poller, claimable
+from .readiness import TICK_BUDGET_S
 from .settings import BUILTIN_IGNORE, WatchSettings
 
 # watchdog holds an unmatched IN_MOVED_FROM for 0.5 s, hoping for its IN_MOVED_TO, and every later
@@ -84,11 +73,6 @@ log = logging.getLogger("watcherd")
 # crashed the daemon (recursive mkdir of its mirror folders). Deeper folders are not descended
 # into, with one warning: a bound on the work too (no path grows towards PATH_MAX).
 MAX_DEPTH = 64
-INCOMPLETE_GRACE = 5  # quiet periods (x settle_s) an incomplete-looking file may wait
-# A directory's mtime is trusted to reveal every later change only once this long has passed since
-# we first saw its value: a file created in the same timestamp tick as our listing leaves the mtime
-# unchanged (2 s is FAT's granularity, the coarsest a NAS may report; ext4/NFS/SMB are finer).
-MTIME_GRANULARITY_S = 2.0
 
 
 def _compile(patterns: Iterable[str]) -> re.Pattern[str] | None:
@@ -123,7 +107,7 @@ class PathFilter:
     def ignored_component(self, name: str) -> bool:
         return self._ignore is not None and self._ignore.match(name.lower()) is not None
 
-    def descend(self, name: str, depth: int, complaints: _Complaints, inbox: Path) -> bool:
+    def descend(self, name: str, depth: int, complaints: Complaints, inbox: Path) -> bool:
         """Whether scans and the poller go into subfolder `name` of a folder `depth` levels
         below the inbox; the first folder refused for its depth is reported once."""
         if not self.recursive or self.ignored_component(name):
@@ -155,438 +139,6 @@ class PathFilter:
         if self._ignore is not None and self._ignore.match(lower):
             return False
         return self._include is not None and self._include.match(lower) is not None
-
-
-# -- readiness -------------------------------------------------------------------------------
-
-
-def open_for_writing(path: Path) -> bool | None:
-    """True if some process on this host has `path` open for writing; None if we cannot tell.
-
-    Asks the kernel for a read lease, which it refuses (EAGAIN) while any writer has the file
-    open. Needs the file's owner or CAP_LEASE (else EACCES: unknown) and a filesystem with leases
-    (NFS/SMB/FUSE clients only know about local openers, if anything). Taking a lease makes the
-    kernel send SIGIO to us if a writer opens the file in the microseconds we hold it; SIGIO's
-    default action kills the process, so the probe runs only once SIGIO is ignored or handled
-    (`Intake.start` ignores it).
-    """
-    if signal.getsignal(signal.SIGIO) in (signal.SIG_DFL, None):
-        return None
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOATIME)
-    except PermissionError:
-        try:  # O_NOATIME needs ownership; try without
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError:
-            return None
-    except OSError:
-        return None
-    try:
-        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
-    except OSError as exc:
-        os.close(fd)
-        return True if exc.errno == errno.EAGAIN else None
-    try:
-        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
-    finally:
-        os.close(fd)
-    return False
-
-
-# The main loop's share of one tick for each kind of intake work. systemd kills a daemon whose
-# loop misses WatchdogSec; a junk pile (300,000 folders moved in at once) once held the loop for
-# 79 s in one listing. Work beyond the slice waits for the next tick, which comes at once.
-TICK_BUDGET_S = 0.05
-
-
-class _Tracked:
-    __slots__ = ("signature", "quiet_since", "due")
-
-    def __init__(self, signature: tuple[int, int, int], quiet_since: float, due: float):
-        self.signature = signature  # (mode, size, mtime_ns)
-        self.quiet_since = quiet_since
-        self.due = due
-
-
-class StabilityTracker:
-    """Remembers candidate files until they are ready; verbs: `track`, `ready`, `forget`.
-
-    `clock`, `lstat`, `complete` and `busy` are injectable so tests can drive time instead of
-    sleeping. `busy(path)` says whether a local writer still has the file open (None: unknown).
-
-    Files wait in a heap ordered by when they are next due, so a tick looks only at files that
-    are due, and `ready()` stops after `budget_s` of real time (200,000 junk files statted in one
-    call held the main loop 31 s): the rest stay due and are looked at in the next tick.
-    """
-
-    def __init__(
-        self,
-        settle_s: float,
-        *,
-        clock: Callable[[], float] = time.monotonic,
-        lstat: Callable[[Path], os.stat_result] = os.lstat,
-        complete: Callable[[Path], bool] = formats.looks_complete,
-        busy: Callable[[Path], bool | None] = open_for_writing,
-    ):
-        self.settle_s = settle_s
-        self.clock = clock
-        self.lstat = lstat
-        self.complete = complete
-        self.busy = busy
-        self._files: dict[Path, _Tracked] = {}
-        # (due, seq, path); an entry is stale when the file was forgotten or re-armed since.
-        self._heap: list[tuple[float, int, Path]] = []
-        self._seq = 0
-
-    def __len__(self) -> int:
-        return len(self._files)
-
-    def __contains__(self, path: Path) -> bool:
-        return path in self._files
-
-    def track(self, path: Path) -> None:
-        """Start (or keep) watching `path`; a known file is not reset by repeated events."""
-        if path in self._files:
-            return
-        try:
-            st = self.lstat(path)
-        except OSError:
-            return
-        now = self.clock()
-        tracked = _Tracked(_signature(st), now, now + self.settle_s)
-        self._files[path] = tracked
-        self._arm(path, tracked)
-
-    def forget(self, path: Path) -> None:
-        self._files.pop(path, None)
-
-    def _arm(self, path: Path, tracked: _Tracked) -> None:
-        self._seq += 1
-        heapq.heappush(self._heap, (tracked.due, self._seq, path))
-
-    def _stale(self, entry: tuple[float, int, Path]) -> bool:
-        tracked = self._files.get(entry[2])
-        return tracked is None or tracked.due != entry[0]
-
-    def next_due(self) -> float | None:
-        while self._heap and self._stale(self._heap[0]):
-            heapq.heappop(self._heap)
-        return self._heap[0][0] if self._heap else None
-
-    def ready(self, budget_s: float | None = None) -> list[tuple[Path, tuple[int, int, int]]]:
-        """Stat the files whose quiet period may be over; return those that are ready, with the
-        signature they were judged on (the claim re-checks it: a change since means not ready).
-        With `budget_s`, stop after that much real time; `next_due()` then says more are due."""
-        now = self.clock()
-        deadline = None if budget_s is None else time.perf_counter() + budget_s
-        out = []
-        looked = 0
-        while self._heap and self._heap[0][0] <= now:
-            if deadline is not None and looked and time.perf_counter() > deadline:
-                break
-            entry = heapq.heappop(self._heap)
-            if self._stale(entry):
-                continue
-            looked += 1
-            path = entry[2]
-            tracked = self._files[path]
-            signature = self._judge(path, tracked, now)
-            if signature is not None:
-                out.append((path, signature))
-            elif path in self._files:
-                self._arm(path, tracked)
-        return out
-
-    def _judge(self, path: Path, tracked: _Tracked, now: float) -> tuple[int, int, int] | None:
-        """The signature if `path` is ready (and forgotten); else None: it left (forgotten too),
-        or it waits with its `due` moved on."""
-        try:
-            st = self.lstat(path)
-        except OSError:
-            del self._files[path]  # claimed, moved away or deleted
-            return None
-        signature = _signature(st)
-        if signature != tracked.signature:
-            tracked.signature, tracked.quiet_since, tracked.due = signature, now, now + self.settle_s
-            return None
-        quiet = now - tracked.quiet_since
-        if quiet < self.settle_s:
-            tracked.due = tracked.quiet_since + self.settle_s
-            return None
-        if stat.S_ISREG(st.st_mode) and self.busy(path):
-            # Still open for writing (smbd holding a slow upload, a scanner between pages):
-            # no grace applies, the writer decides when it is done.
-            tracked.due = now + max(self.settle_s, 0.1)
-            return None
-        if stat.S_ISREG(st.st_mode) and quiet < INCOMPLETE_GRACE * self.settle_s:
-            try:
-                complete = self.complete(path)
-            except OSError:
-                complete = True  # unreadable: let the child report why, once
-            if not complete:
-                tracked.due = now + max(self.settle_s, 0.1)
-                return None
-        del self._files[path]
-        return signature
-
-
-def _signature(st: os.stat_result) -> tuple[int, int, int]:
-    return (stat.S_IFMT(st.st_mode), st.st_size, st.st_mtime_ns)
-
-
-def signature_of(path: Path) -> tuple[int, int, int] | None:
-    try:
-        return _signature(os.lstat(path))
-    except OSError:
-        return None
-
-
-# -- complaints: each problem with a folder is logged once, until it goes away ------------------
-
-
-class _Complaints:
-    """Log a problem about a folder once, and once more when it is fixed, not every scan.
-
-    Keys are (what, folder): a folder can be listable and still not claimable.
-    """
-
-    def __init__(self) -> None:
-        self._open: dict[tuple[str, str], str] = {}
-        self._lock = threading.Lock()
-
-    def problem(self, what: str, folder: str, message: str) -> None:
-        with self._lock:
-            if self._open.get((what, folder)) == message:
-                return
-            self._open[(what, folder)] = message
-        log.warning("%s", message)
-
-    def fine(self, what: str, folder: str) -> None:
-        if (what, folder) not in self._open:
-            return
-        with self._lock:
-            if self._open.pop((what, folder), None) is None:
-                return
-        log.info("%s: %s works again", folder, what)
-
-
-def _claimable(folder: str, complaints: _Complaints) -> bool:
-    """Files can be claimed only from folders we may write to (rename removes a name there)."""
-    if os.access(folder, os.W_OK | os.X_OK):
-        complaints.fine("claiming", folder)
-        return True
-    complaints.problem(
-        "claiming",
-        folder,
-        f"Cannot claim files in {folder}: missing write permission on the folder "
-        f"(needed to move files out); its files are left alone until this is fixed",
-    )
-    return False
-
-
-# -- the poller ------------------------------------------------------------------------------
-
-# Most of one core the poller may use: a pass over a huge tree (300,000 folders: about a second
-# of stat calls) is followed by a pause this long relative to it, however short poll_interval_s.
-POLL_DUTY = 0.1
-MAX_POLL_PAUSE_S = 30.0  # ... but a new file is never left unseen for longer than this plus a pass
-
-
-class _Dir:
-    """What the poller remembers of one folder. Small on purpose (one per folder, and a share may
-    hold 300,000): no set of child names, which the pass order makes unnecessary (see `poll`)."""
-
-    __slots__ = ("parent", "key", "first_seen", "settled", "verified")
-
-    def __init__(self, parent: _Dir | None) -> None:
-        self.parent = parent  # None for a root
-        self.key: int | None = None  # hash of (mtime_ns, ctime_ns, ino, dev) at the last listing
-        self.first_seen = 0.0  # when `key` was first seen (monotonic)
-        self.settled = False  # the listing is known to reflect `key`
-        self.verified = -1  # the pass in which lstat last showed a real folder here
-
-
-class Poller:
-    """Finds new files on filesystems without usable events, at a cost that does not grow with
-    the number of files.
-
-    watchdog's PollingObserver stats every file of the tree every interval (100,000 files: 100,000
-    stat calls every 2 s, each a round trip on NFS). This poller stats each *folder* once per
-    interval and lists a folder only when its mtime/ctime changed (creating, deleting or renaming
-    an entry changes the folder's mtime on every filesystem we support, including NFS, SMB and
-    FUSE). A listing uses the d_type from readdir, so no per-file stat either. Growth of a file
-    already found is the StabilityTracker's business, not the poller's. A steady pass that takes
-    long (a huge tree) is followed by a pause nine times as long (at most MAX_POLL_PAUSE_S), with
-    one warning: at rest the poller uses about POLL_DUTY of a core at most.
-
-    Symlinks are never followed (DESIGN §9): folders below the roots are checked with lstat, and a
-    folder is looked at only after its parent was seen as a real folder in the same pass, so a
-    subfolder swapped for a symlink to elsewhere is dropped with everything below it, never listed.
-
-    Every listing reports all wanted names in the folder (not only new ones): a file claimed and
-    replaced by another of the same name within one interval is still seen, and the service
-    ignores names it already tracks or queued. `stat` (an lstat) and `scandir` are injectable.
-    """
-
-    def __init__(
-        self,
-        inbox: Path,
-        roots: Iterable[Path],
-        path_filter: PathFilter,
-        *,
-        interval_s: float,
-        emit: Callable[[Path], None],
-        complaints: _Complaints | None = None,
-        clock: Callable[[], float] = time.monotonic,
-        stat_fn: Callable[[str], os.stat_result] = os.lstat,
-        scandir: Callable[[str], Iterator[os.DirEntry[str]]] = os.scandir,
-    ):
-        self.inbox = inbox
-        self.filter = path_filter
-        self.interval_s = interval_s
-        self.emit = emit
-        self.complaints = complaints or _Complaints()
-        self.clock = clock
-        self.stat = stat_fn
-        self.scandir = scandir
-        self.roots = [str(r) for r in roots]
-        self._roots = set(self.roots)
-        self._inbox = str(inbox)
-        self._dirs: dict[str, _Dir] = {root: _Dir(None) for root in self.roots}
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._slow_warned = False
-        self.polls = 0
-        self.listings = 0  # folders listed so far (for tests and the benchmark)
-
-    def __len__(self) -> int:
-        return len(self._dirs)
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="watcherd-poller", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-            self._thread = None
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            started = self.clock()
-            listed = 0
-            try:
-                listed = self.poll()
-            except Exception:  # never let the poller die silently: the daemon would go blind
-                log.exception("Polling %s failed; trying again in %g s", self.inbox, self.interval_s)
-            self._stop.wait(self._pause(self.clock() - started, listed))
-
-    def _pause(self, elapsed: float, listed: int) -> float:
-        if listed * 10 > len(self._dirs):
-            # Mostly listings (the first pass, a pile of new folders settling): real work that
-            # ends by itself, and not what a steady pass costs; pacing on it once meant 208 s.
-            return max(0.0, self.interval_s - elapsed)
-        pause = max(self.interval_s - elapsed, min(elapsed * (1 - POLL_DUTY) / POLL_DUTY, MAX_POLL_PAUSE_S))
-        if pause > self.interval_s - elapsed and not self._slow_warned:
-            self._slow_warned = True
-            log.warning(
-                "Polling %d folders below %s takes %.1f s a pass: polling every %.1f s instead of every "
-                "%g s, to keep the poller under %d%% of a core (fewer folders, or events, would be faster)",
-                len(self._dirs),
-                self.inbox,
-                elapsed,
-                elapsed + pause,
-                self.interval_s,
-                round(POLL_DUTY * 100),
-            )
-        return pause
-
-    def poll(self) -> int:
-        """One pass: stat every known folder, list the changed ones; returns how many were listed.
-
-        Folders are visited in the order they were found, so a parent always comes before its
-        children: a folder whose parent is gone or is no longer a real folder (replaced by a
-        symlink) is dropped without being looked at, and so, in turn, is everything below it.
-        """
-        self.polls += 1
-        listed = 0
-        now = self.clock()
-        order = list(self._dirs.items())
-        i = 0
-        while i < len(order):
-            path, folder = order[i]
-            i += 1
-            if self._dirs.get(path) is not folder:
-                continue  # dropped earlier in this pass
-            parent = folder.parent
-            if parent is not None and parent.verified != self.polls:
-                self._dirs.pop(path, None)  # its parent is gone, or no longer a real folder
-                continue
-            new = self._check(path, folder, now)
-            if new is None:
-                continue
-            listed += 1
-            order.extend(new)
-        self.listings += listed
-        return listed
-
-    def _check(self, path: str, folder: _Dir, now: float) -> list[tuple[str, _Dir]] | None:
-        """lstat `path`; list it if changed. Returns new subfolders to visit, or None if not listed.
-        This runs for every folder in every pass: keep it lean."""
-        root = folder.parent is None
-        try:
-            st = self.stat(path)
-            if root and stat.S_ISLNK(st.st_mode):
-                st = os.stat(path)  # the configured inbox (or a mount point) may be a symlink
-        except OSError as exc:
-            if exc.errno in (errno.ENOENT, errno.ENOTDIR) and not root:
-                self._dirs.pop(path, None)
-            else:
-                self.complaints.problem("polling", path, f"Cannot poll {path}: {exc.strerror}")
-            return None
-        if not stat.S_ISDIR(st.st_mode):
-            if not root:
-                self._dirs.pop(path, None)  # a file or a symlink now: never followed
-            return None
-        folder.verified = self.polls
-        key = hash((st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev))
-        if key == folder.key and folder.settled:
-            return None
-        if key != folder.key:
-            folder.key, folder.first_seen = key, now
-        depth = 0 if path == self._inbox else path[len(self._inbox) + 1 :].count(os.sep) + 1
-        files: list[str] = []
-        new: list[tuple[str, _Dir]] = []
-        try:
-            with self.scandir(path) as entries:  # type: ignore[attr-defined]
-                for entry in entries:  # streamed: a folder of 300,000 entries is never held whole
-                    if self.filter.wanted_name(entry.name, depth):
-                        files.append(entry.path)
-                        continue
-                    try:
-                        is_dir = entry.is_dir(follow_symlinks=False)
-                    except OSError:
-                        continue
-                    if is_dir and self.filter.descend(entry.name, depth, self.complaints, self.inbox):
-                        if entry.path not in self._dirs:
-                            child = self._dirs[entry.path] = _Dir(folder)
-                            new.append((entry.path, child))
-        except OSError as exc:
-            # Keep the key: the folder is listed again only when it changes (chmod changes ctime).
-            folder.settled = True
-            self.complaints.problem(
-                "listing", path, f"Cannot list {path}: {exc.strerror}; files in it are not seen until this is fixed"
-            )
-            return None
-        self.complaints.fine("polling", path)
-        self.complaints.fine("listing", path)
-        # The listing reflects `key` for sure only once the timestamp tick has passed (see above).
-        folder.settled = now - folder.first_seen >= MTIME_GRANULARITY_S
-        if files and _claimable(path, self.complaints):
-            for file in files:
-                self.emit(Path(file))
-        return new
 
 
 # -- events ----------------------------------------------------------------------------------
@@ -693,7 +245,7 @@ class Intake:
         self._overflows = 0
         self._overflow_times: list[float] = []
         self._wake = wake
-        self.complaints = _Complaints()
+        self.complaints = Complaints()
         self._inbox = str(inbox)
         # Scan work: folders still to list (path, depth, (st_dev, st_ino) or None for a scan's
         # top), the same paths as a set (an event for a folder already queued adds nothing: one
@@ -936,7 +488,7 @@ class Intake:
             if rel is None:
                 continue
             if self.filter.wanted(rel):
-                if _claimable(os.path.dirname(path), self.complaints):
+                if claimable(os.path.dirname(path), self.complaints):
                     self._found.append(path)
             elif (
                 self.watch.recursive
@@ -1024,7 +576,7 @@ class Intake:
                 )
             return None
         try:
-            return _Listing(path, depth, fd, _claimable(path, self.complaints))
+            return _Listing(path, depth, fd, claimable(path, self.complaints))
         except OSError:
             os.close(fd)
             return None

@@ -21,11 +21,12 @@ import time
 from multiprocessing.connection import wait
 from typing import Any
 
-from . import __version__, admin, documents, intake, logs, outputs, safefs
+from . import __version__, admin, documents, logs, outputs, safefs
 from . import settings as settings_mod
 from . import spool as spool_mod
 from .backlog import Backlog
-from .intake import Intake, StabilityTracker
+from .intake import Intake
+from .readiness import TICK_BUDGET_S, StabilityTracker, signature_of
 from .sdnotify import Notifier
 from .settings import ConfigError, Settings
 from .spool import Job, Spool
@@ -197,12 +198,12 @@ class Service:
         if now >= self.next_rescan:
             self.intake.request_scan()  # done by drain(), a time slice per tick
             self.next_rescan = now + self.settings.watch.rescan_interval_s
-        # Each step is bounded per tick (intake.TICK_BUDGET_S), so no pile of folders or files
+        # Each step is bounded per tick (TICK_BUDGET_S), so no pile of folders or files
         # can hold the loop past the systemd watchdog; the rest waits for the next tick.
         for path in self.intake.drain():
             if path not in self.backlog:
                 self.tracker.track(path)
-        for path, signature in self.tracker.ready(budget_s=intake.TICK_BUDGET_S):
+        for path, signature in self.tracker.ready(budget_s=TICK_BUDGET_S):
             self.backlog.add_ready(path, signature)
 
     def _dispatch(self) -> None:
@@ -240,7 +241,7 @@ class Service:
             if ready is None:
                 return None
             path, signature = ready
-            if intake.signature_of(path) != signature:
+            if signature_of(path) != signature:
                 self.tracker.track(path)  # changed (or vanished) since it was judged ready
                 continue
             try:
