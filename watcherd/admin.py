@@ -1,4 +1,4 @@
-"""Operator commands that work beside a running daemon: `watcherd status` and `watcherd retry`.
+"""The status file (written by the daemon, read by `watcherd status`) and `watcherd retry`.
 
 Both read things other people can influence: the status file holds file names chosen by share
 users, and failed/ holds their originals and whatever folder shapes they dropped. So the status is
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import logging
 import os
 import stat
 from datetime import datetime
@@ -21,6 +22,8 @@ from . import outputs, safefs
 from .logs import escape
 from .settings import Settings
 from .spool import inbox_id
+
+log = logging.getLogger("watcherd")
 
 STATUS_MAX_BYTES = 4 << 20
 STALE_AFTER_S = 60.0  # the loop rewrites the status at least every few seconds while it runs
@@ -40,6 +43,17 @@ def proc_start_time(pid: int) -> int | None:
 def status_file(settings: Settings) -> Path:
     assert settings.paths.inbox is not None
     return settings.state_dir / f"{inbox_id(settings.paths.inbox)}.status.json"
+
+
+def write_status(settings: Settings, status: dict[str, Any]) -> None:
+    """Replace the status file atomically, never through a link (not fsync'ed: it is not data).
+    Never raises: the status must never take the daemon down."""
+    path = status_file(settings)
+    try:
+        with safefs.folder(path.parent, []) as fd:
+            safefs.write_private(fd, path.name, json.dumps(status, ensure_ascii=True, indent=2).encode(), mode=0o640)
+    except (OSError, ValueError) as exc:
+        log.debug("Cannot write %s: %s", path, exc)
 
 
 def load_status(path: Path) -> dict[str, Any] | str:

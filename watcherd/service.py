@@ -13,7 +13,6 @@ import collections
 import concurrent.futures
 import dataclasses
 import errno
-import json
 import logging
 import os
 import signal
@@ -21,7 +20,7 @@ import time
 from multiprocessing.connection import wait
 from typing import Any
 
-from . import __version__, admin, documents, logs, outputs, safefs
+from . import __version__, admin, documents, logs, outputs
 from . import settings as settings_mod
 from . import spool as spool_mod
 from .backlog import Backlog
@@ -650,11 +649,4 @@ class Service:
             "gpu": self.last_gpu,
             "version": __version__,
         }
-        path = admin.status_file(self.settings)
-        try:
-            with safefs.folder(path.parent, []) as fd:
-                safefs.write_private(
-                    fd, path.name, json.dumps(status, ensure_ascii=True, indent=2).encode(), mode=0o640
-                )
-        except (OSError, ValueError) as exc:  # the status must never take the daemon down
-            log.debug("Cannot write %s: %s", path, exc)
+        admin.write_status(self.settings, status)
