@@ -130,7 +130,7 @@ class Service:
         return 0
 
     def _loop(self) -> None:
-        while not self._finished():
+        while not self._may_stop():
             self._handle_signals()
             self._intake()
             self._dispatch()
@@ -148,23 +148,26 @@ class Service:
             if not self.publishing:  # the publisher thread uses the work area's descriptors
                 self.spool.area.check()
             self._systemd()
+        self._shut_down()
 
-    def _finished(self) -> bool:
-        if self.stopping_since is None:
+    def _may_stop(self) -> bool:
+        """After SIGTERM: once no copy is under way (it must end whole) and no child is busy, or
+        the page in progress has had its grace."""
+        if self.stopping_since is None or self.publishing:
             return False
-        if self.publishing:  # a copy across filesystems is under way: let it end whole
-            return False
-        busy = [w for w in self.workers + self.retiring if w.state == State.BUSY]
-        if busy and time.monotonic() - self.stopping_since < STOP_GRACE_S:
-            return False
-        for worker in busy:  # grace is over: the page goes back to the inbox, never to failed
+        busy = any(w.state == State.BUSY for w in self.workers + self.retiring)
+        return not busy or time.monotonic() - self.stopping_since >= STOP_GRACE_S
+
+    def _shut_down(self) -> None:
+        """Files go back to the inbox, never to failed: a page cut short by the grace too."""
+        for worker in self.workers + self.retiring:
             job = worker.job
-            worker.kill(f"stopping after the {STOP_GRACE_S:g} s grace")
-            if job is not None:
-                self.backlog.put_back(job)
+            if worker.state == State.BUSY:
+                worker.kill(f"stopping after the {STOP_GRACE_S:g} s grace")
+                if job is not None:
+                    self.backlog.put_back(job)
         for job in self.backlog.waiting_jobs():
             self._unclaim(job)
-        return True
 
     def _unclaim(self, job: Job) -> None:
         try:
