@@ -401,3 +401,12 @@ def test_a_file_swapped_under_the_child_is_never_published_as_the_claimed_one(sh
     document = d.wait_json("real.png")
     assert document["text"] == "echo 40x30", document
     assert "not the file claimed" in d.log()
+
+
+def test_watcherd_status_into_a_pipe_that_closes_early_is_quiet(share: Share) -> None:
+    d = share.daemon().start()
+    command = f"{sys.executable} -m watcherd status --config {d.config_path} | head -c 10"
+    result = subprocess.run(
+        ["sh", "-c", command], capture_output=True, text=True, timeout=30, cwd=Path(__file__).parent.parent
+    )
+    assert result.stdout == "watcherd 0" and "Traceback" not in result.stderr, result.stderr

@@ -15,6 +15,7 @@ import faulthandler
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from multiprocessing.connection import wait
@@ -52,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", help="config file for the ocr.* settings (optional)")
     p.add_argument("--engine", help="override ocr.engine")
     args = parser.parse_args(argv)
+    if args.command in ("status", "check", "retry"):
+        # `watcherd status | head`: end quietly when the reader goes, like any Unix tool (not for
+        # run and ocr, which write to children's pipes and handle EPIPE themselves).
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     try:
         if args.command == "run":
             return cmd_run(args)
