@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import stat
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import SAMPLES
-from watcherd import formats, outputs, safefs
+from watcherd import formats, outputs, readiness, safefs
 from watcherd.intake import PathFilter
 from watcherd.readiness import INCOMPLETE_GRACE, StabilityTracker
 from watcherd.settings import WatchSettings
@@ -225,3 +226,31 @@ def test_ready_stops_after_its_budget_and_the_rest_stays_due() -> None:
     assert tracker.next_due() is not None and tracker.next_due() <= clock.now  # type: ignore[operator]
     rest = tracker.ready()
     assert len(first) + len(rest) == 100 and len(tracker) == 0 and tracker.next_due() is None
+
+
+def test_readiness_opens_files_below_the_inbox_without_following_a_swapped_folder(tmp_path: Path) -> None:
+    """A folder swapped for a link between a file's lstat and its open: the readiness check and the
+    lease probe never open what the link points at (a device node, another user's file)."""
+    inbox, elsewhere = tmp_path / "inbox", tmp_path / "elsewhere"
+    (inbox / "sub").mkdir(parents=True)
+    elsewhere.mkdir()
+    (inbox / "sub" / "a.jpg").write_bytes(b"\xff\xd8\xff\xe0 ... \xff\xd9")
+    (elsewhere / "a.jpg").write_bytes(b"\xff\xd8\xff\xe0 still being written")
+    opener = readiness.opener_below(inbox)
+    assert formats.looks_complete(inbox / "sub" / "a.jpg", opener=opener)
+    os.rename(inbox / "sub", inbox / "sub.real")
+    (inbox / "sub").symlink_to(elsewhere)
+    with pytest.raises(safefs.Refused):
+        opener(inbox / "sub" / "a.jpg", os.O_RDONLY)
+    with pytest.raises(OSError):
+        opener(tmp_path / "outside.jpg", os.O_RDONLY)
+    # Followed, it would have said "incomplete" (no end marker); refused, the claim decides.
+    assert formats.looks_complete(inbox / "sub" / "a.jpg", opener=opener) is True
+    assert formats.looks_complete(elsewhere / "a.jpg") is False
+    previous = signal.signal(signal.SIGIO, signal.SIG_IGN)  # what Intake.start does: the probe runs
+    try:
+        tracker = StabilityTracker(0.0, root=inbox)
+        assert tracker.busy(inbox / "sub.real" / "a.jpg") is False  # a real folder: probed, no writer
+        assert tracker.busy(inbox / "sub" / "a.jpg") is None  # through the link: not opened, so unknown
+    finally:
+        signal.signal(signal.SIGIO, previous)

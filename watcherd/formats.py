@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import operator
 import os
+import stat
 import struct
 import time
+from collections.abc import Callable
 
 SNIFF_BYTES = 1024
 
@@ -58,7 +60,10 @@ class OverBudget(Exception):
     """The check would cost more than its budget: hand the file over to the child."""
 
 
-def looks_complete(path: str | os.PathLike[str]) -> bool:
+Opener = Callable[[str | os.PathLike[str], int], int]  # os.open's shape: (path, flags) -> fd
+
+
+def looks_complete(path: str | os.PathLike[str], opener: Opener = os.open) -> bool:
     """True when the file's own structure says it is whole (trailer present, sizes fit).
 
     Empty files are incomplete: Samba creates the file at 0 bytes when a copy starts. A structure
@@ -66,7 +71,7 @@ def looks_complete(path: str | os.PathLike[str]) -> bool:
     wrong counts as complete, so that the child reports it as unreadable; never an exception.
     """
     try:
-        return _looks_complete(path)
+        return _looks_complete(path, opener)
     except Exception:  # noqa: BLE001 - any surprise from hostile bytes: the child judges the file
         return True
 
@@ -87,10 +92,13 @@ class _Reader:
         return os.pread(self.fd, length, offset)
 
 
-def _looks_complete(path: str | os.PathLike[str]) -> bool:
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+def _looks_complete(path: str | os.PathLike[str], opener: Opener = os.open) -> bool:
+    fd = opener(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
-        size = os.fstat(fd).st_size
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return True  # replaced by something else since its lstat: the claim sorts it out
+        size = st.st_size
         if size == 0:
             return False
         f = _Reader(fd, size)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import heapq
 import logging
 import os
@@ -22,14 +23,30 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from . import formats
+from . import formats, safefs
 
 log = logging.getLogger("watcherd")
 
 INCOMPLETE_GRACE = 5  # quiet periods (x settle_s) an incomplete-looking file may wait
 
 
-def open_for_writing(path: Path) -> bool | None:
+def opener_below(root: Path) -> formats.Opener:
+    """`os.open` for paths below `root` that follows no link on the way (safefs): a folder swapped
+    for a link between a file's lstat and its open cannot make the parent open (and read, or
+    take a lease on) something outside the inbox, a device node say."""
+
+    def open_below(path: str | os.PathLike[str], flags: int) -> int:
+        try:
+            *folders, name = Path(path).relative_to(root).parts
+        except ValueError:
+            raise OSError(errno.EXDEV, "not below the inbox", str(path)) from None
+        with safefs.folder(root, folders) as fd:
+            return os.open(name, flags | os.O_NOFOLLOW, dir_fd=fd)
+
+    return open_below
+
+
+def open_for_writing(path: Path, opener: formats.Opener = os.open) -> bool | None:
     """True if some process on this host has `path` open for writing; None if we cannot tell.
 
     Asks the kernel for a read lease, which it refuses (EAGAIN) while any writer has the file
@@ -42,10 +59,10 @@ def open_for_writing(path: Path) -> bool | None:
     if signal.getsignal(signal.SIGIO) in (signal.SIG_DFL, None):
         return None
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOATIME)
+        fd = opener(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOATIME)
     except PermissionError:
         try:  # O_NOATIME needs ownership; try without
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fd = opener(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError:
             return None
     except OSError:
@@ -94,9 +111,16 @@ class StabilityTracker:
         *,
         clock: Callable[[], float] = time.monotonic,
         lstat: Callable[[Path], os.stat_result] = os.lstat,
-        complete: Callable[[Path], bool] = formats.looks_complete,
-        busy: Callable[[Path], bool | None] = open_for_writing,
+        complete: Callable[[Path], bool] | None = None,
+        busy: Callable[[Path], bool | None] | None = None,
+        root: Path | None = None,
     ):
+        """`root` (the inbox): files are opened below it without following links on the way."""
+        opener = opener_below(root) if root is not None else os.open
+        if complete is None:
+            complete = functools.partial(formats.looks_complete, opener=opener)
+        if busy is None:
+            busy = functools.partial(open_for_writing, opener=opener)
         self.settle_s = settle_s
         self.clock = clock
         self.lstat = lstat

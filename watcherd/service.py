@@ -53,7 +53,7 @@ class Service:
         self.spool = Spool(settings)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.intake = Intake(settings.paths.inbox, settings.watch, wake=self._wake)
-        self.tracker = StabilityTracker(settings.watch.settle_s)
+        self.tracker = StabilityTracker(settings.watch.settle_s, root=settings.paths.inbox)
         self.workers = self._make_workers(settings)
         self.retiring: list[Worker] = []  # replaced workers (reload): busy ones finish their file, all are reaped
         self.probe: tuple[EngineProbe, Settings] | None = None  # a reload waiting for its new engine to import
@@ -524,7 +524,7 @@ class Service:
         if new.watch != old.watch:
             # Files still settling are found again at once by the rescan below and judged by the
             # new rules; files already ready or claimed stay queued.
-            self.tracker = StabilityTracker(new.watch.settle_s)
+            self.tracker = StabilityTracker(new.watch.settle_s, root=new.paths.inbox)
             self.intake.stop()
             self.intake = Intake(new.paths.inbox, new.watch, wake=self._wake)  # type: ignore[arg-type]
             self.intake.start()
