@@ -47,7 +47,6 @@ NO_CAPS = [
     "sh",
 ]
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch uids (CI runs as root)")
 
 
 class Share:
@@ -93,6 +92,7 @@ class Share:
 
 @pytest.fixture
 def share() -> Iterator[Share]:
+    assert os.geteuid() == 0, "switching uids needs root (CI runs as root)"
     base = Path(tempfile.mkdtemp(prefix="watcherd-share-", dir="/tmp"))  # pytest's tmp is 0700 root
     base.chmod(0o755)
     s = Share(base)
