@@ -187,7 +187,7 @@ def test_the_one_decode_site_refuses_what_is_not_a_message() -> None:
         else:
             raise AssertionError(f"accepted {raw[:40]!r}")
     page = protocol.decode(b'{"op": "page", "id": 1, "page": 1, "text": "a\\udce9b", "processing_time": 0, "size": []}')
-    assert page["text"] == "a\ufffdb" and page["replaced_characters"] == 1
+    assert isinstance(page, protocol.Page) and page.text == "a\ufffdb" and page.replaced_characters == 1
     assert protocol.valid_text("\ud83d\ude00 \udc80") == ("\U0001f600 \ufffd", 1)
 
 

@@ -48,7 +48,6 @@ NO_CAPS = [
 ]
 
 
-
 class Share:
     """The folders of one installation, a daemon over them, and a share user acting on them."""
 

@@ -20,6 +20,7 @@ import json
 import os
 import re
 import struct
+from dataclasses import dataclass
 from typing import Any
 
 # DESIGN §5: every error JSON carries one of these; the child may report all but not_regular_file.
@@ -56,6 +57,76 @@ FIELDS: dict[str, dict[str, Any]] = {
 }
 
 
+# -- the messages, child → parent: one dataclass each, built only by `decode` ---------------
+
+
+@dataclass(frozen=True)
+class Ready:
+    pid: int
+    load_time: float
+    engine: str | None
+    model: str | None
+
+
+@dataclass(frozen=True)
+class LoadFailed:
+    detail: str
+    config_error: bool  # retrying cannot help (a bad ocr.engine)
+
+
+@dataclass(frozen=True)
+class Cleared:
+    files_done: int
+    before: dict[str, Any]
+    after: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Pages:  # the file is open: how many pages, its hash, and the inode read (DESIGN §9)
+    id: int
+    count: int
+    sha256: str
+    file: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class PageStart:
+    id: int
+    page: int
+
+
+@dataclass(frozen=True)
+class Page:
+    id: int
+    page: int
+    text: str
+    processing_time: float
+    size: list[Any]
+    resized_from: Any
+    replaced_characters: int  # lone surrogates replaced, here or in the child
+
+
+@dataclass(frozen=True)
+class Deferred:  # too little GPU memory even after clearing the cache
+    id: int
+    gpu_info: dict[str, Any]
+    sha256: str | None
+
+
+@dataclass(frozen=True)
+class Finished:  # `done` (ok) or `failed` (code, detail)
+    id: int
+    ok: bool
+    code: str | None
+    detail: str | None
+    sha256: str | None
+    gpu_info_before: dict[str, Any]
+    gpu_info_after: dict[str, Any]
+
+
+Message = Ready | LoadFailed | Cleared | Pages | PageStart | Page | Deferred | Finished
+
+
 class ProtocolError(Exception):
     """The child sent something that is not a message we know: treat it as a crash."""
 
@@ -82,8 +153,8 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def decode(raw: bytes) -> dict[str, Any]:
-    """One child message, checked; raises ProtocolError."""
+def decode(raw: bytes) -> Message:
+    """One child message, checked and typed; raises ProtocolError."""
     try:
         message = json.loads(raw)
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
@@ -107,7 +178,54 @@ def decode(raw: bytes) -> dict[str, Any]:
             message = _clean(message)
         except RecursionError:
             raise ProtocolError("nested too deeply") from None
-    return message
+    return _typed(op, message)
+
+
+def _typed(op: str, m: dict[str, Any]) -> Message:
+    """The dataclass for a checked message; optional fields of the wrong type read as absent."""
+    if op == "ready":
+        model = m.get("model")
+        return Ready(m["pid"], float(m["load_time"]), m["engine"], model if isinstance(model, str) else None)
+    if op == "load_failed":
+        return LoadFailed(m["detail"], m.get("config_error") is True)
+    if op == "cleared":
+        return Cleared(m["files_done"], m["before"], m["after"])
+    if op == "pages":
+        file = m["file"]
+        if len(file) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in file):
+            raise ProtocolError("pages: field 'file' is not [st_dev, st_ino]")
+        return Pages(m["id"], m["count"], m["sha256"], (file[0], file[1]))
+    if op == "page_start":
+        return PageStart(m["id"], m["page"])
+    if op == "page":
+        return Page(
+            m["id"],
+            m["page"],
+            m["text"],
+            float(m["processing_time"]),
+            m["size"],
+            m.get("resized_from"),
+            _count(m.get("replaced_characters")),
+        )
+    if op == "deferred":
+        return Deferred(m["id"], m["gpu_info"], _str(m.get("sha256")))
+    return Finished(  # done | failed: FIELDS knows no other op
+        m["id"],
+        op == "done",
+        m.get("code"),
+        m.get("detail"),
+        _str(m.get("sha256")),
+        _dict(m.get("gpu_info_before")),
+        _dict(m.get("gpu_info_after")),
+    )
+
+
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {"available": False}
 
 
 def _count(value: Any) -> int:

@@ -525,90 +525,93 @@ class Worker:
             self._died()
         return outcomes
 
-    def _handle(self, message: dict[str, Any]) -> Outcome | None:
-        op = message["op"]
-        if op == "ready":
-            self.state = State.IDLE
-            self.deadline = None
-            self.load_failures = 0
-            self.engine_name = message.get("engine")
-            model = message.get("model")
-            self.model = model if isinstance(model, str) else None
-            log.info("OCR child %s ready: %s loaded in %.1f s", message["pid"], self.engine_name, message["load_time"])
-            return None
-        if op == "load_failed":
-            self._load_failed(message["detail"], config_error=message.get("config_error") is True)
-            return None
-        if op == "cleared":
-            before, after = message["before"], message["after"]
-            if after.get("available"):
-                freed = before.get("torch_reserved_mb", 0) - after.get("torch_reserved_mb", 0)
-                log.info(
-                    "GPU cache cleared after %d file(s): %s MB reserved memory freed, %s MB free",
-                    message["files_done"],
-                    freed,
-                    after.get("free_mb"),
-                )
-            else:
-                log.debug("Engine cache cleared after %d file(s)", message["files_done"])
-            return None
+    def _handle(self, message: protocol.Message) -> Outcome | None:
+        match message:
+            case protocol.Ready():
+                self.state = State.IDLE
+                self.deadline = None
+                self.load_failures = 0
+                self.engine_name, self.model = message.engine, message.model
+                log.info("OCR child %s ready: %s loaded in %.1f s", message.pid, message.engine, message.load_time)
+                return None
+            case protocol.LoadFailed():
+                self._load_failed(message.detail, config_error=message.config_error)
+                return None
+            case protocol.Cleared(files_done=files, before=before, after=after):
+                if after.get("available"):
+                    freed = before.get("torch_reserved_mb", 0) - after.get("torch_reserved_mb", 0)
+                    log.info(
+                        "GPU cache cleared after %d file(s): %s MB reserved memory freed, %s MB free",
+                        files,
+                        freed,
+                        after.get("free_mb"),
+                    )
+                else:
+                    log.debug("Engine cache cleared after %d file(s)", files)
+                return None
         flight = self.flight
-        if flight is None or message.get("id") != flight.request_id or self._stack_until is not None:
+        if flight is None or message.id != flight.request_id or self._stack_until is not None:
             return None  # a reply to a request we gave up on: never read it as the next answer
         now = self.clock()
-        if op == "pages":
-            flight.sha256 = message["sha256"]
-            flight.page_count = message["count"]
-            flight.job.opened = tuple(message["file"])
-        elif op == "page_start":
-            flight.current_page = message["page"]
-            self.deadline = now + self.ocr.timeout_s
-        elif op == "page":
-            page = {k: message.get(k) for k in ("page", "text", "processing_time", "size", "resized_from")}
-            replaced = message.get("replaced_characters")
-            if isinstance(replaced, int) and replaced > 0:
-                page["replaced_characters"] = replaced
-            flight.pages.append(page)
-        elif op == "deferred":
-            job, self.flight = flight.job, None
-            job.attempts -= 1  # waiting for memory is not an attempt
-            self.state = State.IDLE
-            self.deadline = None
-            self.dirty = True
-            return Outcome(
-                job=job,
-                ok=False,
-                deferred=True,
-                sha256=message.get("sha256"),
-                gpu_info_after=message["gpu_info"],
-                engine=self.engine_name,
-                model=self.model,
-            )
-        elif op in ("done", "failed"):
-            self.dirty = True
-            self.crashes_in_a_row = 0
-            job, self.flight = flight.job, None
-            self.state = State.IDLE
-            self.deadline = None
-            outcome = Outcome(
-                job=job,
-                ok=op == "done",
-                code=message.get("code"),
-                detail=message.get("detail"),
-                sha256=message.get("sha256", flight.sha256) or flight.sha256,
-                pages=flight.pages,
-                processing_time=round(now - flight.started_at, 3),
-                gpu_info_before=_dict(message.get("gpu_info_before")),
-                gpu_info_after=_dict(message.get("gpu_info_after")),
-                engine=self.engine_name,
-                model=self.model,
-            )
-            self.files_done += 1
-            if self.ocr.recycle_after_files and self.files_done >= self.ocr.recycle_after_files:
-                log.info("Recycling the OCR child after %d files (ocr.recycle_after_files)", self.files_done)
-                self._release("recycling", ask_exit=True)
-                self.files_done = 0
-            return outcome
+        match message:
+            case protocol.Pages():
+                flight.sha256 = message.sha256
+                flight.page_count = message.count
+                flight.job.opened = message.file
+            case protocol.PageStart():
+                flight.current_page = message.page
+                self.deadline = now + self.ocr.timeout_s
+            case protocol.Page():
+                page = {
+                    "page": message.page,
+                    "text": message.text,
+                    "processing_time": message.processing_time,
+                    "size": message.size,
+                    "resized_from": message.resized_from,
+                }
+                if message.replaced_characters:
+                    page["replaced_characters"] = message.replaced_characters
+                flight.pages.append(page)
+            case protocol.Deferred():
+                job, self.flight = flight.job, None
+                job.attempts -= 1  # waiting for memory is not an attempt
+                self.state = State.IDLE
+                self.deadline = None
+                self.dirty = True
+                return Outcome(
+                    job=job,
+                    ok=False,
+                    deferred=True,
+                    sha256=message.sha256,
+                    gpu_info_after=message.gpu_info,
+                    engine=self.engine_name,
+                    model=self.model,
+                )
+            case protocol.Finished():
+                self.dirty = True
+                self.crashes_in_a_row = 0
+                job, self.flight = flight.job, None
+                self.state = State.IDLE
+                self.deadline = None
+                outcome = Outcome(
+                    job=job,
+                    ok=message.ok,
+                    code=message.code,
+                    detail=message.detail,
+                    sha256=message.sha256 or flight.sha256,
+                    pages=flight.pages,
+                    processing_time=round(now - flight.started_at, 3),
+                    gpu_info_before=message.gpu_info_before,
+                    gpu_info_after=message.gpu_info_after,
+                    engine=self.engine_name,
+                    model=self.model,
+                )
+                self.files_done += 1
+                if self.ocr.recycle_after_files and self.files_done >= self.ocr.recycle_after_files:
+                    log.info("Recycling the OCR child after %d files (ocr.recycle_after_files)", self.files_done)
+                    self._release("recycling", ask_exit=True)
+                    self.files_done = 0
+                return outcome
         return None
 
     def _load_failed(self, detail: str, *, config_error: bool) -> None:
@@ -779,10 +782,6 @@ class Worker:
         elif self.deadline is not None:
             times.append(self.deadline)
         return min(times, default=None)
-
-
-def _dict(value: Any) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {"available": False}
 
 
 def _killpg(pid: int) -> None:
