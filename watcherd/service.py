@@ -10,9 +10,7 @@ model is slow: a missed ping means the daemon itself is stuck.
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import dataclasses
-import errno
 import logging
 import os
 import signal
@@ -25,6 +23,7 @@ from . import settings as settings_mod
 from . import spool as spool_mod
 from .backlog import Backlog
 from .intake import Intake
+from .publisher import Publisher
 from .readiness import TICK_BUDGET_S, StabilityTracker, signature_of
 from .sdnotify import Notifier
 from .settings import ConfigError, Settings
@@ -35,12 +34,6 @@ log = logging.getLogger("watcherd")
 
 STOP_GRACE_S = 30.0  # SIGTERM: how long the page in progress may take to finish
 MAX_DEFER_BACKOFF_S = 30.0
-OUTPUT_RETRY_S = 5.0
-# Output errors that go away by themselves (space freed, remounted read-write, permissions fixed):
-# hold the result and stop claiming until then. Anything else is logged and the file left claimed.
-# ENOENT is not among them: a folder that vanished does not come back by waiting (the work area
-# is held by descriptor and output roots are recreated, so it means a file of ours is gone).
-TRANSIENT_OUTPUT_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
 MAX_CLAIM_TRIES = 1000  # ready files looked at per claim: a pile that vanished costs a tick each
 MAX_REREADS = 3  # how often results that could not be written are tried again
 
@@ -62,11 +55,7 @@ class Service:
         self.counts = {"ok": 0, "failed": 0}
         self.last_error: dict[str, Any] | None = None
         self.last_gpu: dict[str, Any] = {"available": False}
-        self.unpublished: list[Outcome] = []  # finished, but the outputs could not be written yet
-        self.publisher = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="watcherd-publish")
-        self.publishing: dict[concurrent.futures.Future[dict[str, Any]], Outcome] = {}  # copies across filesystems
-        self.unpublished_since: float | None = None
-        self.next_output_retry = 0.0
+        self.publisher = Publisher(self.spool, wake=self._wake)
         self.stopping_since: float | None = None
         self.is_ready = False
         self.started_at = outputs.now_iso()
@@ -119,7 +108,7 @@ class Service:
                 self._unclaim(job)
             raise
         finally:
-            self.publisher.shutdown(wait=True)
+            self.publisher.shutdown()
             self.intake.stop()
             if self.probe is not None:
                 self.probe[0].cancel()
@@ -143,9 +132,10 @@ class Service:
             self._dispatch()
             for outcome in finished:
                 self._finish(outcome)
-            self._collect_publications()
+            for outcome, document in self.publisher.results():
+                self._published(outcome, document)
             self._replace_retired()
-            if not self.publishing:  # the publisher thread uses the work area's descriptors
+            if not self.publisher.copying:  # the publisher thread uses the work area's descriptors
                 self.spool.area.check()
             self._systemd()
         self._shut_down()
@@ -153,7 +143,7 @@ class Service:
     def _may_stop(self) -> bool:
         """After SIGTERM: once no copy is under way (it must end whole) and no child is busy, or
         the page in progress has had its grace."""
-        if self.stopping_since is None or self.publishing:
+        if self.stopping_since is None or self.publisher.copying:
             return False
         busy = any(w.state == State.BUSY for w in self.workers + self.retiring)
         return not busy or time.monotonic() - self.stopping_since >= STOP_GRACE_S
@@ -209,8 +199,9 @@ class Service:
             self.backlog.add_ready(path, signature)
 
     def _dispatch(self) -> None:
-        self._retry_outputs()
-        if self.stopping_since is not None or self.unpublished:
+        for held in self.publisher.due():
+            self._finish(held)
+        if self.stopping_since is not None or self.publisher.holding:
             return
         for worker in self.workers:
             while worker.ready:
@@ -267,7 +258,7 @@ class Service:
             *(w.next_wakeup() for w in self.workers + self.retiring),
             self.tracker.next_due(),
             self.backlog.next_retry_at(),
-            self.next_output_retry if self.unpublished else None,
+            self.publisher.next_retry_at(),
         ]
         if self.stopping_since is not None:
             times.append(self.stopping_since + STOP_GRACE_S)
@@ -340,46 +331,11 @@ class Service:
         if outcome.ok and self._changed_since_claim(job):
             return
         document, text = documents.document_for(outcome, settings=self.settings, received_at=job.received_at)
-        if self.spool.crosses_filesystems(job, ok=outcome.ok):
-            # Copying the original to another filesystem takes as long as the file is big (a
-            # too_large file can be any size): a publisher thread does it, the loop carries on.
-            future = self.publisher.submit(self.spool.finish, job, document, text)
-            future.add_done_callback(lambda _: self._wake())
-            self.publishing[future] = outcome
-            return
-        try:
-            document = self.spool.finish(job, document, text)
-        except OSError as exc:
-            self._publication_failed(outcome, exc)
-            return
-        self._published(outcome, document)
-
-    def _collect_publications(self) -> None:
-        for future in [f for f in self.publishing if f.done()]:
-            outcome = self.publishing.pop(future)
-            try:
-                document = future.result()
-            except OSError as exc:
-                self._publication_failed(outcome, exc)
-                continue
-            self._published(outcome, document)
-
-    def _publication_failed(self, outcome: Outcome, exc: OSError) -> None:
-        if exc.errno in TRANSIENT_OUTPUT_ERRORS:
-            self._output_failed(outcome, exc)
-        else:  # e.g. a name the outbox's filesystem refuses (EINVAL on CIFS): holding cannot help
-            log.error(
-                "Cannot publish the result of %s (%s); it stays in %s and is tried again at the next start",
-                outputs.display_name(outcome.job.rel)["source"],
-                exc,
-                outcome.job.path,
-            )
+        self.publisher.publish(outcome, document, text)
 
     def _published(self, outcome: Outcome, document: dict[str, Any]) -> None:
+        """Count it, say it (journald fields), and let a file waiting for its name go."""
         job = outcome.job
-        if self.unpublished_since is not None and not self.unpublished:
-            log.warning("Results can be written again; resuming")
-            self.unpublished_since = None
         if outcome.ok:
             self.counts["ok"] += 1
             logs.event(
@@ -448,33 +404,6 @@ class Service:
         log.warning("%s changed while it was being OCR'd; reading it again", job.rel)
         self.backlog.put_back(job)
         return True
-
-    def _output_failed(self, outcome: Outcome, exc: OSError) -> None:
-        """The outbox/failed/archive cannot be written (disk full, read-only, permissions).
-
-        The file stays claimed with its outcome kept; claiming stops until writing works again,
-        so nothing new is taken on while results cannot be delivered. Said once, not per retry.
-        """
-        now = time.monotonic()
-        if self.unpublished_since is None:
-            self.unpublished_since = now
-            log.error(
-                "Cannot write results (%s: %s); %s stays in the work area, no new files are taken "
-                "until this is fixed; retrying every %g s",
-                exc.strerror or exc,
-                exc.filename or "",
-                outcome.job.rel,
-                OUTPUT_RETRY_S,
-            )
-        self.unpublished.append(outcome)
-        self.next_output_retry = now + OUTPUT_RETRY_S
-
-    def _retry_outputs(self) -> None:
-        if not self.unpublished or time.monotonic() < self.next_output_retry:
-            return
-        waiting, self.unpublished = self.unpublished, []
-        for outcome in waiting:
-            self._finish(outcome)
 
     # -- configuration reload (SIGHUP) -------------------------------------------------------
 
