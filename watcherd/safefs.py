@@ -152,9 +152,7 @@ def write_new(dir_fd: int, name: str, data: bytes, *, mode: int) -> None:
     try:
         try:
             os.fchmod(fd, mode)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            _write_all(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -178,6 +176,12 @@ def write_new(dir_fd: int, name: str, data: bytes, *, mode: int) -> None:
             os.unlink(tmp, dir_fd=dir_fd)
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
 def read_regular(dir_fd: int, name: str, limit: int) -> bytes | None:
     """At most `limit` bytes of `name` if it is a regular file (never a link, FIFO or device)."""
     try:
@@ -199,16 +203,22 @@ def read_regular(dir_fd: int, name: str, limit: int) -> bytes | None:
         os.close(fd)
 
 
-def write_private(dir_fd: int, name: str, data: bytes, *, mode: int = 0o600) -> None:
-    """Replace `name` with `data` atomically (temp + rename); for our own state files."""
+def write_private(dir_fd: int, name: str, data: bytes, *, mode: int = 0o600, durable: bool = False) -> None:
+    """Replace `name` with `data` atomically (temp + rename); for our own state files. `durable`
+    fsyncs the data before the rename and the folder after it (a publication record must survive
+    a power cut whole; the status file need not)."""
     tmp = _temp_name(name)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dir_fd)
     try:
         try:
-            os.write(fd, data)
+            _write_all(fd, data)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        if durable:
+            os.fsync(dir_fd)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp, dir_fd=dir_fd)

@@ -534,8 +534,7 @@ class Spool:
         # ensure_ascii keeps surrogate-escaped (non-UTF-8) names exact across the round trip.
         body = json.dumps(record, ensure_ascii=True)
         envelope = json.dumps({"body": body, "mac": self._mac(body.encode("utf-8", "surrogatepass"))}).encode()
-        safefs.write_private(self.area.fd("pending"), record_name, envelope)
-        os.fsync(self.area.fd("pending"))
+        safefs.write_private(self.area.fd("pending"), record_name, envelope, durable=True)
         try:
             self._publish(record, record_name)
         except NameTaken:
