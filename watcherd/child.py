@@ -41,7 +41,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from . import gpu, protocol
-from .engines import EngineNotFound, resolve
+from .engines import EngineNotFound, as_page, resolve
 from .pages import Document, InputError
 
 PR_SET_PDEATHSIG = 1
@@ -175,8 +175,10 @@ class Child:
                     traceback.print_exc()
                     note = self._memory_note() if isinstance(exc, MemoryError) else ""
                     raise _EngineError(f"{type(exc).__name__}: {exc}{note}") from None
-                if not isinstance(text, str):
-                    raise _EngineError(f"engine returned {type(text).__name__}, not text")
+                try:
+                    text = as_page(text).full_text  # positions: published from issue #12 on
+                except TypeError as exc:
+                    raise _EngineError(str(exc)) from None
                 text, replaced = protocol.valid_text(text)
                 extra = {"replaced_characters": replaced} if replaced else {}
                 self.send(
