@@ -78,6 +78,10 @@ class Daemon:
         }
         for section, values in overrides.items():
             config.setdefault(section, {}).update(values)
+        if config["ocr"]["engine"].startswith("tests.engines:"):
+            # The fakes read the image size ("echo WxH"): turning blank test images is not their
+            # business. Orientation is tested with the real engine (test_outputs, test_positions).
+            config["ocr"].setdefault("auto_rotate", False)
         self.config_path.write_text(yaml.safe_dump(config, allow_unicode=True))
 
     def start(self, wait_ready: bool = True, env: dict[str, str] | None = None, cwd: Path = REPO) -> Daemon:

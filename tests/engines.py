@@ -251,3 +251,27 @@ class Announce(Echo):
     def ocr(self, image: Image.Image) -> str:
         print(f"announce {image.width}x{image.height}", flush=True)
         return super().ocr(image)
+
+
+class Lines(Echo):
+    """Positions: one line over the whole image it was given ("echo WxH", one word per part), and
+    a line with a box that is not a number (NaN), which the child must drop, not choke on."""
+
+    def ocr(self, image: Image.Image) -> Any:
+        from watcherd.engines import Line, PageText, Word, box_from_rect
+
+        w, h = image.size
+        text = super().ocr(image)
+        words = (Word("echo", box_from_rect(0, 0, w / 2, h), 0.5), Word(text[5:], box_from_rect(w / 2, 0, w, h), 1.0))
+        nan = float("nan")
+        return PageText(
+            lines=(Line(text, box_from_rect(0, 0, w, h), 0.75, words), Line("lost", box_from_rect(nan, 0, 1, 1))),
+            text=text,
+        )
+
+
+class Refuse(Echo):
+    """Fails whenever it is called: for pages that must never reach an engine."""
+
+    def ocr(self, image: Image.Image) -> str:
+        raise RuntimeError("this engine must not be called")

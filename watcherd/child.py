@@ -31,6 +31,7 @@ import ctypes
 import faulthandler
 import hashlib
 import json
+import math
 import os
 import resource
 import signal
@@ -41,8 +42,8 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from . import gpu, protocol
-from .engines import EngineNotFound, as_page, resolve
-from .pages import Document, InputError
+from .engines import EngineNotFound, Line, Word, as_page, box_from_points, resolve
+from .pages import PDF_DPI, Document, InputError, Page
 
 PR_SET_PDEATHSIG = 1
 
@@ -64,7 +65,9 @@ class Child:
         self.conn_out = conn_out
         self.spec = spec
         self.engine: Any = None
+        self.orientation: Any = None  # the page-orientation classifier, with ocr.auto_rotate
         self.files_done = 0
+        self._shortage: dict[str, Any] | None = None
 
     def send(self, op: str, **fields: Any) -> None:
         self.conn_out.send_bytes(json.dumps({"op": op, **fields}).encode())
@@ -88,6 +91,15 @@ class Child:
             traceback.print_exc()
             self.send("load_failed", detail=detail, config_error=isinstance(exc, TypeError))
             return False
+        if self.spec.get("auto_rotate"):
+            try:
+                from .orientation import OrientationDetector
+
+                self.orientation = OrientationDetector()
+            except Exception as exc:  # noqa: BLE001 - reported like an engine that cannot load
+                traceback.print_exc()
+                self.send("load_failed", detail=f"page orientation (ocr.auto_rotate): {exc}", config_error=False)
+                return False
         self.send(
             "ready",
             engine=self.spec["engine"],
@@ -106,7 +118,7 @@ class Child:
                 return  # the parent closed the pipe: we are done
             op = message["op"]
             if op == "ocr":
-                self.ocr_file(message["id"], message["path"])
+                self.ocr_file(message["id"], message["path"], message.get("render"))
             elif op == "idle":
                 self.clear_cache()
             elif op == "exit":
@@ -144,7 +156,9 @@ class Child:
         after = self.gpu_info()
         self.send("cleared", files_done=self.files_done, before=before, after=after)
 
-    def ocr_file(self, request_id: int, path: str) -> None:
+    def ocr_file(self, request_id: int, path: str, render: dict[str, Any] | None = None) -> None:
+        render = render or {}
+        targets: dict[str, str] = render.get("formats") or {}
         sha256 = None
         try:
             with open(path, "rb", opener=_open_nofollow) as f:
@@ -158,43 +172,31 @@ class Child:
                 raise InputError("too_large", f"larger than ocr.max_file_mb ({self.spec['max_file_mb']:g} MB)")
             sha256 = hashlib.sha256(data).hexdigest()
             document = Document(data, max_side_px=self.spec["max_side_px"], max_pages=self.spec["max_pages"])
+            original = data if "pdf" in targets else None  # the searchable PDF is built around it
             del data
             # The inode read: the parent checks it is the one it claimed (DESIGN §9).
             self.send("pages", id=request_id, count=len(document), sha256=sha256, kind=document.kind, file=file)
             before = self.gpu_info()
-            for page in document:
-                shortage = self.memory_shortage()
-                if shortage is not None:
-                    self.send("deferred", id=request_id, gpu_info=shortage, sha256=sha256)
+            rendered: list[Any] = []
+            for index in range(len(document)):
+                page = self._page(request_id, document, index)
+                if page is None:
+                    self.send("deferred", id=request_id, gpu_info=self._shortage, sha256=sha256)
                     return
-                self.send("page_start", id=request_id, page=page.number)
-                started = time.monotonic()
-                try:
-                    text = self.engine.ocr(page.image)
-                except Exception as exc:  # noqa: BLE001 - MemoryError included: the model's failure
-                    traceback.print_exc()
-                    note = self._memory_note() if isinstance(exc, MemoryError) else ""
-                    raise _EngineError(f"{type(exc).__name__}: {exc}{note}") from None
-                try:
-                    text = as_page(text).full_text  # positions: published from issue #12 on
-                except TypeError as exc:
-                    raise _EngineError(str(exc)) from None
-                text, replaced = protocol.valid_text(text)
-                extra = {"replaced_characters": replaced} if replaced else {}
-                self.send(
-                    "page",
-                    id=request_id,
-                    page=page.number,
-                    text=text,
-                    processing_time=round(time.monotonic() - started, 3),
-                    size=list(page.size),
-                    resized_from=list(page.resized_from) if page.resized_from else None,
-                    **extra,
-                )
+                if targets:
+                    rendered.append(page)
+            written, errors = self._render(request_id, targets, render, rendered, original, document.kind, path)
             self.files_done += 1
             if self.files_done % self.spec["clear_cache_every"] == 0:
                 self.clear_cache()
-            self.send("done", id=request_id, gpu_info_before=before, gpu_info_after=self.gpu_info())
+            self.send(
+                "done",
+                id=request_id,
+                gpu_info_before=before,
+                gpu_info_after=self.gpu_info(),
+                rendered=written,
+                render_errors=errors,
+            )
         except InputError as exc:
             self.send("failed", id=request_id, code=exc.code, detail=exc.detail, sha256=sha256)
         except _EngineError as exc:
@@ -209,6 +211,109 @@ class Child:
             detail = f"{type(exc).__name__}: {exc}"
             self.send("failed", id=request_id, code="unreadable", detail=detail, sha256=sha256)
 
+    def _page(self, request_id: int, document: Document, index: int) -> Any:
+        """Read page `index`: from the PDF's own text layer, or by OCR (turned upright first when
+        auto_rotate is on), and report it. Returns what the renderers need, or None when there is
+        too little GPU memory (`self._shortage` says how little)."""
+        number = index + 1
+        layer = document.text_layer(index) if document.kind == "pdf" and self.spec.get("pdf_text") == "use" else None
+        if layer is not None:
+            self.send("page_start", id=request_id, page=number)
+            started = time.monotonic()
+            width, height = document.nominal_size(index)
+            text, lines, rotated = layer.full_text, layer.lines, None
+            size, resized_from, dpi, source = (width, height), None, float(PDF_DPI), "pdf_text"
+        else:
+            self._shortage = self.memory_shortage()
+            if self._shortage is not None:
+                return None
+            self.send("page_start", id=request_id, page=number)
+            started = time.monotonic()
+            page = document.page(index)
+            rotated = self.orientation.detect(page.image) if self.orientation is not None else None
+            image = upright(page.image, rotated) if rotated else page.image
+            try:
+                result = as_page(self.engine.ocr(image))
+            except TypeError as exc:
+                raise _EngineError(str(exc)) from None
+            except Exception as exc:  # noqa: BLE001 - MemoryError included: the model's failure
+                traceback.print_exc()
+                note = self._memory_note() if isinstance(exc, MemoryError) else ""
+                raise _EngineError(f"{type(exc).__name__}: {exc}{note}") from None
+            try:
+                text = result.full_text
+                lines = tuple(
+                    _to_original(line, rotated or 0, image.size, page) for line in result.lines if _finite(line.box)
+                )
+            except (TypeError, ValueError, IndexError) as exc:
+                raise _EngineError(f"engine returned positions that are not boxes: {exc}") from None
+            size, resized_from, dpi, source = page.size, page.resized_from, page.dpi, "ocr"
+            width, height = page.original_size
+        text, replaced = protocol.valid_text(text)
+        extra: dict[str, Any] = {"replaced_characters": replaced} if replaced else {}
+        if rotated is not None:
+            extra["rotated"] = rotated
+        if lines:
+            extra["lines"] = [_line_json(line) for line in lines]
+        self.send(
+            "page",
+            id=request_id,
+            page=number,
+            text=text,
+            processing_time=round(time.monotonic() - started, 3),
+            size=list(size),
+            resized_from=list(resized_from) if resized_from else None,
+            source=source,
+            **extra,
+        )
+        return (number, width, height, dpi, tuple(lines), text, source)  # a render.RenderedPage's fields
+
+    def _render(
+        self,
+        request_id: int,
+        targets: dict[str, str],
+        render: dict[str, Any],
+        pages: list[Any],
+        original: bytes | None,
+        kind: str | None,
+        path: str,
+    ) -> tuple[list[str], dict[str, str]]:
+        """Write the searchable PDF, hOCR and ALTO asked for to their scratch files in the state
+        folder (trusted: never inside the inbox), durably, for the parent to publish. A format
+        that cannot be written is reported, not fatal: the text and the JSON are worth having."""
+        if not targets:
+            return [], {}
+        from . import render as renderers
+
+        pages = [renderers.RenderedPage(*fields) for fields in pages]
+        self.send("rendering", id=request_id)
+        name = os.path.basename(path)
+        written, errors = [], {}
+        for fmt, target in targets.items():
+            try:
+                fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+                with open(fd, "wb") as out:
+                    if fmt == "pdf":
+                        assert original is not None and kind is not None
+                        renderers.write_pdf(out, data=original, kind=kind, pages=pages, pdfa=bool(render.get("pdfa")))
+                    elif fmt == "hocr":
+                        out.write(renderers.hocr(pages, title=name))
+                    else:
+                        out.write(renderers.alto(pages, filename=name))
+                    out.flush()
+                    os.fsync(out.fileno())
+                written.append(fmt)
+            except Exception as exc:  # noqa: BLE001 - a renderer's failure costs that output only
+                traceback.print_exc()
+                errors[fmt] = f"{type(exc).__name__}: {exc}"[:500]
+        if written:
+            folder = os.open(os.path.dirname(next(iter(targets.values()))), os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(folder)
+            finally:
+                os.close(folder)
+        return written, errors
+
     def _memory_note(self) -> str:
         limit = self.spec.get("memory_max_mb")
         return f" (memory limit ocr.memory_max_mb = {limit:g} MB exceeded)" if limit else ""
@@ -216,6 +321,46 @@ class Child:
 
 class _EngineError(Exception):
     pass
+
+
+def upright(image: Any, rotated: int) -> Any:
+    from .orientation import upright as turn
+
+    return turn(image, rotated)
+
+
+def _to_original(line: Line, rotated: int, seen: tuple[int, int], page: Page) -> Line:
+    """A line found on the image the engine saw (turned upright, maybe shrunk) in the pixels of
+    the original page, with its words."""
+    scale_x = page.original_size[0] / page.size[0]
+    scale_y = page.original_size[1] / page.size[1]
+
+    def place(box: Any) -> Any:
+        if rotated:
+            from .orientation import box_to_original
+
+            box = box_to_original(box, rotated, seen)
+        return box_from_points([(x * scale_x, y * scale_y) for x, y in box])
+
+    words = tuple(Word(w.text, place(w.box), w.score) for w in line.words if _finite(w.box))
+    return Line(line.text, place(line.box), line.score, words)
+
+
+def _finite(box: Any) -> bool:
+    """A box the engine gave with a NaN or an infinity in it is dropped: it places nothing."""
+    return all(math.isfinite(v) for point in box for v in point)
+
+
+def _line_json(line: Line) -> dict[str, Any]:
+    entry = _positioned(line.text, line.box, line.score)
+    if line.words:
+        entry["words"] = [_positioned(w.text, w.box, w.score) for w in line.words]
+    return entry
+
+
+def _positioned(text: str, box: Any, score: float | None) -> dict[str, Any]:
+    score = None if score is None or not math.isfinite(score) else round(min(1.0, max(0.0, float(score))), 4)
+    return {"text": protocol.valid_text(text)[0], "score": score, "box": [[round(x, 1), round(y, 1)] for x, y in box]}
 
 
 def _open_nofollow(path: str, flags: int) -> int:

@@ -70,6 +70,8 @@ def document_for(outcome: Outcome, *, settings: Settings, received_at: str) -> t
             "finished_at": now_iso(),
             "watcherd_version": __version__,
         }
+        if outcome.render_errors:  # e.g. {"pdf": "..."}: the text is good, that output could not be made
+            document["output_errors"] = outcome.render_errors
         return document, text
     code = outcome.code or "engine_error"
     message = error_message(

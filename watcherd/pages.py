@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import io
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from struct import error as struct_error  # Pillow lets it escape on some damaged headers
+from struct import error as struct_error
+from typing import Any  # Pillow lets it escape on some damaged headers
 
 from PIL import Image, ImageOps
 
 from . import formats
 
 PDF_DPI = 200  # enough for OCR of 8-10 pt text; A4 renders at 1654 x 2339
+DEFAULT_DPI = 300  # an image that does not say (most scanners write it)
 
 
 class InputError(Exception):
@@ -36,6 +38,22 @@ class Page:
     image: Image.Image
     size: tuple[int, int]
     resized_from: tuple[int, int] | None
+    dpi: float = DEFAULT_DPI  # of the original page's pixel grid (`resized_from or size`)
+
+    @property
+    def original_size(self) -> tuple[int, int]:
+        return self.resized_from or self.size
+
+
+def image_dpi(info: Mapping[Any, Any]) -> float:
+    """An image's resolution from its metadata (the horizontal one), DEFAULT_DPI when it gives
+    none or nonsense (0, 1 or 72 "dpi" from cameras and screenshots is not a scan's)."""
+    dpi = info.get("dpi")
+    try:
+        value = float(dpi[0])  # type: ignore[index]
+    except (TypeError, ValueError, IndexError):
+        return DEFAULT_DPI
+    return value if 100 <= value <= 2400 else DEFAULT_DPI
 
 
 class Document:
@@ -87,7 +105,17 @@ class Document:
 
     def __iter__(self) -> Iterator[Page]:
         for index in range(self.count):
-            yield self._render_pdf(index) if self._pdf is not None else self._decode_frame(index)
+            yield self.page(index)
+
+    def nominal_size(self, index: int) -> tuple[int, int]:
+        """A PDF page's size in pixels at PDF_DPI, without rendering it."""
+        assert self._pdf is not None
+        width_pt, height_pt = self._pdf[index].get_size()
+        return round(width_pt * PDF_DPI / 72), round(height_pt * PDF_DPI / 72)
+
+    def page(self, index: int) -> Page:
+        """Page `index` (0-based), decoded or rendered now."""
+        return self._render_pdf(index) if self._pdf is not None else self._decode_frame(index)
 
     def _render_pdf(self, index: int) -> Page:
         import pypdfium2 as pdfium
@@ -105,7 +133,7 @@ class Document:
             image = page.render(scale=scale).to_pil().convert("RGB")
         except pdfium.PdfiumError as exc:
             raise InputError("unreadable", f"PDF page {index + 1} cannot be rendered: {exc}") from None
-        return Page(index + 1, image, image.size, resized_from)
+        return Page(index + 1, image, image.size, resized_from, PDF_DPI)
 
     def _decode_frame(self, index: int) -> Page:
         assert self._image is not None
@@ -123,7 +151,7 @@ class Document:
         if max(frame.size) > self.max_side_px:
             resized_from = frame.size
             frame.thumbnail((self.max_side_px, self.max_side_px), Image.Resampling.LANCZOS)
-        return Page(index + 1, frame, frame.size, resized_from)
+        return Page(index + 1, frame, frame.size, resized_from, image_dpi(self._image.info))
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

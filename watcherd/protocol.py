@@ -17,10 +17,11 @@ Strings that reach the parent are made valid UTF-8: an engine's text with a lone
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 # DESIGN §5: every error JSON carries one of these; the child may report all but not_regular_file.
@@ -50,6 +51,7 @@ FIELDS: dict[str, dict[str, Any]] = {
     "cleared": {"files_done": int, "before": dict, "after": dict},
     "pages": {"id": int, "count": int, "sha256": str, "file": list},
     "page_start": {"id": int, "page": int},
+    "rendering": {"id": int},
     "page": {"id": int, "page": int, "text": str, "processing_time": _NUMBER, "size": list},
     "done": {"id": int},
     "failed": {"id": int, "code": str, "detail": str},
@@ -96,6 +98,11 @@ class PageStart:
 
 
 @dataclass(frozen=True)
+class Rendering:  # every page is read; the PDF/hOCR/ALTO are being written (the clock restarts)
+    id: int
+
+
+@dataclass(frozen=True)
 class Page:
     id: int
     page: int
@@ -104,6 +111,9 @@ class Page:
     size: list[Any]
     resized_from: Any
     replaced_characters: int  # lone surrogates replaced, here or in the child
+    lines: list[dict[str, Any]] | None = None  # checked: {text, score, box, words?}, boxes in the original's pixels
+    source: str = "ocr"  # or "pdf_text": the PDF page's own text layer, no OCR
+    rotated: int | None = None  # degrees the page was turned upright before OCR (auto_rotate)
 
 
 @dataclass(frozen=True)
@@ -122,9 +132,15 @@ class Finished:  # `done` (ok) or `failed` (code, detail)
     sha256: str | None
     gpu_info_before: dict[str, Any]
     gpu_info_after: dict[str, Any]
+    rendered: tuple[str, ...] = ()  # formats written to their scratch files (done only)
+    render_errors: dict[str, str] = field(default_factory=dict)  # format → why it could not be written
 
 
-Message = Ready | LoadFailed | Cleared | Pages | PageStart | Page | Deferred | Finished
+Message = Ready | LoadFailed | Cleared | Pages | PageStart | Rendering | Page | Deferred | Finished
+
+MAX_LINES = 100_000  # per page; a dense newspaper page has a few hundred
+MAX_WORDS = 10_000  # per line
+ROTATIONS = (0, 90, 180, 270)
 
 
 class ProtocolError(Exception):
@@ -197,7 +213,12 @@ def _typed(op: str, m: dict[str, Any]) -> Message:
         return Pages(m["id"], m["count"], m["sha256"], (file[0], file[1]))
     if op == "page_start":
         return PageStart(m["id"], m["page"])
+    if op == "rendering":
+        return Rendering(m["id"])
     if op == "page":
+        rotated = m.get("rotated")
+        if rotated is not None and rotated not in ROTATIONS:
+            raise ProtocolError(f"page: rotated is {str(rotated)[:20]!r}, not one of {ROTATIONS}")
         return Page(
             m["id"],
             m["page"],
@@ -206,6 +227,9 @@ def _typed(op: str, m: dict[str, Any]) -> Message:
             m["size"],
             m.get("resized_from"),
             _count(m.get("replaced_characters")),
+            None if m.get("lines") is None else _lines(m["lines"]),
+            "pdf_text" if m.get("source") == "pdf_text" else "ocr",
+            rotated,
         )
     if op == "deferred":
         return Deferred(m["id"], m["gpu_info"], _str(m.get("sha256")))
@@ -217,7 +241,52 @@ def _typed(op: str, m: dict[str, Any]) -> Message:
         _str(m.get("sha256")),
         _dict(m.get("gpu_info_before")),
         _dict(m.get("gpu_info_after")),
+        _rendered(m.get("rendered")),
+        {k: v for k, v in _dict(m.get("render_errors")).items() if k in ("pdf", "hocr", "alto") and isinstance(v, str)},
     )
+
+
+def _lines(value: Any) -> list[dict[str, Any]]:
+    """A page's lines, each `{text, score, box}` (+ `words`, the same without words), exactly so:
+    boxes are four [x, y] pairs of finite numbers, scores a number in [0, 1] or null."""
+    if not isinstance(value, list) or len(value) > MAX_LINES:
+        raise ProtocolError(f"page: lines is not a list of at most {MAX_LINES:,}")
+    lines = []
+    for item in value:
+        line = _positioned(item)
+        words = item.get("words")
+        if words is not None:
+            if not isinstance(words, list) or len(words) > MAX_WORDS:
+                raise ProtocolError(f"page: a line's words are not a list of at most {MAX_WORDS:,}")
+            line["words"] = [_positioned(word) for word in words]
+        lines.append(line)
+    return lines
+
+
+def _positioned(item: Any) -> dict[str, Any]:
+    if not isinstance(item, dict) or not isinstance(item.get("text"), str):
+        raise ProtocolError("page: a line or word without text")
+    box = item.get("box")
+    if (
+        not isinstance(box, list)
+        or len(box) != 4
+        or not all(isinstance(p, list) and len(p) == 2 and all(_finite(v) for v in p) for p in box)
+    ):
+        raise ProtocolError("page: a box is not four [x, y] points")
+    score = item.get("score")
+    if score is not None and not (_finite(score) and 0 <= score <= 1):
+        raise ProtocolError("page: a score is not null or a number in [0, 1]")
+    return {"text": item["text"], "score": score, "box": [[float(x), float(y)] for x, y in box]}
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _rendered(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        return ()
+    return tuple(v for v in value if v in ("pdf", "hocr", "alto"))
 
 
 def _str(value: Any) -> str | None:

@@ -58,13 +58,13 @@ class Publisher:
 
     def publish(self, outcome: Outcome, document: dict[str, Any], text: str | None) -> None:
         job = outcome.job
-        if self.spool.crosses_filesystems(job, ok=outcome.ok):
-            future = self._thread.submit(self.spool.finish, job, document, text)
+        if self.spool.crosses_filesystems(job, ok=outcome.ok, rendered=outcome.rendered):
+            future = self._thread.submit(self.spool.finish, job, document, text, outcome.rendered)
             future.add_done_callback(lambda _: self.wake())
             self._copies[future] = outcome
             return
         try:
-            self._done.append((outcome, self.spool.finish(job, document, text)))
+            self._done.append((outcome, self.spool.finish(job, document, text, outcome.rendered)))
         except OSError as exc:
             self._failed(outcome, exc)
 

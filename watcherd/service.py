@@ -52,7 +52,7 @@ class Service:
         self.probe: tuple[EngineProbe, Settings] | None = None  # a reload waiting for its new engine to import
         self.backlog = Backlog()
         self.signals: collections.deque[int] = collections.deque()
-        self.counts = {"ok": 0, "failed": 0}
+        self.counts = {"ok": 0, "failed": 0, "pages_ocr": 0, "pages_pdf_text": 0}
         self.last_error: dict[str, Any] | None = None
         self.last_gpu: dict[str, Any] = {"available": False}
         self.publisher = Publisher(self.spool, wake=self._wake)
@@ -219,6 +219,7 @@ class Service:
                 logs.event(
                     "claimed", f"{job.rel}: OCR started (child {worker.pid})", source=job.rel, child_pid=worker.pid
                 )
+                job.render = self.spool.render_targets(job)
                 if not worker.assign(job):
                     self.backlog.put_back(job)
         if self.backlog.empty:
@@ -338,6 +339,10 @@ class Service:
         job = outcome.job
         if outcome.ok:
             self.counts["ok"] += 1
+            for page in outcome.pages:  # pages whose own text layer saved an OCR (ocr.pdf_text: use)
+                self.counts["pages_pdf_text" if page.get("source") == "pdf_text" else "pages_ocr"] += 1
+            for fmt, why in outcome.render_errors.items():
+                log.error("%s: its %s could not be written: %s", job.rel, fmt, why)
             logs.event(
                 "done",
                 f"{job.rel}: {len(outcome.pages)} page(s) in {outcome.processing_time:.2f} s → "

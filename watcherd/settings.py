@@ -91,6 +91,8 @@ class OcrSettings:
     max_file_mb: float = 500.0
     recycle_after_files: int = 0
     memory_max_mb: float | None = None  # the child's RLIMIT_DATA; None: no limit
+    pdf_text: Literal["use", "ocr"] = "use"  # PDF pages with a text layer: take it, or OCR them anyway
+    auto_rotate: bool = True  # turn pages scanned at 90/180/270 degrees upright before OCR
 
 
 @dataclass(frozen=True)
@@ -101,16 +103,34 @@ class GpuSettings:
     wait_for_memory_s: float = 600.0
 
 
+Format = Literal["json", "md", "txt", "pdf", "hocr", "alto"]
+RENDERED: tuple[Format, ...] = ("pdf", "hocr", "alto")  # built in the child from the file and its positions
+
+
 @dataclass(frozen=True)
 class OutputSettings:
     on_success: Literal["archive", "delete"] = "archive"
-    text_file: Literal["md", "txt", "none"] = "md"
+    formats: tuple[Format, ...] | None = None  # what a result is written as; default json + md
+    text_file: Literal["md", "txt", "none"] | None = None  # before `formats`: json + this
+    pdfa: bool = False  # the searchable PDF as PDF/A-2b
     locale: Literal["zh-TW", "en"] = "zh-TW"
     file_mode: FileMode = FileMode(0o640)  # result files; folders watcherd creates get x where r
 
     @property
     def dir_mode(self) -> int:
         return self.file_mode | ((self.file_mode & 0o444) >> 2)
+
+    @property
+    def written(self) -> tuple[Format, ...]:
+        """The formats written for a result: `formats`, else json and `text_file` (md by default)."""
+        if self.formats is not None:
+            return self.formats
+        text = self.text_file or "md"
+        return ("json",) if text == "none" else ("json", text)
+
+    @property
+    def rendered(self) -> tuple[Format, ...]:
+        return tuple(f for f in self.written if f in RENDERED)
 
 
 @dataclass(frozen=True)
@@ -247,6 +267,20 @@ def _check_ranges(s: Settings) -> None:
         raise ConfigError("must be in (0, 100]", key="gpu.max_usage_percent", source=s.source)
     if not s.watch.include:
         raise ConfigError("must list at least one pattern", key="watch.include", source=s.source)
+    formats = s.output.formats
+    if formats is not None:
+        if s.output.text_file is not None:
+            raise ConfigError(
+                "is replaced by output.formats; give one of them (formats: [json, md] is text_file: md)",
+                key="output.text_file",
+                source=s.source,
+            )
+        if "json" not in formats:
+            raise ConfigError("must include json (the result document)", key="output.formats", source=s.source)
+        if len(set(formats)) != len(formats):
+            raise ConfigError("lists a format twice", key="output.formats", source=s.source)
+    if s.output.pdfa and "pdf" not in s.output.written:
+        raise ConfigError("needs pdf in output.formats", key="output.pdfa", source=s.source)
     if s.ocr.devices is not None and (not s.ocr.devices or len(set(s.ocr.devices)) != len(s.ocr.devices)):
         raise ConfigError("must be null or a list of distinct GPU indices", key="ocr.devices", source=s.source)
 

@@ -44,14 +44,14 @@ import re
 import secrets
 import stat
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import outputs, safefs
 from .intake import appledouble_companion, matches_include
 from .outputs import dumps, now_iso, public_path
-from .settings import ConfigError, Settings
+from .settings import RENDERED, ConfigError, Settings
 
 log = logging.getLogger("watcherd")
 
@@ -61,7 +61,12 @@ RECORD_NAME = re.compile(r"[0-9a-f]{40}\.json")
 OUR_TEMP = re.compile(r"\..*\.[0-9a-f]{8}\.tmp")  # safefs' temp names: a record being written at a kill
 QUARANTINE_LOG_LINES = 20  # per start; the rest are counted in one line
 # Which folder each output may go to; anything else in a record is refused.
-ROLE_ROOTS = {"json": ("outbox", "failed"), "text": ("outbox",), "original": ("archive", "failed", "rejected")}
+ROLE_ROOTS = {
+    "json": ("outbox", "failed"),
+    "text": ("outbox",),  # md or txt, in records written before output.formats
+    **{fmt: ("outbox",) for fmt in ("md", "txt", *RENDERED)},
+    "original": ("archive", "failed", "rejected"),
+}
 
 
 class NameTaken(Exception):
@@ -90,6 +95,7 @@ class Job:
     rereads: int = 0  # times it changed under us after the claim and was OCR'd again
     identity: tuple[int, int] | None = None  # (st_dev, st_ino) of what was claimed
     opened: tuple[int, int] | None = None  # (st_dev, st_ino) of what the child read
+    render: dict[str, Any] = field(default_factory=dict)  # the child's request to write PDF/hOCR/ALTO
 
 
 def signature(st: os.stat_result | None) -> tuple[int, int, int] | None:
@@ -253,6 +259,7 @@ class Spool:
         self.processing = self.area.path / "processing"
         self._key: bytes | None = None
         self._lock_fd: int | None = None
+        self._render_fd: int | None = None  # <state>/<inbox id>.render: the child's PDF/hOCR/ALTO
 
     # -- start-up ----------------------------------------------------------------------------
 
@@ -263,6 +270,12 @@ class Spool:
             state.mkdir(parents=True, exist_ok=True, mode=0o700)
             with safefs.folder(state, []) as fd:
                 self._key = _record_key(fd)
+                render = f"{inbox_id(self.inbox)}.render"
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(render, 0o700, dir_fd=fd)
+                self._render_fd = os.open(
+                    render, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd
+                )
         except OSError as exc:
             raise ConfigError(
                 f"cannot use the state folder {state}: {exc.strerror or exc}",
@@ -493,8 +506,19 @@ class Spool:
                 roots[key] = getattr(p, key)
         return roots
 
-    def finish(self, job: Job, document: dict[str, Any], text: str | None) -> dict[str, Any]:
-        """Publish a result (status ok) or error document for `job`; returns it with final paths."""
+    def render_targets(self, job: Job) -> dict[str, Any]:
+        """What the child is to write besides the text: the PDF/hOCR/ALTO, each to a scratch file
+        in the state folder named after the job, published from there by `finish`."""
+        assert self._render_fd is not None, "prepare() first"
+        folder = self.settings.state_dir / f"{inbox_id(self.inbox)}.render"
+        formats = {fmt: str(folder / _scratch(job.rel, fmt)) for fmt in self.settings.output.rendered}
+        return {"formats": formats, "pdfa": self.settings.output.pdfa} if formats else {}
+
+    def finish(
+        self, job: Job, document: dict[str, Any], text: str | None, rendered: tuple[str, ...] = ()
+    ) -> dict[str, Any]:
+        """Publish a result (status ok) or error document for `job`, with the text and the
+        rendered outputs the child wrote; returns the document with final paths."""
         record_name = f"{hashlib.sha1(os.fsencode(job.rel)).hexdigest()}.json"
         st = safefs.lstat_at(self.area.fd("pending"), record_name)
         if st is not None:
@@ -516,8 +540,9 @@ class Spool:
         targets: dict[str, tuple[str, str]] = {}
         if ok:
             targets["json"] = ("outbox", ".json")
-            if out.text_file != "none" and text is not None:
-                targets["text"] = ("outbox", f".{out.text_file}")
+            for fmt in out.written:
+                if (fmt in ("md", "txt") and text is not None) or fmt in rendered:
+                    targets[fmt] = ("outbox", f".{fmt}")
             if out.on_success == "archive":
                 targets["original"] = ("archive", "")
         else:
@@ -528,8 +553,13 @@ class Spool:
         names = outputs.choose_names(job.rel, targets={r: (self._root_path(k), e) for r, (k, e) in targets.items()})
         rel_names = {role: [targets[role][0], self._relative(targets[role][0], path)] for role, path in names.items()}
         document["image_path"] = public_path(names.get("original"))
-        if "text" in names:
-            document["text_path"] = public_path(names["text"])
+        if "md" in names or "txt" in names:
+            document["text_path"] = public_path(names.get("md") or names["txt"])
+        if "md" in names and "txt" in names:
+            document["txt_path"] = public_path(names["txt"])
+        for fmt in RENDERED:
+            if fmt in names:
+                document[f"{fmt}_path"] = public_path(names[fmt])
         record = {"v": RECORD_VERSION, "rel": job.rel, "names": rel_names, "document": document, "text": text}
         # ensure_ascii keeps surrogate-escaped (non-UTF-8) names exact across the round trip.
         body = json.dumps(record, ensure_ascii=True)
@@ -541,7 +571,7 @@ class Spool:
             # Another writer took the name between our choice and the publish (or two held
             # results chose the same one while the outbox was full): choose again.
             os.unlink(record_name, dir_fd=self.area.fd("pending"))
-            return self.finish(job, document, text)
+            return self.finish(job, document, text, rendered)
         return document
 
     def _root_path(self, key: str) -> Path:
@@ -550,9 +580,16 @@ class Spool:
     def _relative(self, key: str, path: Path) -> str:
         return path.relative_to(self._root_path(key)).as_posix()
 
-    def crosses_filesystems(self, job: Job, *, ok: bool) -> bool:
-        """Will publishing `job` copy its original to another filesystem (which takes as long as
-        the file is big)? Only regular files are ever copied; see `_must_stay_on_this_filesystem`."""
+    def crosses_filesystems(self, job: Job, *, ok: bool, rendered: tuple[str, ...] = ()) -> bool:
+        """Will publishing `job` copy its original, or its PDF from the state folder, to another
+        filesystem (which takes as long as the file is big)? Only regular files are ever copied;
+        see `_must_stay_on_this_filesystem`."""
+        if ok and rendered and self._render_fd is not None and self.settings.paths.outbox is not None:
+            try:
+                if os.fstat(self._render_fd).st_dev != os.stat(self.settings.paths.outbox).st_dev:
+                    return True
+            except OSError:
+                pass
         if ok and self.settings.output.on_success != "archive":
             return False
         root = self.settings.paths.archive if ok else self.settings.paths.failed
@@ -581,10 +618,8 @@ class Spool:
         names = {role: (roots[root], safefs.parts(rel)) for role, (root, rel) in record["names"].items()}
         mode, dir_mode = self.settings.output.file_mode, self.settings.output.dir_mode
         *claimed_folders, claimed_name = safefs.parts(record["rel"])
-        for role, data in (
-            ("json", dumps(record["document"])),
-            ("text", (record["text"] or "").encode("utf-8", "replace")),
-        ):
+        text = (record["text"] or "").encode("utf-8", "replace")
+        for role, data in (("json", dumps(record["document"])), ("text", text), ("md", text), ("txt", text)):
             if role not in names:
                 continue
             root, (*folders, name) = names[role]
@@ -595,6 +630,20 @@ class Spool:
                     if role == "json":
                         raise NameTaken(name) from None
                     raise
+        assert self._render_fd is not None
+        for fmt in RENDERED:
+            scratch = _scratch(record["rel"], fmt)
+            if fmt not in names:
+                with contextlib.suppress(FileNotFoundError):  # not published (an error, or the format was turned off)
+                    os.unlink(scratch, dir_fd=self._render_fd)
+                continue
+            root, (*folders, name) = names[fmt]
+            with safefs.folder(root, folders, create=True, mode=dir_mode) as dst:
+                try:
+                    safefs.move(self._render_fd, scratch, dst, name)
+                    _set_mode(dst, name, mode)
+                except FileNotFoundError:
+                    log.warning("%s: its %s was lost before publication (state folder cleared?)", record["rel"], fmt)
         with safefs.folder(self.area.fd("processing"), claimed_folders) as src:
             if "original" in names:
                 root, (*folders, name) = names["original"]
@@ -622,6 +671,20 @@ class Spool:
                     os.unlink(companion, dir_fd=fd)
         except OSError:
             pass  # no such companion possible (`._` + a 254-byte name is too long), gone, or a link on the way
+
+
+def _scratch(rel: str, fmt: str) -> str:
+    return f"{hashlib.sha1(os.fsencode(rel)).hexdigest()}.{fmt}"
+
+
+def _set_mode(dir_fd: int, name: str, mode: int) -> None:
+    """The exact output.file_mode on a file moved into place (the child creates its scratch
+    files owner-only); never through a link."""
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
 
 
 def _record_key(state_fd: int) -> bytes:

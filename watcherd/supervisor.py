@@ -178,6 +178,8 @@ class Outcome:
     model: str | None = None
     retry: bool = False  # the child died on it: run it again (once)
     deferred: bool = False  # too little GPU memory: keep it queued and try again later
+    rendered: tuple[str, ...] = ()  # PDF/hOCR/ALTO the child wrote to their scratch files
+    render_errors: dict[str, str] = field(default_factory=dict)  # and those it could not write, why
 
 
 def describe_exit(returncode: int | None) -> str:
@@ -341,6 +343,8 @@ class Worker:
             "clear_cache_every": self.gpu.clear_cache_every,
             "min_free_mb": self.gpu.min_free_mb,
             "max_usage_percent": self.gpu.max_usage_percent,
+            "pdf_text": self.ocr.pdf_text,
+            "auto_rotate": self.ocr.auto_rotate,
             "stack_fd": stacks_w,
         }
         env = dict(os.environ)
@@ -480,7 +484,10 @@ class Worker:
         self.state = State.BUSY
         try:
             self.conn_out.send_bytes(
-                json.dumps({"op": "ocr", "id": self._request_id, "path": str(job.path)}, ensure_ascii=True).encode()
+                json.dumps(
+                    {"op": "ocr", "id": self._request_id, "path": str(job.path), "render": job.render},
+                    ensure_ascii=True,
+                ).encode()
             )
         except OSError:
             job.attempts -= 1
@@ -561,16 +568,23 @@ class Worker:
             case protocol.PageStart():
                 flight.current_page = message.page
                 self.deadline = now + self.ocr.timeout_s
+            case protocol.Rendering():  # writing the PDF/hOCR/ALTO gets a page's time of its own
+                self.deadline = now + self.ocr.timeout_s
             case protocol.Page():
-                page = {
+                page: dict[str, Any] = {
                     "page": message.page,
                     "text": message.text,
                     "processing_time": message.processing_time,
                     "size": message.size,
                     "resized_from": message.resized_from,
+                    "source": message.source,
                 }
+                if message.rotated is not None:
+                    page["rotated"] = message.rotated
                 if message.replaced_characters:
                     page["replaced_characters"] = message.replaced_characters
+                if message.lines is not None:
+                    page["lines"] = message.lines
                 flight.pages.append(page)
             case protocol.Deferred():
                 job, self.flight = flight.job, None
@@ -605,6 +619,8 @@ class Worker:
                     gpu_info_after=message.gpu_info_after,
                     engine=self.engine_name,
                     model=self.model,
+                    rendered=message.rendered,
+                    render_errors=message.render_errors,
                 )
                 self.files_done += 1
                 if self.ocr.recycle_after_files and self.files_done >= self.ocr.recycle_after_files:
