@@ -275,3 +275,25 @@ class Refuse(Echo):
 
     def ocr(self, image: Image.Image) -> str:
         raise RuntimeError("this engine must not be called")
+
+
+class Batch(Echo):
+    """Takes several pages per call (`ocr_batch`), saying in each page's text how many it got.
+    With `slow_batches_s`, a call of more than one page takes that long (a batch too slow for the
+    deadline while each page alone is quick); a page of HANG_WIDTH hangs in either."""
+
+    def __init__(self, **options: Any):
+        super().__init__(**options)
+        self.slow_batches_s = float(options.get("slow_batches_s", 0))
+
+    def ocr_batch(self, images: list[Image.Image]) -> list[str]:
+        if any(image.width == HANG_WIDTH for image in images):
+            time.sleep(3600)
+        if self.slow_batches_s:
+            time.sleep(self.slow_batches_s)
+        return [f"{super(Batch, self).ocr(image)} (batch of {len(images)})" for image in images]
+
+    def ocr(self, image: Image.Image) -> str:
+        if image.width == HANG_WIDTH:
+            time.sleep(3600)
+        return f"{super().ocr(image)} (alone)"

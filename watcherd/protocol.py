@@ -92,9 +92,10 @@ class Pages:  # the file is open: how many pages, its hash, and the inode read (
 
 
 @dataclass(frozen=True)
-class PageStart:
+class PageStart:  # the clock restarts: a page, or a batch of `pages` pages from `page` on
     id: int
     page: int
+    pages: int = 1
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,8 @@ class Page:
     lines: list[dict[str, Any]] | None = None  # checked: {text, score, box, words?}, boxes in the original's pixels
     source: str = "ocr"  # or "pdf_text": the PDF page's own text layer, no OCR
     rotated: int | None = None  # degrees the page was turned upright before OCR (auto_rotate)
+    batch_pages: int = 1  # pages OCR'd in the same engine call (ocr_batch); processing_time is a share
+    batch_time: float | None = None  # that call's wall time
 
 
 @dataclass(frozen=True)
@@ -212,7 +215,7 @@ def _typed(op: str, m: dict[str, Any]) -> Message:
             raise ProtocolError("pages: field 'file' is not [st_dev, st_ino]")
         return Pages(m["id"], m["count"], m["sha256"], (file[0], file[1]))
     if op == "page_start":
-        return PageStart(m["id"], m["page"])
+        return PageStart(m["id"], m["page"], max(1, _count(m.get("pages"))))
     if op == "rendering":
         return Rendering(m["id"])
     if op == "page":
@@ -230,6 +233,8 @@ def _typed(op: str, m: dict[str, Any]) -> Message:
             None if m.get("lines") is None else _lines(m["lines"]),
             "pdf_text" if m.get("source") == "pdf_text" else "ocr",
             rotated,
+            max(1, _count(m.get("batch_pages"))),
+            float(m["batch_time"]) if _finite(m.get("batch_time")) else None,
         )
     if op == "deferred":
         return Deferred(m["id"], m["gpu_info"], _str(m.get("sha256")))

@@ -93,6 +93,7 @@ class OcrSettings:
     memory_max_mb: float | None = None  # the child's RLIMIT_DATA; None: no limit
     pdf_text: Literal["use", "ocr"] = "use"  # PDF pages with a text layer: take it, or OCR them anyway
     auto_rotate: bool = True  # turn pages scanned at 90/180/270 degrees upright before OCR
+    batch_pages: int = 1  # pages per engine call, for engines with ocr_batch (GPU models: 8-16)
 
 
 @dataclass(frozen=True)
@@ -247,6 +248,7 @@ def _check_ranges(s: Settings) -> None:
         "ocr.max_side_px": s.ocr.max_side_px,
         "ocr.max_pages": s.ocr.max_pages,
         "ocr.max_file_mb": s.ocr.max_file_mb,
+        "ocr.batch_pages": s.ocr.batch_pages,
         "gpu.clear_cache_every": s.gpu.clear_cache_every,
     }
     not_negative = {

@@ -61,7 +61,7 @@ RECORD_NAME = re.compile(r"[0-9a-f]{40}\.json")
 OUR_TEMP = re.compile(r"\..*\.[0-9a-f]{8}\.tmp")  # safefs' temp names: a record being written at a kill
 QUARANTINE_LOG_LINES = 20  # per start; the rest are counted in one line
 # Which folder each output may go to; anything else in a record is refused.
-ROLE_ROOTS = {
+ROLE_ROOTS: dict[str, tuple[str, ...]] = {
     "json": ("outbox", "failed"),
     "text": ("outbox",),  # md or txt, in records written before output.formats
     **{fmt: ("outbox",) for fmt in ("md", "txt", *RENDERED)},
@@ -96,6 +96,7 @@ class Job:
     identity: tuple[int, int] | None = None  # (st_dev, st_ino) of what was claimed
     opened: tuple[int, int] | None = None  # (st_dev, st_ino) of what the child read
     render: dict[str, Any] = field(default_factory=dict)  # the child's request to write PDF/hOCR/ALTO
+    solo: bool = False  # a batch it was in timed out or crashed: OCR it a page at a time
 
 
 def signature(st: os.stat_result | None) -> tuple[int, int, int] | None:

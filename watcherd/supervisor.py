@@ -253,6 +253,7 @@ class InFlight:
     sha256: str | None = None
     current_page: int = 0
     page_count: int = 0
+    batch: int = 1  # pages in the engine call under way (ocr_batch)
 
 
 @dataclass
@@ -345,6 +346,7 @@ class Worker:
             "max_usage_percent": self.gpu.max_usage_percent,
             "pdf_text": self.ocr.pdf_text,
             "auto_rotate": self.ocr.auto_rotate,
+            "batch_pages": self.ocr.batch_pages,
             "stack_fd": stacks_w,
         }
         env = dict(os.environ)
@@ -485,7 +487,13 @@ class Worker:
         try:
             self.conn_out.send_bytes(
                 json.dumps(
-                    {"op": "ocr", "id": self._request_id, "path": str(job.path), "render": job.render},
+                    {
+                        "op": "ocr",
+                        "id": self._request_id,
+                        "path": str(job.path),
+                        "render": job.render,
+                        "solo": job.solo,
+                    },
                     ensure_ascii=True,
                 ).encode()
             )
@@ -566,7 +574,7 @@ class Worker:
                 flight.page_count = message.count
                 flight.job.opened = message.file
             case protocol.PageStart():
-                flight.current_page = message.page
+                flight.current_page, flight.batch = message.page, message.pages
                 self.deadline = now + self.ocr.timeout_s
             case protocol.Rendering():  # writing the PDF/hOCR/ALTO gets a page's time of its own
                 self.deadline = now + self.ocr.timeout_s
@@ -581,6 +589,8 @@ class Worker:
                 }
                 if message.rotated is not None:
                     page["rotated"] = message.rotated
+                if message.batch_pages > 1:
+                    page["batch_pages"], page["batch_time"] = message.batch_pages, message.batch_time
                 if message.replaced_characters:
                     page["replaced_characters"] = message.replaced_characters
                 if message.lines is not None:
@@ -680,6 +690,8 @@ class Worker:
             log.warning("OCR child %s while idle; starting a new one", why)
             return []
         job = flight.job
+        if flight.batch > 1 and not job.solo:
+            job.solo = True  # which page killed it? Run the file again a page at a time
         if job.attempts < 2:
             log.warning("OCR child %s on %s; retrying the file once with a new child", why, job.rel)
             return [Outcome(job=job, ok=False, retry=True, detail=why)]
@@ -766,6 +778,15 @@ class Worker:
             log.warning("Python stacks of OCR child %s at the timeout: %s", pid, line)
         self._release(f"page timeout on {job.rel}", ask_exit=False)
         self.next_spawn_at = now  # respawn at once; the load is not charged to the next file
+        if flight.batch > 1 and not job.solo:
+            # A batch of pages shares one deadline: it may be the batch, not a page, that was
+            # too slow. Read the file again a page at a time; only a page over time alone fails it.
+            job.solo = True
+            job.attempts -= 1
+            log.warning(
+                "%s: a batch of %d pages ran over time; reading it again a page at a time", job.rel, flight.batch
+            )
+            return [Outcome(job=job, ok=False, retry=True, detail="batch timeout")]
         detail = f"page {page}, {elapsed:g} s; " + (
             f"hung in {where}" if where else "no Python stack (signals blocked, or stuck in native code)"
         )
