@@ -78,3 +78,20 @@ def test_waiting_jobs_hands_over_every_claimed_file_once() -> None:
     backlog.defer(job("d"), 5.0)
     assert [j.rel for j in backlog.waiting_jobs()] == ["a", "d"]
     assert backlog.waiting_jobs() == [] and backlog.empty and backlog.next_retry_at() is None
+
+
+def test_a_part_way_file_takes_every_other_turn() -> None:
+    """ocr.turn_pages: a long file between turns is owed the next turn once another file went,
+    and takes any turn nobody else wants; it is counted as claimed and put back at a stop."""
+    backlog = Backlog(clock=Clock())
+    long = job("long.pdf")
+    backlog.take_turn(long)
+    assert backlog.next_turn() is None  # nobody went since its last turn: not owed yet
+    assert not backlog.empty and backlog.counts()["claimed"] == 1
+    backlog.another_went()
+    assert backlog.next_turn() is long
+    assert backlog.next_turn(anyway=True) is None
+    backlog.take_turn(long)
+    assert backlog.next_turn(anyway=True) is long  # nothing else waiting
+    backlog.take_turn(long)
+    assert backlog.waiting_jobs() == [long] and backlog.empty

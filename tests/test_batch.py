@@ -9,6 +9,7 @@ from typing import Any
 
 from PIL import Image
 
+from tests.conftest import wait_until
 from tests.engines import HANG_WIDTH
 
 
@@ -60,3 +61,24 @@ def test_a_page_that_hangs_alone_fails_its_file_and_the_next_file_is_read(daemon
     assert failed["detail"].startswith("page 2,"), failed["detail"]
     tiff(daemon.inbox / "next.tif", [41, 42])
     assert daemon.wait_json("next.tif")["status"] == "ok"
+
+
+def test_a_scan_dropped_during_a_long_file_waits_for_one_turn_not_the_whole_file(daemon_factory: Any) -> None:
+    """ocr.turn_pages: a long file is read a turn at a time, other files going in between; its
+    result still has every page, in order, as one attempt."""
+    daemon = daemon_factory(
+        ocr={"engine": "tests.engines:Announce", "turn_pages": 4, "options": {"delay_s": 0.1}}
+    ).start()
+    tiff(daemon.inbox / "long.tif", [100 + i for i in range(20)])
+    wait_until(lambda: "announce 101x10" in daemon.log(), 30, "the long file to start")
+    tiff(daemon.inbox / "short.tif", [7])
+    short = daemon.wait_json("short.tif")
+    long = daemon.wait_json("long.tif", timeout=60)
+    assert short["status"] == "ok" and long["status"] == "ok", (short, long)
+    assert [p["page"] for p in long["pages"]] == list(range(1, 21))
+    assert [p["text"] for p in long["pages"]] == [f"echo {100 + i}x10" for i in range(20)]
+    assert long["attempts"] == 1
+    assert long["processing_time"] >= sum(p["processing_time"] for p in long["pages"])
+    order = [line.split()[-1] for line in daemon.log().splitlines() if line.startswith("announce ")]
+    short_at = order.index("7x10")
+    assert short_at < 12, order  # after the turn in progress (pages 1-4 or 5-8), not after page 20

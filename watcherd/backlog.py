@@ -7,6 +7,9 @@ Four kinds of waiting, each with its own order, kept in one place so their invar
   deferred  claimed, waiting for GPU memory until their retry time; others may pass them
   blocked   ready, but a file of the same name is still in progress: back to the front of
             `ready` when any file finishes
+  turns     claimed, part-way through (a long file is read ocr.turn_pages pages at a time): they
+            take every other turn with the files behind them, so a one-page scan dropped during
+            a 300-page PDF waits for one turn, not for the whole PDF
 The clock is injectable, so ordering and deferral are tested without sleeping.
 """
 
@@ -30,6 +33,8 @@ class Backlog:
         self._claimed: collections.deque[Job] = collections.deque()
         self._deferred: list[tuple[float, Job]] = []  # (retry at, job)
         self._blocked: list[tuple[Path, Signature]] = []
+        self._turns: collections.deque[Job] = collections.deque()
+        self._turn_owed = False  # another file went since the last turn: a part-way file goes next
 
     # -- in ----------------------------------------------------------------------------------
 
@@ -48,6 +53,10 @@ class Backlog:
     def put_back(self, job: Job) -> None:
         """A claimed file goes first: a retry, a re-read, a file a child could not take."""
         self._claimed.appendleft(job)
+
+    def take_turn(self, job: Job) -> None:
+        """A file part-way through waits for its next turn behind the others."""
+        self._turns.append(job)
 
     def defer(self, job: Job, delay_s: float) -> None:
         self._deferred.append((self.clock() + delay_s, job))
@@ -77,6 +86,18 @@ class Backlog:
                 return job
         return None
 
+    def next_turn(self, *, anyway: bool = False) -> Job | None:
+        """A part-way file, if it is owed a turn (another file went since its last), or `anyway`
+        (nothing else waits)."""
+        if not self._turns or not (anyway or self._turn_owed):
+            return None
+        self._turn_owed = False
+        return self._turns.popleft()
+
+    def another_went(self) -> None:
+        """A file other than a part-way one was handed out."""
+        self._turn_owed = bool(self._turns)
+
     def next_ready(self) -> tuple[Path, Signature] | None:
         if not self._ready:
             return None
@@ -86,9 +107,10 @@ class Backlog:
 
     def waiting_jobs(self) -> list[Job]:
         """Every claimed file not in a child (to put back into the inbox at a stop), emptied."""
-        jobs = [*self._claimed, *(job for _, job in self._deferred)]
+        jobs = [*self._claimed, *(job for _, job in self._deferred), *self._turns]
         self._claimed.clear()
         self._deferred.clear()
+        self._turns.clear()
         return jobs
 
     # -- looking -----------------------------------------------------------------------------
@@ -99,11 +121,11 @@ class Backlog:
     @property
     def empty(self) -> bool:
         """Nothing ready or claimed (deferred files wait for their time: not work for now)."""
-        return not self._claimed and not self._ready
+        return not self._claimed and not self._ready and not self._turns
 
     def counts(self) -> dict[str, int]:
         return {
             "ready": len(self._ready),
-            "claimed": len(self._claimed),
+            "claimed": len(self._claimed) + len(self._turns),
             "waiting_for_memory": len(self._deferred),
         }

@@ -121,7 +121,7 @@ class Child:
                 return  # the parent closed the pipe: we are done
             op = message["op"]
             if op == "ocr":
-                self.ocr_file(message["id"], message["path"], message.get("render"), solo=bool(message.get("solo")))
+                self.ocr_file(message)
             elif op == "idle":
                 self.clear_cache()
             elif op == "exit":
@@ -159,9 +159,13 @@ class Child:
         after = self.gpu_info()
         self.send("cleared", files_done=self.files_done, before=before, after=after)
 
-    def ocr_file(self, request_id: int, path: str, render: dict[str, Any] | None = None, *, solo: bool = False) -> None:
-        render = render or {}
-        per_call = 1 if solo else self.batch_pages
+    def ocr_file(self, request: dict[str, Any]) -> None:
+        """One `ocr` request: read the file, OCR its pages (from `first_page`, at most `turn_pages`
+        of them when it has more), write what `render` asks for at its last page, and report."""
+        request_id, path = request["id"], request["path"]
+        render = request.get("render") or {}
+        per_call = 1 if request.get("solo") else self.batch_pages
+        first, turn = int(request.get("first_page") or 0), int(request.get("turn_pages") or 0)
         targets: dict[str, str] = render.get("formats") or {}
         sha256 = None
         try:
@@ -183,8 +187,13 @@ class Child:
             before = self.gpu_info()
             rendered: list[Any] = []
             layers: dict[int, Any] = {}
-            index, count = 0, len(document)
+            index, count = first, len(document)
+            if first:  # a later turn: what the earlier ones read, for the PDF/hOCR/ALTO
+                rendered = [_from_report(page, document) for page in request.get("earlier") or []]
             while index < count:
+                if turn and index - first >= max(turn, per_call):  # other files' turn: come back for the rest
+                    self.send("done", id=request_id, next_page=index, gpu_info_before=before, gpu_info_after={})
+                    return
                 layer = self._text_layer(document, index, layers)
                 if layer is not None:  # born-digital (or OCR'd before): no engine, no GPU
                     rendered.append(self._layer_page(request_id, document, index, layer))
@@ -423,6 +432,22 @@ def _to_original(line: Line, rotated: int, seen: tuple[int, int], page: Page) ->
 
     words = tuple(Word(w.text, place(w.box), w.score) for w in line.words if _finite(w.box))
     return Line(line.text, place(line.box), line.score, words)
+
+
+def _from_report(page: dict[str, Any], document: Document) -> tuple[Any, ...]:
+    """A page read in an earlier turn, as the parent kept it, in render.RenderedPage's fields."""
+    width, height = page.get("resized_from") or page["size"]
+    lines = tuple(
+        Line(
+            line["text"],
+            box_from_points(line["box"]),
+            line.get("score"),
+            tuple(Word(w["text"], box_from_points(w["box"]), w.get("score")) for w in line.get("words") or ()),
+        )
+        for line in page.get("lines") or ()
+    )
+    number = page["page"]
+    return (number, width, height, document.page_dpi(number - 1), lines, page["text"], page.get("source", "ocr"))
 
 
 def _finite(box: Any) -> bool:

@@ -113,6 +113,14 @@ class Document:
         width_pt, height_pt = self._pdf[index].get_size()
         return round(width_pt * PDF_DPI / 72), round(height_pt * PDF_DPI / 72)
 
+    def page_dpi(self, index: int) -> float:
+        """The resolution of page `index`'s pixel grid, without decoding it."""
+        if self._pdf is not None:
+            return float(PDF_DPI)
+        assert self._image is not None
+        self._image.seek(index)
+        return image_dpi(self._image.info)
+
     def page(self, index: int) -> Page:
         """Page `index` (0-based), decoded or rendered now."""
         return self._render_pdf(index) if self._pdf is not None else self._decode_frame(index)

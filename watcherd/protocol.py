@@ -137,6 +137,7 @@ class Finished:  # `done` (ok) or `failed` (code, detail)
     gpu_info_after: dict[str, Any]
     rendered: tuple[str, ...] = ()  # formats written to their scratch files (done only)
     render_errors: dict[str, str] = field(default_factory=dict)  # format → why it could not be written
+    next_page: int | None = None  # done with a turn of a long file: where the next turn starts (0-based)
 
 
 Message = Ready | LoadFailed | Cleared | Pages | PageStart | Rendering | Page | Deferred | Finished
@@ -248,6 +249,7 @@ def _typed(op: str, m: dict[str, Any]) -> Message:
         _dict(m.get("gpu_info_after")),
         _rendered(m.get("rendered")),
         {k: v for k, v in _dict(m.get("render_errors")).items() if k in ("pdf", "hocr", "alto") and isinstance(v, str)},
+        _count(m.get("next_page")) or None,
     )
 
 

@@ -227,9 +227,14 @@ class Service:
                 worker.drained()
 
     def _next_job(self) -> Job | None:
-        job = self.backlog.next_claimed()
+        job = self.backlog.next_turn() or self.backlog.next_claimed() or self._claim_next()
         if job is not None:
+            if job.next_page == 0:
+                self.backlog.another_went()
             return job
+        return self.backlog.next_turn(anyway=True)
+
+    def _claim_next(self) -> Job | None:
         for _ in range(MAX_CLAIM_TRIES):  # the rest next time round: vanished files cost a stat each
             ready = self.backlog.next_ready()
             if ready is None:
@@ -289,6 +294,8 @@ class Service:
                 self.last_gpu = outcome.gpu_info_after
             if outcome.retry:
                 self.backlog.put_back(outcome.job)
+            elif outcome.partial:
+                self.backlog.take_turn(outcome.job)
             elif outcome.deferred:
                 self._defer(outcome)
             else:
@@ -386,6 +393,7 @@ class Service:
             job.identity[1],
         )
         job.attempts -= 1  # not the file's fault
+        job.start_over()
         if job.rereads >= MAX_REREADS:
             self._finish_tampered(outcome)
             return True
@@ -406,6 +414,7 @@ class Service:
         job.rereads += 1
         job.signature = now
         job.attempts -= 1  # not the child's fault
+        job.start_over()
         log.warning("%s changed while it was being OCR'd; reading it again", job.rel)
         self.backlog.put_back(job)
         return True

@@ -94,6 +94,7 @@ class OcrSettings:
     pdf_text: Literal["use", "ocr"] = "use"  # PDF pages with a text layer: take it, or OCR them anyway
     auto_rotate: bool = True  # turn pages scanned at 90/180/270 degrees upright before OCR
     batch_pages: int = 1  # pages per engine call, for engines with ocr_batch (GPU models: 8-16)
+    turn_pages: int = 16  # a longer file is read this many pages at a time, other files between; 0: whole
 
 
 @dataclass(frozen=True)
@@ -254,6 +255,7 @@ def _check_ranges(s: Settings) -> None:
     not_negative = {
         "watch.settle_s": s.watch.settle_s,
         "ocr.recycle_after_files": s.ocr.recycle_after_files,
+        "ocr.turn_pages": s.ocr.turn_pages,
         "gpu.min_free_mb": s.gpu.min_free_mb,
         "gpu.wait_for_memory_s": s.gpu.wait_for_memory_s,
     }

@@ -97,6 +97,15 @@ class Job:
     opened: tuple[int, int] | None = None  # (st_dev, st_ino) of what the child read
     render: dict[str, Any] = field(default_factory=dict)  # the child's request to write PDF/hOCR/ALTO
     solo: bool = False  # a batch it was in timed out or crashed: OCR it a page at a time
+    # A long file is read in turns of ocr.turn_pages pages, other files going in between:
+    next_page: int = 0  # 0-based: where its next turn starts
+    pages_done: list[dict[str, Any]] = field(default_factory=list)  # read in earlier turns
+    turn_sha256: str | None = None  # the bytes those turns read
+    elapsed: float = 0.0  # seconds spent in earlier turns
+
+    def start_over(self) -> None:
+        """Forget the pages read so far (the file changed, or what was read was not it)."""
+        self.next_page, self.pages_done, self.turn_sha256, self.elapsed = 0, [], None, 0.0
 
 
 def signature(st: os.stat_result | None) -> tuple[int, int, int] | None:

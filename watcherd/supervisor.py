@@ -178,6 +178,7 @@ class Outcome:
     model: str | None = None
     retry: bool = False  # the child died on it: run it again (once)
     deferred: bool = False  # too little GPU memory: keep it queued and try again later
+    partial: bool = False  # a turn of a long file went well: its next turn waits behind other files
     rendered: tuple[str, ...] = ()  # PDF/hOCR/ALTO the child wrote to their scratch files
     render_errors: dict[str, str] = field(default_factory=dict)  # and those it could not write, why
 
@@ -493,6 +494,10 @@ class Worker:
                         "path": str(job.path),
                         "render": job.render,
                         "solo": job.solo,
+                        "first_page": job.next_page,
+                        "turn_pages": self.ocr.turn_pages,
+                        # What earlier turns read: the PDF/hOCR/ALTO are written at the last turn.
+                        "earlier": job.pages_done if job.render else [],
                     },
                     ensure_ascii=True,
                 ).encode()
@@ -617,14 +622,16 @@ class Worker:
                 job, self.flight = flight.job, None
                 self.state = State.IDLE
                 self.deadline = None
+                if message.ok and (message.next_page or job.turn_sha256 not in (None, flight.sha256)):
+                    return self._turn_done(job, flight, message.next_page, now)
                 outcome = Outcome(
                     job=job,
                     ok=message.ok,
                     code=message.code,
                     detail=message.detail,
                     sha256=message.sha256 or flight.sha256,
-                    pages=flight.pages,
-                    processing_time=round(now - flight.started_at, 3),
+                    pages=job.pages_done + flight.pages,
+                    processing_time=round(job.elapsed + now - flight.started_at, 3),
                     gpu_info_before=message.gpu_info_before,
                     gpu_info_after=message.gpu_info_after,
                     engine=self.engine_name,
@@ -639,6 +646,20 @@ class Worker:
                     self.files_done = 0
                 return outcome
         return None
+
+    def _turn_done(self, job: Job, flight: InFlight, next_page: int | None, now: float) -> Outcome:
+        """A turn of a long file is over (ocr.turn_pages): keep its pages, and queue its next turn.
+        If its bytes are not those the earlier turns read, it changed meanwhile: start over."""
+        if job.turn_sha256 not in (None, flight.sha256):
+            log.warning("%s changed between its turns; reading it again from the first page", job.rel)
+            job.start_over()
+        else:
+            job.pages_done += flight.pages
+            job.next_page = next_page or 0
+            job.turn_sha256 = flight.sha256
+            job.elapsed += now - flight.started_at
+        job.attempts -= 1  # the file's attempts count its failures, not its turns
+        return Outcome(job=job, ok=False, partial=True, engine=self.engine_name, model=self.model)
 
     def _load_failed(self, detail: str, *, config_error: bool) -> None:
         if self.proc is not None:
