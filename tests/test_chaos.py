@@ -383,3 +383,49 @@ def test_sparse_giant_and_deep_folder_bound_for_another_filesystem(daemon_factor
         0,
         "sparse copy off the loop; folder kept in rejected/",
     )
+
+
+def test_daemon_kill_9_between_outputs_leaves_every_output_exactly_once(daemon_factory, request) -> None:
+    """With every format on (JSON, md, txt and the PDF/hOCR/ALTO the child writes to the state
+    folder), kill -9 at random moments, publication included: after the restart each file has
+    each output exactly once, and no scratch file is left behind."""
+    seed = int(os.environ.get("CHAOS_SEED", time.time()))
+    rng = random.Random(seed)
+    formats = ["json", "md", "txt", "pdf", "hocr", "alto"]
+    daemon = daemon_factory(
+        ocr={"engine": "tests.engines:Lines"}, watch={"settle_s": 0.05}, output={"formats": formats}
+    )
+    names: list[str] = []
+    iterations = max(5, ITERATIONS // 5)
+    for i in range(iterations):
+        for j in range(6):
+            name = f"f{i:03}_{j:02}.png"
+            make_image(daemon.inbox / name, 30 + j, 20)
+            names.append(name)
+        daemon.start(wait_ready=True)
+        time.sleep(rng.uniform(0, 0.6))  # the random moment of the kill is the point of this test
+        child_pids = daemon.child_pids()
+        daemon.stop(signal.SIGKILL)
+        wait_until(lambda: all(gone_or_zombie(p) for p in child_pids), 10, "children to die with the daemon")
+    daemon.start()
+    wait_all(daemon, names, timeout=120)
+    wait_until(lambda: not list((daemon.inbox / ".watcherd" / "pending").iterdir()), 30, "publications to end")
+    lost, duplicated = audit(daemon, names)
+    for name in names:
+        stem, _, ext = name.rpartition(".")
+        for fmt in formats[1:]:
+            found = list(daemon.outbox.glob(f"{name}.{fmt}")) + list(daemon.outbox.glob(f"{stem}_*.{ext}.{fmt}"))
+            lost += not found
+            duplicated += max(0, len(found) - 1)
+    leftovers = list(daemon.state.glob("*.render/*"))
+    record(
+        request,
+        f"daemon kill -9 with every output format on (seed {seed})",
+        iterations,
+        len(names),
+        lost,
+        duplicated,
+        f"each of {len(formats)} outputs exactly once; {len(leftovers)} scratch files left",
+    )
+    assert (lost, duplicated) == (0, 0), f"seed {seed}"
+    assert leftovers == [], leftovers

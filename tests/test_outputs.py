@@ -36,3 +36,110 @@ def test_lines_are_published_in_the_original_pages_pixels(daemon_factory: Any, t
     assert Path(result["text_path"]).read_text() == "echo 200x150"
     assert Path(result["txt_path"]).read_text() == "echo 200x150"
     assert result["text_path"].endswith("wide.png.md") and result["txt_path"].endswith("wide.png.txt")
+
+
+# -- with the real embedded engine, the real renderers and the shared samples -------------------
+
+ALL_FORMATS = ["json", "md", "txt", "pdf", "hocr", "alto"]
+
+
+def cer(got: str, want: str) -> float:
+    """Character error rate over non-space characters (layout spaces are not the text)."""
+    a, b = "".join(got.split()), "".join(want.split())
+    previous = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        current = [i]
+        for j, cb in enumerate(b, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb)))
+        previous = current
+    return previous[-1] / max(1, len(b))
+
+
+def pdf_text(path: Path) -> list[str]:
+    import pypdfium2 as pdfium
+
+    document = pdfium.PdfDocument(str(path))
+    try:
+        return [page.get_textpage().get_text_range() for page in document]
+    finally:
+        document.close()
+
+
+def test_every_format_from_the_samples_with_the_embedded_engine(
+    daemon_factory: Any, samples: Path, tmp_path: Path
+) -> None:
+    """The searchable PDF, hOCR and ALTO come out beside the JSON for each sample, the PDF's text
+    layer reads back as the truth (Chinese included), and the JSON names every file."""
+    import json
+    import shutil
+
+    truth = json.loads((samples / "truth.json").read_text())
+    daemon = daemon_factory(ocr={"engine": "rapidocr"}, output={"formats": ALL_FORMATS}).start()
+    for name in truth:
+        shutil.copy(samples / name, daemon.inbox / name)
+    for name, pages in truth.items():
+        result = daemon.wait_json(name, timeout=120)
+        assert result["status"] == "ok", result
+        assert "output_errors" not in result, result["output_errors"]
+        for fmt in ("pdf", "hocr", "alto"):
+            assert Path(result[f"{fmt}_path"]).is_file(), (fmt, result)
+            assert result[f"{fmt}_path"] == str(daemon.outbox / f"{name}.{fmt}")
+        assert all(page["lines"] for page in result["pages"])
+        extracted = pdf_text(Path(result["pdf_path"]))
+        assert len(extracted) == len(pages)
+        for got, want in zip(extracted, pages, strict=True):
+            assert cer(got, want) <= 0.02, (name, got, want)
+        mode = Path(result["pdf_path"]).stat().st_mode & 0o777
+        assert mode == 0o640, oct(mode)
+    state_render = list((daemon.state).glob("*.render/*"))
+    assert state_render == [], state_render  # every scratch file was published (moved), none left
+
+
+def test_a_born_digital_pdf_is_finished_without_the_engine(daemon_factory: Any, tmp_path: Path) -> None:
+    """ocr.pdf_text: use (the default): a PDF whose pages carry text never reaches the engine
+    (this one fails when called), and its text comes from the PDF itself."""
+    from fpdf import FPDF
+
+    pdf = FPDF()
+    for text in ("Invoice 2026-0042", "Total due: 900 TWD"):
+        pdf.add_page()
+        pdf.set_font("helvetica", size=16)
+        pdf.cell(text=text)
+    daemon = daemon_factory(ocr={"engine": "tests.engines:Refuse"}, output={"formats": ALL_FORMATS}).start()
+    pdf.output(str(tmp_path / "digital.pdf"))
+    (tmp_path / "digital.pdf").rename(daemon.inbox / "digital.pdf")
+    result = daemon.wait_json("digital.pdf")
+    assert result["status"] == "ok", result
+    assert [p["source"] for p in result["pages"]] == ["pdf_text", "pdf_text"]
+    assert [p["text"].strip() for p in result["pages"]] == ["Invoice 2026-0042", "Total due: 900 TWD"]
+    assert all(p["lines"] for p in result["pages"])
+    assert [t.strip() for t in pdf_text(Path(result["pdf_path"]))] == ["Invoice 2026-0042", "Total due: 900 TWD"]
+
+
+def test_pages_scanned_sideways_come_out_right(daemon_factory: Any, samples: Path) -> None:
+    """Each sample turned 90, 180 and 270 degrees, with no EXIF tag: read like the upright one,
+    with `rotated` recorded and the boxes in the pixels of the file as dropped."""
+    import json
+
+    from PIL import Image
+
+    truth = json.loads((samples / "truth.json").read_text())
+    daemon = daemon_factory(ocr={"engine": "rapidocr"}).start()
+    expected = {}
+    for name in ("receipt_zh.jpg", "memo_en.png"):
+        image = Image.open(samples / name).convert("RGB")
+        for angle in (90, 180, 270):
+            turned = f"{angle}_{name.rsplit('.', 1)[0]}.png"
+            # PIL rotates counter-clockwise: a page turned `angle` clockwise is rotate(-angle).
+            image.rotate(-angle, expand=True).save(daemon.inbox / turned)
+            expected[turned] = (angle, truth[name][0], image.size if angle == 180 else image.size[::-1])
+    for turned, (angle, want, size) in expected.items():
+        result = daemon.wait_json(turned, timeout=120)
+        assert result["status"] == "ok", result
+        (page,) = result["pages"]
+        assert page["rotated"] == angle, (turned, page["rotated"])
+        assert cer(page["text"], want) <= 0.02, (turned, page["text"], want)
+        width, height = size
+        for line in page["lines"]:
+            for x, y in line["box"]:
+                assert -2 <= x <= width + 2 and -2 <= y <= height + 2, (turned, line)
