@@ -112,7 +112,7 @@ RENDERED: tuple[Format, ...] = ("pdf", "hocr", "alto")  # built in the child fro
 @dataclass(frozen=True)
 class OutputSettings:
     on_success: Literal["archive", "delete"] = "archive"
-    formats: tuple[Format, ...] | None = None  # what a result is written as; default json + md
+    formats: tuple[Format, ...] = ("json", "md")  # what a result is written as
     text_file: Literal["md", "txt", "none"] | None = None  # before `formats`: json + this
     pdfa: bool = False  # the searchable PDF as PDF/A-2b
     locale: Literal["zh-TW", "en"] = "zh-TW"
@@ -124,11 +124,11 @@ class OutputSettings:
 
     @property
     def written(self) -> tuple[Format, ...]:
-        """The formats written for a result: `formats`, else json and `text_file` (md by default)."""
-        if self.formats is not None:
+        """The formats written for a result: json and `text_file` when that older key is given,
+        else `formats`."""
+        if self.text_file is None:
             return self.formats
-        text = self.text_file or "md"
-        return ("json",) if text == "none" else ("json", text)
+        return ("json",) if self.text_file == "none" else ("json", self.text_file)
 
     @property
     def rendered(self) -> tuple[Format, ...]:
@@ -272,17 +272,16 @@ def _check_ranges(s: Settings) -> None:
     if not s.watch.include:
         raise ConfigError("must list at least one pattern", key="watch.include", source=s.source)
     formats = s.output.formats
-    if formats is not None:
-        if s.output.text_file is not None:
-            raise ConfigError(
-                "is replaced by output.formats; give one of them (formats: [json, md] is text_file: md)",
-                key="output.text_file",
-                source=s.source,
-            )
-        if "json" not in formats:
-            raise ConfigError("must include json (the result document)", key="output.formats", source=s.source)
-        if len(set(formats)) != len(formats):
-            raise ConfigError("lists a format twice", key="output.formats", source=s.source)
+    if s.output.text_file is not None and formats != OutputSettings.formats:
+        raise ConfigError(
+            "is replaced by output.formats; give one of them (text_file: txt is formats: [json, txt])",
+            key="output.text_file",
+            source=s.source,
+        )
+    if "json" not in formats:
+        raise ConfigError("must include json (the result document)", key="output.formats", source=s.source)
+    if len(set(formats)) != len(formats):
+        raise ConfigError("lists a format twice", key="output.formats", source=s.source)
     if s.output.pdfa and "pdf" not in s.output.written:
         raise ConfigError("needs pdf in output.formats", key="output.pdfa", source=s.source)
     if s.ocr.devices is not None and (not s.ocr.devices or len(set(s.ocr.devices)) != len(s.ocr.devices)):
