@@ -109,13 +109,31 @@ def test_transformers_engine_defaults_and_guard(deepseek_ocr2: Path) -> None:
     engine.close()
 
 
+def test_a_batch_reads_each_page_as_it_is_read_alone(deepseek_ocr2: Path) -> None:
+    """ocr_batch: pages of different sizes (different numbers of image tokens, so the prompts are
+    padded) in one generate() give exactly the texts of one page at a time (greedy decoding)."""
+    from PIL import Image
+
+    from watcherd.engines.transformers import TransformersEngine
+
+    engine = TransformersEngine(model=str(deepseek_ocr2), max_new_tokens=24)
+    pages = [
+        Image.new("RGB", (64, 48), "white"),
+        Image.new("RGB", (300, 120), "white"),
+        Image.effect_noise((80, 80), 60).convert("RGB"),
+    ]
+    alone = [engine.ocr(page) for page in pages]
+    assert engine.ocr_batch(pages) == alone
+    assert len(set(alone)) > 1  # the pages do read differently: the comparison means something
+
+
 def test_a_prompt_without_the_image_placeholder_still_gets_the_page(deepseek_ocr2: Path) -> None:
     from PIL import Image
 
     from watcherd.engines.transformers import TransformersEngine
 
     engine = TransformersEngine(model=str(deepseek_ocr2), prompt="Free OCR.", max_new_tokens=4)
-    inputs = engine._inputs(Image.new("RGB", (64, 48), "white"))
+    inputs = engine._inputs([Image.new("RGB", (64, 48), "white")])
     image_token = engine.processor.tokenizer.convert_tokens_to_ids("<image>")
     assert (inputs["input_ids"] == image_token).sum() > 0
     assert isinstance(engine.ocr(Image.new("RGB", (64, 48), "white")), str)

@@ -92,17 +92,28 @@ class RepetitionGuard:
     importing it needs no transformers: `generate()` only calls its criteria.
     """
 
-    def __init__(self, window: int = DEFAULT_REPEAT_WINDOW, max_distinct: float = DEFAULT_REPEAT_MAX_DISTINCT):
+    def __init__(
+        self,
+        window: int = DEFAULT_REPEAT_WINDOW,
+        max_distinct: float = DEFAULT_REPEAT_MAX_DISTINCT,
+        *,
+        pad_token_id: int | None = None,
+    ):
         if window < 2 * NGRAM:
             raise ValueError(f"repeat_window must be 0 (off) or at least {2 * NGRAM}, not {window}")
         self.window = window
         self.max_distinct = max(1, int(window * max_distinct))
         self.start: int | None = None
-        self.fired_at: int | None = None  # generated tokens when it fired
+        self.fired_rows: dict[int, int] = {}  # batch row → generated tokens when it fired there
+        self.pad = pad_token_id  # in a batch, a row that has ended is padded: not a loop
 
     @property
     def fired(self) -> bool:
-        return self.fired_at is not None
+        return bool(self.fired_rows)
+
+    @property
+    def fired_at(self) -> int | None:
+        return min(self.fired_rows.values(), default=None)
 
     def looping(self, generated: Sequence[int]) -> bool:
         if len(generated) < self.window:
@@ -120,9 +131,9 @@ class RepetitionGuard:
         # One small copy to the host per step; generate() already syncs every step for its own
         # end-of-sequence check, so this adds no stall on a GPU.
         for row, tail in enumerate(input_ids[:, -self.window :].tolist()):
-            if self.looping(tail):
+            if (self.pad is None or tail[-1] != self.pad) and self.looping(tail):
                 done[row] = True
-                self.fired_at = input_ids.shape[1] - self.start
+                self.fired_rows.setdefault(row, input_ids.shape[1] - self.start)
         return done
 
     def trim(self, generated: Sequence[int]) -> list[int]:

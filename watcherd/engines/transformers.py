@@ -141,10 +141,21 @@ class TransformersEngine:
         return getattr(self.processor, "tokenizer", self.processor)
 
     def ocr(self, image: Image.Image) -> str:
+        return self.ocr_batch([image])[0]
+
+    def ocr_batch(self, images: list[Image.Image]) -> list[str]:
+        """Several pages in one `generate()` (prompts padded on the left), which is how a GPU is
+        kept busy (`ocr.batch_pages`); greedy decoding gives each page the text it gets alone."""
         torch = self._torch
+        tokenizer = self._tokenizer
+        if len(images) > 1:
+            tokenizer.padding_side = "left"  # decoder-only models continue from the prompt's end
         # BatchFeature.to casts only floating tensors (pixel values, local tiles), not token ids.
-        inputs = self._inputs(image.convert("RGB")).to(self.device, dtype=self.dtype)
-        guard = RepetitionGuard(self.repeat_window, self.repeat_max_distinct) if self.repeat_window else None
+        inputs = self._inputs([image.convert("RGB") for image in images]).to(self.device, dtype=self.dtype)
+        pad = getattr(tokenizer, "pad_token_id", None) if len(images) > 1 else None
+        guard = None
+        if self.repeat_window:
+            guard = RepetitionGuard(self.repeat_window, self.repeat_max_distinct, pad_token_id=pad)
         with torch.inference_mode():
             output = self.net.generate(
                 **inputs,
@@ -152,30 +163,36 @@ class TransformersEngine:
                 max_new_tokens=self.max_new_tokens,
                 stopping_criteria=self._criteria([guard] if guard else []),
             )
-        if self.net.config.is_encoder_decoder:
-            new_tokens = output[0].tolist()
-        else:
-            new_tokens = output[0, inputs["input_ids"].shape[1] :].tolist()
-        if guard is not None and guard.fired:
-            new_tokens = guard.trim(new_tokens)
-            note(f"repetition guard stopped a page after {guard.fired_at} tokens ({self.model})")
-        elif len(new_tokens) >= self.max_new_tokens:
-            note(f"a page reached max_new_tokens ({self.max_new_tokens}); its text may be cut ({self.model})")
-        return self._decode(new_tokens)
+        start = 0 if self.net.config.is_encoder_decoder else inputs["input_ids"].shape[1]
+        texts = []
+        for row in range(len(images)):
+            new_tokens = output[row, start:].tolist()
+            while new_tokens and pad is not None and new_tokens[-1] == pad:
+                new_tokens.pop()  # a row that ended before the others is padded to their length
+            if guard is not None and row in guard.fired_rows:
+                new_tokens = guard.trim(new_tokens)
+                note(f"repetition guard stopped a page after {guard.fired_rows[row]} tokens ({self.model})")
+            elif len(new_tokens) >= self.max_new_tokens:
+                note(f"a page reached max_new_tokens ({self.max_new_tokens}); its text may be cut ({self.model})")
+            texts.append(self._decode(new_tokens))
+        return texts
 
-    def _inputs(self, image: Image.Image) -> Any:
+    def _inputs(self, images: list[Image.Image]) -> Any:
         kwargs = {"return_tensors": "pt", **self.processor_kwargs}
+        if len(images) > 1:
+            kwargs["padding"] = True
+        one = images[0] if len(images) == 1 else images
         if self.prompt is None:
-            return self.processor(images=image, **kwargs)
+            return self.processor(images=one, **kwargs)
         if self.family.chat and getattr(self.processor, "chat_template", None):
             messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self.prompt}]}]
             text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            return self.processor(images=image, text=text, **kwargs)
-        text = self.prompt
-        image_token = getattr(self.processor, "image_token", None)
-        if image_token and image_token not in text:
-            text = f"{image_token}\n{text}"  # a prompt given without the placeholder still sees the page
-        return self.processor(images=image, text=text, **kwargs)
+        else:
+            text = self.prompt
+            image_token = getattr(self.processor, "image_token", None)
+            if image_token and image_token not in text:
+                text = f"{image_token}\n{text}"  # a prompt given without the placeholder still sees the page
+        return self.processor(images=one, text=text if len(images) == 1 else [text] * len(images), **kwargs)
 
     def _decode(self, tokens: list[int]) -> str:
         tokenizer = self._tokenizer
