@@ -220,3 +220,65 @@ def test_a_real_prometheus_scrapes_the_endpoint(daemon_factory, tmp_path: Path) 
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=30)
+
+
+PROMTOOL = shutil.which("promtool")
+RULE_TESTS = """
+rule_files: [rules.yml]
+evaluation_interval: 1m
+tests:
+  - interval: 1m
+    input_series:
+      - series: 'watcherd_oldest_unfinished_age_seconds{instance="stuck"}'
+        values: '0 0 60+60x60'
+      - series: 'watcherd_oldest_unfinished_age_seconds{instance="moving"}'
+        values: '0 30 0 45 0 10 0 0x60'
+      - series: 'watcherd_files_total{instance="bad",status="ok",error_code=""}'
+        values: '0+8x120'
+      - series: 'watcherd_files_total{instance="bad",status="failed",error_code="timeout"}'
+        values: '0+2x120'
+      - series: 'watcherd_files_total{instance="quiet",status="ok",error_code=""}'
+        values: '0x120'
+      - series: 'watcherd_files_total{instance="quiet",status="failed",error_code="timeout"}'
+        values: '0 1x119'
+      - series: 'node_textfile_mtime_seconds{instance="n",file="/var/lib/prometheus/node-exporter/watcherd.prom"}'
+        values: '0+60x10 600x30'
+    alert_rule_test:
+      - {eval_time: 20m, alertname: WatcherdFolderNotMoving, exp_alerts: []}
+      - eval_time: 40m
+        alertname: WatcherdFolderNotMoving
+        exp_alerts:
+          - exp_labels: {severity: page, instance: stuck}
+            exp_annotations: {summary: "watcherd on stuck: a file has waited 39m 0s"}
+      - eval_time: 90m
+        alertname: WatcherdFailureRatio
+        exp_alerts:
+          - exp_labels: {severity: ticket, instance: bad}
+            exp_annotations: {summary: "watcherd on bad: 20% of files failed in the last hour"}
+      - eval_time: 9m
+        alertname: WatcherdTextfileStale
+        exp_alerts: []
+      - eval_time: 25m
+        alertname: WatcherdTextfileStale
+        exp_alerts:
+          - exp_labels: {severity: page, instance: n, file: /var/lib/prometheus/node-exporter/watcherd.prom}
+"""
+
+
+def readme_alert_rules() -> str:
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = text.split("<!-- alert-rules -->\n```yaml\n", 1)[1]
+    return block.split("\n```", 1)[0] + "\n"
+
+
+@pytest.mark.skipif(PROMTOOL is None, reason="the promtool binary is not installed (apt-get install prometheus)")
+def test_the_readme_alert_rules_fire_as_documented(tmp_path: Path) -> None:
+    """The README's rules are valid, page for a stuck folder and a high failure ratio, and stay quiet
+    for a folder that moves and for one failure on a quiet night."""
+    assert PROMTOOL is not None
+    (tmp_path / "rules.yml").write_text(readme_alert_rules())
+    (tmp_path / "tests.yml").write_text(RULE_TESTS)
+    check = subprocess.run([PROMTOOL, "check", "rules", "rules.yml"], cwd=tmp_path, capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    test = subprocess.run([PROMTOOL, "test", "rules", "tests.yml"], cwd=tmp_path, capture_output=True, text=True)
+    assert test.returncode == 0, test.stdout + test.stderr
