@@ -74,12 +74,15 @@ def test_counters_equal_the_json_written(daemon_factory, tmp_path: Path) -> None
     assert len(ok_json) == 4 and len(failed_json) == 2
     pages = 3 + 2
 
-    for read in (lambda: scrape(port), lambda: textfile(prom)):
-        found = wait_until(
-            lambda: (f := read()) and value(f, "watcherd_files_total", status="ok", error_code="") == 4 and f,
-            30,
-            "the counters",
+    def settled(found: dict[Any, float]) -> bool:  # the state gauges follow about once a second
+        return (
+            value(found, "watcherd_files_total", status="ok", error_code="") == 4
+            and value(found, "watcherd_oldest_unfinished_age_seconds") == 0
+            and value(found, "watcherd_queue_files", state="in_flight") == 0
         )
+
+    for read in (lambda: scrape(port), lambda: textfile(prom)):
+        found = wait_until(lambda: (f := read()) and settled(f) and f, 30, "the counters")
         assert value(found, "watcherd_files_total", status="failed", error_code="engine_error") == 2
         assert value(found, "watcherd_files_total", status="failed", error_code="timeout") == 0
         assert value(found, "watcherd_pages_total") == pages
@@ -88,8 +91,6 @@ def test_counters_equal_the_json_written(daemon_factory, tmp_path: Path) -> None
         assert value(found, "watcherd_up") == 1
         assert value(found, "watcherd_ready") == 1
         assert value(found, "watcherd_last_success_timestamp_seconds") > 0
-        assert value(found, "watcherd_queue_files", state="in_flight") == 0
-        assert value(found, "watcherd_oldest_unfinished_age_seconds") == 0
 
     # The key figures are in the status file too, and `watcherd status` shows them.
     wait_until(
@@ -135,6 +136,37 @@ def test_a_page_timeout_counts_as_a_child_exit_by_timeout(daemon_factory, tmp_pa
     )
     assert value(found, "watcherd_child_exits_total", reason="timeout") == 1
     assert value(found, "watcherd_files_total", status="failed", error_code="timeout") == 1
+
+
+def test_gpu_memory_and_files_waiting_for_it(daemon_factory, tmp_path: Path) -> None:
+    memory = tmp_path / "free_mb"
+    memory.write_text("200")  # below gpu.min_free_mb (500): the file waits
+    port = free_port()
+    d = daemon_factory(
+        ocr={"engine": "tests.engines:ScriptedMemory", "options": {"memory_file": str(memory)}},
+        metrics={"listen": f"127.0.0.1:{port}"},
+    ).start()
+    make_image(d.inbox / "big.png")
+    found = wait_until(
+        lambda: (f := scrape(port)) and value(f, "watcherd_queue_files", state="waiting_for_memory") == 1 and f,
+        30,
+        "the file to wait for memory",
+    )
+    assert value(found, "watcherd_gpu_free_bytes", device="default") == 200 * 1024 * 1024
+    assert value(found, "watcherd_gpu_total_bytes", device="default") == 16000 * 1024 * 1024
+    assert value(found, "watcherd_oldest_unfinished_age_seconds") > 0
+    memory.write_text("8000")
+    assert d.wait_json("big.png", d.outbox)["status"] == "ok"
+    # The state gauges follow the loop's snapshot (about once a second), the counters at once.
+    found = wait_until(
+        lambda: (
+            (f := scrape(port)) and value(f, "watcherd_gpu_free_bytes", device="default") == 8000 * 1024 * 1024 and f
+        ),
+        30,
+        "the figures after the file",
+    )
+    assert value(found, "watcherd_files_total", status="ok", error_code="") == 1
+    assert value(found, "watcherd_queue_files", state="waiting_for_memory") == 0
 
 
 @pytest.mark.parametrize(
