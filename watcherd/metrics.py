@@ -229,11 +229,11 @@ class Metrics:
                 ) from None
             log.info("Metrics on http://%s/metrics", self.settings.listen)
         if self.settings.textfile is not None:
-            self.write_textfile()
             self._thread = threading.Thread(target=self._write_loop, name="watcherd-metrics", daemon=True)
             self._thread.start()
 
     def _write_loop(self) -> None:
+        self.write_textfile()
         while not self._stop.wait(self.settings.interval_s):
             self.write_textfile()
 

@@ -178,7 +178,7 @@ class Retention:
         with os.scandir(fd) as entries:
             names = [entry.name for entry in entries]
         for name in names:
-            if name.startswith("."):
+            if name.startswith(".") or self._stop.is_set():
                 continue
             st = safefs.lstat_at(fd, name)
             if st is None:
