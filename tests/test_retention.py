@@ -5,6 +5,7 @@ os.utime), without following links, leaving the work area and hidden names alone
 from __future__ import annotations
 
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -112,6 +113,17 @@ def test_ctime_default_keeps_an_old_scan_that_was_just_archived(daemon_factory, 
     wait_until(lambda: sweeps_done(d.log()) >= done + 2, 30, "two more sweeps")
     assert (d.archive / "old-scan.png").exists()
     assert os.stat(d.archive / "old-scan.png").st_mtime < time.time() - 1000 * DAY
+
+
+def test_sighup_turns_retention_on_at_once(daemon_factory) -> None:
+    d = daemon_factory(logging={"level": "debug"})
+    old = aged(d.archive / "old.png", 30)
+    d.start()
+    d.configure(retention={"archive_days": 7, "age_from": "mtime"}, logging={"level": "debug"})
+    assert d.proc is not None
+    d.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: not old.exists(), 30, "the sweep with the new settings")
+    assert "Retention: removed archive/old.png (30.0 days old)" in d.log()
 
 
 @pytest.mark.parametrize(
