@@ -138,6 +138,20 @@ def test_a_page_timeout_counts_as_a_child_exit_by_timeout(daemon_factory, tmp_pa
     assert value(found, "watcherd_files_total", status="failed", error_code="timeout") == 1
 
 
+def test_a_recycled_child_counts_as_an_exit_by_recycling(daemon_factory) -> None:
+    port = free_port()
+    d = daemon_factory(ocr={"recycle_after_files": 2}, metrics={"listen": f"127.0.0.1:{port}"}).start()
+    for i in range(2):
+        make_image(d.inbox / f"r{i}.png")
+    wait_until(lambda: len(d.results()) == 2, 30, "two results")
+    found = wait_until(
+        lambda: (f := scrape(port)) and value(f, "watcherd_child_exits_total", reason="recycled") == 1 and f,
+        30,
+        "the recycled child",
+    )
+    assert value(found, "watcherd_child_starts_total") == 2
+
+
 def test_gpu_memory_and_files_waiting_for_it(daemon_factory, tmp_path: Path) -> None:
     memory = tmp_path / "free_mb"
     memory.write_text("200")  # below gpu.min_free_mb (500): the file waits
