@@ -129,6 +129,12 @@ def format_status(status: dict[str, Any]) -> str:
             f"  child pid {e(child.get('pid'))} on {device}: {e(child.get('state'))}, "
             f"{e(child.get('files_done'))} files"
         )
+    figures = status.get("metrics")
+    if isinstance(figures, dict):
+        lines.append(
+            f"  oldest file not yet finished: {e(figures.get('oldest_unfinished_age_s'))} s; "
+            f"{e(figures.get('pages'))} pages read; last success {e(figures.get('last_success_at') or 'none yet')}"
+        )
     error = status.get("last_error")
     if isinstance(error, dict):
         lines.append(

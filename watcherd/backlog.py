@@ -35,6 +35,7 @@ class Backlog:
         self._blocked: list[tuple[Path, Signature]] = []
         self._turns: collections.deque[Job] = collections.deque()
         self._turn_owed = False  # another file went since the last turn: a part-way file goes next
+        self._since: dict[Path, float] = {}  # ready or blocked path → when it was first queued (clock)
 
     # -- in ----------------------------------------------------------------------------------
 
@@ -45,6 +46,7 @@ class Backlog:
         if path not in self._queued:
             self._ready.append((path, signature))
             self._queued.add(path)
+            self._since.setdefault(path, self.clock())
 
     def add_claimed(self, jobs: Iterable[Job]) -> None:
         """Claimed files in their own order (recovery after a crash)."""
@@ -63,6 +65,7 @@ class Backlog:
 
     def block(self, path: Path, signature: Signature) -> None:
         self._blocked.append((path, signature))
+        self._since.setdefault(path, self.clock())
 
     def unblock(self) -> None:
         """A file finished: those waiting for a name to be free may try again, first."""
@@ -103,6 +106,7 @@ class Backlog:
             return None
         path, signature = self._ready.popleft()
         self._queued.discard(path)
+        self._since.pop(path, None)  # claimed now (the job's received_at takes over), or queued anew
         return path, signature
 
     def waiting_jobs(self) -> list[Job]:
@@ -114,6 +118,14 @@ class Backlog:
         return jobs
 
     # -- looking -----------------------------------------------------------------------------
+
+    def oldest_ready_since(self) -> float | None:
+        """When (clock) the longest-waiting ready or blocked file was queued; O(n), for metrics."""
+        return min(self._since.values(), default=None)
+
+    def claimed_jobs(self) -> list[Job]:
+        """The claimed files waiting for a child (deferred ones too), for a look; nothing moves."""
+        return [*self._claimed, *(job for _, job in self._deferred), *self._turns]
 
     def next_retry_at(self) -> float | None:
         return min((t for t, _ in self._deferred), default=None)

@@ -153,6 +153,11 @@ class StabilityTracker:
     def forget(self, path: Path) -> None:
         self._files.pop(path, None)
 
+    def oldest_since(self) -> float | None:
+        """When (clock) the longest-tracked file still being written was last seen changing; O(n),
+        for metrics (a file that keeps growing is young by this measure: it is still arriving)."""
+        return min((t.quiet_since for t in self._files.values()), default=None)
+
     def _arm(self, path: Path, tracked: _Tracked) -> None:
         self._seq += 1
         heapq.heappush(self._heap, (tracked.due, self._seq, path))

@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import time
+from datetime import datetime
 from multiprocessing.connection import wait
 from typing import Any
 
@@ -23,8 +24,10 @@ from . import settings as settings_mod
 from . import spool as spool_mod
 from .backlog import Backlog
 from .intake import Intake
+from .metrics import Metrics, Snapshot
 from .publisher import Publisher
 from .readiness import TICK_BUDGET_S, StabilityTracker, signature_of
+from .retention import Retention
 from .sdnotify import Notifier
 from .settings import ConfigError, Settings
 from .spool import Job, Spool
@@ -47,6 +50,9 @@ class Service:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.intake = Intake(settings.paths.inbox, settings.watch, wake=self._wake)
         self.tracker = StabilityTracker(settings.watch.settle_s, root=settings.paths.inbox)
+        self.metrics = Metrics(settings.metrics, source=settings.source)
+        self.retention = Retention(settings)
+        self.gpu_by_device: dict[str, dict[str, Any]] = {}  # the last GPU figures each child reported
         self.workers = self._make_workers(settings)
         self.retiring: list[Worker] = []  # replaced workers (reload): busy ones finish their file, all are reaped
         self.probe: tuple[EngineProbe, Settings] | None = None  # a reload waiting for its new engine to import
@@ -65,10 +71,10 @@ class Service:
         self.started: int | None = None
         self._status_written = 0.0
 
-    @staticmethod
-    def _make_workers(settings: Settings) -> list[Worker]:
+    def _make_workers(self, settings: Settings) -> list[Worker]:
         devices = settings.ocr.devices or (None,)
-        return [Worker(ocr=settings.ocr, gpu=settings.gpu, device=d, on_event=logs.event) for d in devices]
+        on_event = self.metrics.counting(logs.event)
+        return [Worker(ocr=settings.ocr, gpu=settings.gpu, device=d, on_event=on_event) for d in devices]
 
     # -- callbacks: enqueue and wake, nothing else ----------------------------------------
 
@@ -88,6 +94,7 @@ class Service:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, self._on_signal)
         self.spool.lock()
+        self.metrics.start()  # a listener that cannot bind stops us here, before anything is claimed
         self.spool.prepare()
         recovered = self.spool.recover()
         self.backlog.add_claimed(recovered)
@@ -95,6 +102,7 @@ class Service:
         if recovered:
             log.info("Recovered %d file(s) claimed before a crash", len(recovered))
         self.intake.start()
+        self.retention.start()
         log.info(
             "Watching %s (%s); results to %s", self.settings.paths.inbox, self.intake.mode, self.settings.paths.outbox
         )
@@ -110,11 +118,13 @@ class Service:
         finally:
             self.publisher.shutdown()
             self.intake.stop()
+            self.retention.stop()
             if self.probe is not None:
                 self.probe[0].cancel()
             for worker in self.workers + self.retiring:
                 worker.stop(wait_s=5.0)
             self._write_status(state="stopped")
+            self.metrics.stop()
         log.info("Stopped: %d ok, %d failed", self.counts["ok"], self.counts["failed"])
         return 0
 
@@ -126,7 +136,7 @@ class Service:
             self._wait()
             finished: list[Outcome] = []
             for worker in self.workers + self.retiring:
-                finished += self._settle(worker.pump() + worker.tick())
+                finished += self._settle(worker.pump() + worker.tick(), device=worker.device)
             # Hand out the next files before publishing these: the children OCR while the
             # parent fsyncs, instead of waiting for it.
             self._dispatch()
@@ -286,12 +296,13 @@ class Service:
 
     # -- outcomes ----------------------------------------------------------------------------
 
-    def _settle(self, outcomes: list[Outcome]) -> list[Outcome]:
+    def _settle(self, outcomes: list[Outcome], device: int | None = None) -> list[Outcome]:
         """Requeue retries and deferrals at once; return the outcomes that need publishing."""
         finished = []
         for outcome in outcomes:
             if outcome.gpu_info_after.get("available"):
                 self.last_gpu = outcome.gpu_info_after
+                self.gpu_by_device["default" if device is None else str(device)] = outcome.gpu_info_after
             if outcome.retry:
                 self.backlog.put_back(outcome.job)
             elif outcome.partial:
@@ -344,6 +355,7 @@ class Service:
     def _published(self, outcome: Outcome, document: dict[str, Any]) -> None:
         """Count it, say it (journald fields), and let a file waiting for its name go."""
         job = outcome.job
+        self.metrics.finished(document)
         if outcome.ok:
             self.counts["ok"] += 1
             for page in outcome.pages:  # pages whose own text layer saved an OCR (ocr.pdf_text: use)
@@ -463,6 +475,9 @@ class Service:
             new = dataclasses.replace(new, paths=old.paths)
         self.settings = new
         self.spool.settings = new
+        self.retention.update(new)
+        if new.metrics != old.metrics:
+            log.warning("metrics.* changed: that takes a restart; keeping the current metrics outputs until then")
         logging.getLogger("watcherd").setLevel(new.logging.level.upper())
         if new.watch != old.watch:
             # Files still settling are found again at once by the rescan below and judged by the
@@ -515,6 +530,7 @@ class Service:
             self._status_line = line
             self.notifier.status(line)
         if now - self._status_written >= 1.0:
+            self.metrics.update(self._snapshot())
             self._write_status()
             self._status_written = now
 
@@ -548,6 +564,27 @@ class Service:
         if counts["waiting_for_memory"]:
             parts.insert(4, f"{counts['waiting_for_memory']} waiting for GPU memory")
         return " · ".join(parts)
+
+    def _snapshot(self) -> Snapshot:
+        """The state the metrics show, taken on the loop thread (about once a second): queue sizes
+        and when the oldest file not yet finished arrived (epoch seconds). O(files waiting)."""
+        now, mono = time.time(), time.monotonic()
+        counts = self.backlog.counts()
+        flights = [w.flight for w in self.workers + self.retiring if w.flight is not None]
+        seen = (self.tracker.oldest_since(), self.backlog.oldest_ready_since())  # monotonic
+        arrivals = [now - (mono - t) for t in seen if t is not None]
+        for job in [*self.backlog.claimed_jobs(), *(f.job for f in flights), *(o.job for o in self.publisher.held)]:
+            try:
+                arrivals.append(datetime.fromisoformat(job.received_at).timestamp())
+            except ValueError:
+                continue
+        return Snapshot(
+            up=True,
+            ready=self.is_ready,
+            queue={**counts, "settling": len(self.tracker), "in_flight": len(flights)},
+            oldest_since=min(arrivals, default=None),
+            gpu=dict(self.gpu_by_device),
+        )
 
     def _write_status(self, state: str | None = None) -> None:
         """The file `watcherd status` reads; replaced atomically, not fsync'ed (it is not data)."""
@@ -592,6 +629,11 @@ class Service:
                 {"pid": w.pid, "device": w.device, "state": w.state, "files_done": w.files_done} for w in self.workers
             ],
             "last_error": self.last_error,
+            "metrics": {
+                "oldest_unfinished_age_s": round(self.metrics.snapshot.oldest_age_s(), 1),
+                "pages": self.metrics.pages_total,
+                "last_success_at": self.metrics.last_success_at,
+            },
             "gpu": self.last_gpu,
             "version": __version__,
         }

@@ -142,6 +142,26 @@ class LoggingSettings:
 
 
 @dataclass(frozen=True)
+class MetricsSettings:
+    """Prometheus metrics (README "Metrics"); both ways out are off by default."""
+
+    textfile: Path | None = None  # node_exporter's textfile collector: a .prom file, replaced atomically
+    listen: str | None = None  # "127.0.0.1:9464": HTTP /metrics on that address
+    interval_s: float = 5.0  # how often the textfile is rewritten
+
+
+@dataclass(frozen=True)
+class RetentionSettings:
+    """Removal of old originals from archive/ and failed/ (README "Retention"); 0 keeps forever."""
+
+    archive_days: float = 0.0
+    failed_days: float = 0.0
+    remove_json: bool = False  # failed/: error JSON older than failed_days goes too
+    age_from: Literal["ctime", "mtime"] = "ctime"  # ctime: since it was moved there; mtime: the file's own
+    interval_s: float = 3600.0  # sweeps: at start, then this often
+
+
+@dataclass(frozen=True)
 class Settings:
     paths: PathsSettings = field(default_factory=PathsSettings)
     watch: WatchSettings = field(default_factory=WatchSettings)
@@ -149,6 +169,8 @@ class Settings:
     gpu: GpuSettings = field(default_factory=GpuSettings)
     output: OutputSettings = field(default_factory=OutputSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    retention: RetentionSettings = field(default_factory=RetentionSettings)
     source: str | None = None  # the file these came from, for messages
 
     @property
@@ -251,6 +273,8 @@ def _check_ranges(s: Settings) -> None:
         "ocr.max_file_mb": s.ocr.max_file_mb,
         "ocr.batch_pages": s.ocr.batch_pages,
         "gpu.clear_cache_every": s.gpu.clear_cache_every,
+        "metrics.interval_s": s.metrics.interval_s,
+        "retention.interval_s": s.retention.interval_s,
     }
     not_negative = {
         "watch.settle_s": s.watch.settle_s,
@@ -258,6 +282,8 @@ def _check_ranges(s: Settings) -> None:
         "ocr.turn_pages": s.ocr.turn_pages,
         "gpu.min_free_mb": s.gpu.min_free_mb,
         "gpu.wait_for_memory_s": s.gpu.wait_for_memory_s,
+        "retention.archive_days": s.retention.archive_days,
+        "retention.failed_days": s.retention.failed_days,
     }
     if s.ocr.memory_max_mb is not None:
         positive["ocr.memory_max_mb"] = s.ocr.memory_max_mb
@@ -284,8 +310,30 @@ def _check_ranges(s: Settings) -> None:
         raise ConfigError("lists a format twice", key="output.formats", source=s.source)
     if s.output.pdfa and "pdf" not in s.output.written:
         raise ConfigError("needs pdf in output.formats", key="output.pdfa", source=s.source)
+    if s.metrics.listen is not None:
+        parse_listen(s.metrics.listen, source=s.source)
+    if s.metrics.textfile is not None and s.metrics.textfile.suffix != ".prom":
+        raise ConfigError(
+            f"must end in .prom (node_exporter's textfile collector reads only those), got {s.metrics.textfile}",
+            key="metrics.textfile",
+            source=s.source,
+        )
     if s.ocr.devices is not None and (not s.ocr.devices or len(set(s.ocr.devices)) != len(s.ocr.devices)):
         raise ConfigError("must be null or a list of distinct GPU indices", key="ocr.devices", source=s.source)
+
+
+def parse_listen(value: str, *, source: str | None = None) -> tuple[str, int]:
+    """`metrics.listen` as (host, port): "127.0.0.1:9464", "[::1]:9464" or "localhost:9464"."""
+    host, sep, port = value.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536 or any(c in host for c in " /[]"):
+        raise ConfigError(
+            f"expected HOST:PORT such as 127.0.0.1:9464 (a port from 1 to 65535), got {value!r}",
+            key="metrics.listen",
+            source=source,
+        )
+    return host, int(port)
 
 
 def _build(cls: type, raw: Any, prefix: str, source: str | None) -> Any:
