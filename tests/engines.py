@@ -251,3 +251,17 @@ class Announce(Echo):
     def ocr(self, image: Image.Image) -> str:
         print(f"announce {image.width}x{image.height}", flush=True)
         return super().ocr(image)
+
+
+class Counting(Echo):
+    """Appends one line per page to `options.calls_file` (and sleeps `options.delay_s`), so a test
+    counts how often the engine really ran: dedupe must not OCR the same bytes twice."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.calls_file = str(kwargs["calls_file"])
+
+    def ocr(self, image: Image.Image) -> str:
+        with open(self.calls_file, "a") as f:
+            f.write(f"{image.width}x{image.height}\n")
+        return super().ocr(image)

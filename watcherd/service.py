@@ -22,6 +22,7 @@ from . import __version__, admin, documents, logs, outputs
 from . import settings as settings_mod
 from . import spool as spool_mod
 from .backlog import Backlog
+from .dedupe import Dedupe
 from .intake import Intake
 from .publisher import Publisher
 from .readiness import TICK_BUDGET_S, StabilityTracker, signature_of
@@ -52,10 +53,11 @@ class Service:
         self.probe: tuple[EngineProbe, Settings] | None = None  # a reload waiting for its new engine to import
         self.backlog = Backlog()
         self.signals: collections.deque[int] = collections.deque()
-        self.counts = {"ok": 0, "failed": 0}
+        self.counts = {"ok": 0, "failed": 0, "duplicate": 0}
         self.last_error: dict[str, Any] | None = None
         self.last_gpu: dict[str, Any] = {"available": False}
         self.publisher = Publisher(self.spool, wake=self._wake)
+        self.dedupe = Dedupe(settings, self.spool, wake=self._wake) if settings.dedupe.mode == "skip" else None
         self.stopping_since: float | None = None
         self.is_ready = False
         self.started_at = outputs.now_iso()
@@ -89,6 +91,8 @@ class Service:
             signal.signal(signum, self._on_signal)
         self.spool.lock()
         self.spool.prepare()
+        if self.dedupe is not None:
+            self.dedupe.open()
         recovered = self.spool.recover()
         self.backlog.add_claimed(recovered)
         self.started = admin.proc_start_time(os.getpid())
@@ -104,11 +108,13 @@ class Service:
             self._loop()
         except EngineLoadError:
             # No engine: put back what was claimed but not started, so files wait in the inbox.
-            for job in self.backlog.waiting_jobs():
+            for job in self._waiting_jobs():
                 self._unclaim(job)
             raise
         finally:
             self.publisher.shutdown()
+            if self.dedupe is not None:
+                self.dedupe.shutdown()
             self.intake.stop()
             if self.probe is not None:
                 self.probe[0].cancel()
@@ -156,8 +162,12 @@ class Service:
                 worker.kill(f"stopping after the {STOP_GRACE_S:g} s grace")
                 if job is not None:
                     self.backlog.put_back(job)
-        for job in self.backlog.waiting_jobs():
+        for job in self._waiting_jobs():
             self._unclaim(job)
+
+    def _waiting_jobs(self) -> list[Job]:
+        held = self.dedupe.waiting_jobs() if self.dedupe is not None else []
+        return self.backlog.waiting_jobs() + held
 
     def _unclaim(self, job: Job) -> None:
         try:
@@ -203,6 +213,8 @@ class Service:
             self._finish(held)
         if self.stopping_since is not None or self.publisher.holding:
             return
+        if self.dedupe is not None:
+            self.backlog.add_claimed(self.dedupe.released())
         for worker in self.workers:
             while worker.ready:
                 job = self._next_job()
@@ -213,6 +225,12 @@ class Service:
                     log.warning("%s vanished from the work area before OCR", job.rel)
                     continue
                 early = documents.precheck(job, st, self.settings)
+                if early is None and self.dedupe is not None:
+                    verdict = self.dedupe.screen(job, st)
+                    if verdict == "held":  # being hashed, or the same bytes are in a child: back via released()
+                        continue
+                    if isinstance(verdict, Outcome):
+                        early = verdict  # a duplicate: published at once, without OCR
                 if early is not None:
                     self._finish(early)
                     continue
@@ -336,7 +354,17 @@ class Service:
     def _published(self, outcome: Outcome, document: dict[str, Any]) -> None:
         """Count it, say it (journald fields), and let a file waiting for its name go."""
         job = outcome.job
-        if outcome.ok:
+        if self.dedupe is not None:
+            self.dedupe.finished(outcome, document)
+        if document["status"] == "duplicate":
+            self.counts["duplicate"] += 1
+            logs.event(
+                "duplicate",
+                f"{job.rel}: the same bytes as {document['duplicate_of']}; not OCR'd again → "
+                f"{document.get('image_path') or 'deleted'}",
+                source=job.rel,
+            )
+        elif outcome.ok:
             self.counts["ok"] += 1
             logs.event(
                 "done",
@@ -528,11 +556,12 @@ class Service:
             state,
             f"{self.counts['ok']:,} ok",
             f"{self.counts['failed']:,} failed",
+            *([f"{self.counts['duplicate']:,} duplicate"] if self.dedupe is not None else []),
             f"queue {queue}",
             f"{engine} on {where}",
         ]
         if counts["waiting_for_memory"]:
-            parts.insert(4, f"{counts['waiting_for_memory']} waiting for GPU memory")
+            parts.insert(-1, f"{counts['waiting_for_memory']} waiting for GPU memory")
         return " · ".join(parts)
 
     def _write_status(self, state: str | None = None) -> None:

@@ -178,6 +178,7 @@ class Outcome:
     model: str | None = None
     retry: bool = False  # the child died on it: run it again (once)
     deferred: bool = False  # too little GPU memory: keep it queued and try again later
+    duplicate_of: str | None = None  # dedupe: the JSON of the first result with these bytes (no OCR ran)
 
 
 def describe_exit(returncode: int | None) -> str:
