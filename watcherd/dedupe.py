@@ -17,8 +17,8 @@ What may go wrong, and what it costs:
 - An index that is not ours (garbage, another schema, a link, a folder) is set aside as
   `<name>.bad-<time>` with one error and a fresh, empty one is started: the worst outcome is that
   copies of files finished before are OCR'd again, never that a new scan is taken for a copy.
-- Entries older than `dedupe.keep_days` are never used, and are deleted at start and then at most
-  hourly while files come in (on the dedupe thread, off the main loop).
+- Entries older than `dedupe.keep_days` are never used, and are deleted at start and then hourly
+  (on the dedupe thread, off the main loop).
 
 The main loop never reads a file: a claimed file is opened on the loop (by descriptor below the
 work area's held folder, O_NOFOLLOW|O_NONBLOCK, so a link or FIFO is never followed or waited on)
@@ -55,9 +55,11 @@ SCHEMA_VERSION = 1
 COLUMNS = ("sha256", "json_path", "source", "finished_at", "finished_epoch")
 HASH_CHUNK = 1 << 20
 PRUNE_EVERY_S = 3600.0
+HASH_AHEAD = 8  # claimed files hashed (or hashed and queued) ahead of the children; each holds an fd
+
 DAY_S = 86400.0
 
-Verdict = Outcome | Literal["ocr", "held"]
+Verdict = Outcome | Literal["ocr", "held", "later"]
 
 
 def index_path(settings: Settings) -> Path:
@@ -240,6 +242,7 @@ class Dedupe:
         self._running: dict[str, str] = {}  # sha256 → rel of the file in a child with those bytes
         self._twins: list[tuple[str, Job]] = []  # (sha256, job): wait for that file in a child
         self._back: list[Job] = []  # hashed or released: back to the backlog
+        self._queued: set[str] = set()  # rels hashed ahead and back in the backlog, not yet screened
         self._next_prune = 0.0
 
     @property
@@ -251,14 +254,26 @@ class Dedupe:
         self.index.open()
         self._maybe_prune()
 
+    def room(self) -> bool:
+        """May another file be hashed ahead of the children (`prefetch`)?"""
+        return len(self._hashing) + len(self._queued) < HASH_AHEAD
+
+    def prefetch(self, job: Job, st: os.stat_result) -> bool:
+        """Start hashing a file just claimed while the children are busy, so that none waits for a
+        hash; it comes back through `released()`. False if it cannot be (not a regular file)."""
+        return stat.S_ISREG(st.st_mode) and self._submit(job)
+
     def screen(self, job: Job, st: os.stat_result) -> Verdict:
         """A claimed regular file about to go to a child: "held" (being hashed, or the same bytes
-        are in a child now; it comes back through `released()`), a duplicate Outcome to publish
+        are in a child now; it comes back through `released()`), "later" (too many files are
+        being hashed: put it back and try again next time round), a duplicate Outcome to publish
         at once, or "ocr"."""
-        self._maybe_prune()
+        self._queued.discard(job.rel)
         hashed = self._hashes.get(job.rel)
         if hashed is None or hashed.signature != signature(st) or hashed.identity != (st.st_dev, st.st_ino):
             self._release(job.rel)  # bytes that changed are not the twin's any more
+            if job.rel not in self._hashing and len(self._hashing) >= HASH_AHEAD:
+                return "later"
             return "held" if self._submit(job) else "ocr"
         if hashed.sha256 is None:
             return "ocr"  # the child judges what could not be read here
@@ -278,13 +293,16 @@ class Dedupe:
         return "ocr"
 
     def released(self) -> list[Job]:
-        """Files held by `screen()` that may be looked at again now."""
+        """Files held by `screen()` that may be looked at again now. Called every loop turn (at
+        least every few seconds), so it also starts the hourly prune."""
+        self._maybe_prune()
         for rel, (job, _, future) in list(self._hashing.items()):
             if not future.done():
                 continue
             del self._hashing[rel]
             self._hashes[rel] = future.result()
             self._back.append(job)
+            self._queued.add(rel)
         back, self._back = self._back, []
         return back
 
@@ -302,7 +320,6 @@ class Dedupe:
             except sqlite3.Error as exc:  # costs a missed duplicate, never a wrong one
                 log.error("Cannot add %s to the duplicate index %s: %s", job.rel, self.path, exc)
         self._release(job.rel)
-        self._maybe_prune()
 
     def waiting_jobs(self) -> list[Job]:
         """Every claimed file held here (to go back into the inbox at a stop), emptied."""
@@ -312,6 +329,7 @@ class Dedupe:
                 os.close(fd)
             jobs.append(job)
         self._hashing.clear()
+        self._queued.clear()
         self._twins.clear()
         self._back = []
         return jobs

@@ -229,6 +229,9 @@ class Service:
                     verdict = self.dedupe.screen(job, st)
                     if verdict == "held":  # being hashed, or the same bytes are in a child: back via released()
                         continue
+                    if verdict == "later":  # enough files are being hashed already
+                        self.backlog.put_back(job)
+                        break
                     if isinstance(verdict, Outcome):
                         early = verdict  # a duplicate: published at once, without OCR
                 if early is not None:
@@ -239,12 +242,25 @@ class Service:
                 )
                 if not worker.assign(job):
                     self.backlog.put_back(job)
+        if self.dedupe is not None:
+            self._hash_ahead()
         if self.backlog.empty:
             for worker in self.workers:
                 worker.drained()
 
-    def _next_job(self) -> Job | None:
-        job = self.backlog.next_claimed()
+    def _hash_ahead(self) -> None:
+        """dedupe: claim and hash a few ready files while the children work, so none waits for a hash."""
+        assert self.dedupe is not None
+        while self.dedupe.room():
+            job = self._next_job(ready_only=True)
+            if job is None:
+                return
+            st = self.spool.lstat(job)
+            if st is None or not self.dedupe.prefetch(job, st):
+                self.backlog.add_claimed([job])  # precheck or the child judges it
+
+    def _next_job(self, *, ready_only: bool = False) -> Job | None:
+        job = None if ready_only else self.backlog.next_claimed()
         if job is not None:
             return job
         for _ in range(MAX_CLAIM_TRIES):  # the rest next time round: vanished files cost a stat each
@@ -475,6 +491,9 @@ class Service:
         if new.paths != old.paths:
             log.warning("paths.* changed: that takes a restart; keeping the current folders until then")
             new = dataclasses.replace(new, paths=old.paths)
+        if new.dedupe != old.dedupe:
+            log.warning("dedupe.* changed: that takes a restart; keeping the current setting until then")
+            new = dataclasses.replace(new, dedupe=old.dedupe)
         self.settings = new
         self.spool.settings = new
         logging.getLogger("watcherd").setLevel(new.logging.level.upper())
