@@ -60,8 +60,12 @@ def copies(n: int) -> tuple[float, int]:
         data = source.read_bytes()
         (daemon.inbox / "first.png").write_bytes(data)
         wait_for(lambda: len(daemon.results()) == 1, 60, "the first result")
+        staging = daemon.inbox.parent / "staging"
+        staging.mkdir()
         for i in range(n):
-            (daemon.inbox / f"c{i:05}.png").write_bytes(data)
+            (staging / f"c{i:05}.png").write_bytes(data)
+        for i in range(n):
+            (staging / f"c{i:05}.png").rename(daemon.inbox / f"c{i:05}.png")
         wait_for(lambda: len(daemon.results()) == n + 1, 600, f"{n} duplicates")
         docs = [d for d in daemon.documents() if d["status"] == "duplicate"]
     finally:
