@@ -65,6 +65,26 @@ def test_the_same_bytes_three_times_are_ocrd_once(daemon_factory, tmp_path: Path
     assert shown.returncode == 0 and "1 ok, 0 failed, 2 duplicate" in shown.stdout, shown.stdout
 
 
+def test_a_duplicate_original_is_deleted_with_on_success_delete(daemon_factory, tmp_path: Path) -> None:
+    daemon = counting(daemon_factory, tmp_path)
+    daemon.configure(
+        ocr={"engine": "tests.engines:Counting", "options": {"calls_file": str(tmp_path / "calls.txt")}},
+        dedupe={"mode": "skip"},
+        output={"on_success": "delete", "layout": "{yyyy}/{rel}"},
+    )
+    daemon.start()
+    scan = make_image(tmp_path / "scan.png", width=48)
+    shutil.copy(scan, daemon.inbox / "a.png")
+    year = f"{datetime.now().astimezone():%Y}"
+    first = daemon.wait_json(f"{year}/a.png", daemon.outbox)
+    shutil.copy(scan, daemon.inbox / "b.png")
+    copy = daemon.wait_json(f"{year}/b.png", daemon.outbox)
+    assert copy["status"] == "duplicate" and copy["image_path"] is None
+    assert copy["duplicate_of"] == str(daemon.outbox / year / "a.png.json") and first["image_path"] is None
+    wait_until(lambda: not (daemon.inbox / ".watcherd" / "processing" / "b.png").exists(), 10, "the copy deleted")
+    assert not [p for p in daemon.archive.rglob("*") if p.is_file()] and calls(daemon) == 1
+
+
 def test_copies_claimed_together_wait_for_the_first(daemon_factory, tmp_path: Path) -> None:
     """Two copies claimed in the same moment: one is OCR'd, the other waits and is its duplicate."""
     daemon = counting(daemon_factory, tmp_path, delay_s=1.0).start()
