@@ -103,6 +103,29 @@ def test_copies_claimed_together_wait_for_the_first(daemon_factory, tmp_path: Pa
     assert calls(daemon) == 1
 
 
+def test_sigterm_returns_files_hashed_ahead_to_the_inbox(daemon_factory, tmp_path: Path) -> None:
+    """Files claimed and hashed while the child works go back to the inbox at a stop, like any
+    claimed file that did not reach a child."""
+    daemon = counting(daemon_factory, tmp_path, delay_s=2.0).start()
+    staging = tmp_path / "staging"
+    for i in range(4):
+        make_image(staging / f"f{i}.png", width=50 + i)
+    for i in range(4):
+        (staging / f"f{i}.png").rename(daemon.inbox / f"f{i}.png")
+    wait_until(lambda: calls(daemon) == 1, 30, "the first OCR")
+    processing = daemon.inbox / ".watcherd" / "processing"
+    wait_until(lambda: len(list(processing.glob("*.png"))) == 4, 10, "the others claimed and hashed ahead")
+    assert daemon.stop() == 0
+    assert not list(processing.glob("*.png"))
+    results = {p.name for p in daemon.outbox.glob("*.json")}
+    back = {p.name for p in daemon.inbox.glob("*.png")}
+    assert (
+        len(results) == 1
+        and len(back) == 3
+        and {r[: -len(".json")] for r in results} | back == {f"f{i}.png" for i in range(4)}
+    )
+
+
 def test_kill_9_during_the_first_ocr_claims_no_duplicate(daemon_factory, tmp_path: Path) -> None:
     daemon = counting(daemon_factory, tmp_path, delay_s=3600).start()
     scan = make_image(tmp_path / "scan.png", width=42)
