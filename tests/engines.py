@@ -297,3 +297,17 @@ class Batch(Echo):
         if image.width == HANG_WIDTH:
             time.sleep(3600)
         return f"{super().ocr(image)} (alone)"
+
+
+class Counting(Echo):
+    """Appends one line per page to `options.calls_file` (and sleeps `options.delay_s`), so a test
+    counts how often the engine really ran: dedupe must not OCR the same bytes twice."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.calls_file = str(kwargs["calls_file"])
+
+    def ocr(self, image: Image.Image) -> str:
+        with open(self.calls_file, "a") as f:
+            f.write(f"{image.width}x{image.height}\n")
+        return super().ocr(image)

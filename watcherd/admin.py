@@ -9,6 +9,7 @@ JSON that watcherd wrote for that very original, and moves nothing through a lin
 
 from __future__ import annotations
 
+import base64
 import fnmatch
 import json
 import logging
@@ -114,6 +115,9 @@ def format_status(status: dict[str, Any]) -> str:
         f"  {e(get('summary', default=''))}",
         f"  inbox {e(get('inbox'))}: {e(get('watch_mode'))} ({e(get('watch_reason', default=''))}), "
         f"engine {e(get('engine'))}",
+        f"  finished: {e(get('counts', 'ok', default=0))} ok, {e(get('counts', 'failed', default=0))} failed, "
+        f"{e(get('counts', 'duplicate', default=0))} duplicate; pages: {e(get('pages', 'ocr', default=0))} OCR'd, "
+        f"{e(get('pages', 'pdf_text', default=0))} taken from the PDF's own text",
         f"  queue: {e(get('queue', 'ready'))} ready, {e(get('queue', 'claimed'))} claimed, "
         f"{e(get('queue', 'waiting_for_memory'))} waiting for GPU memory, "
         f"{e(get('queue', 'settling'))} still being written",
@@ -158,7 +162,9 @@ def retry(settings: Settings, pattern: str = "*") -> list[tuple[str, str]]:
     """Move failed originals matching `pattern` (relative to the failed folder) back into the inbox.
 
     Only pairs that watcherd made count: a regular file `x` beside `x.json`, where `x.json` is an
-    error document whose `image_path` is exactly that file. Folders that are failed originals
+    error document whose `image_path` is exactly that file. Each goes back under its original
+    path below the inbox (the error JSON's `source`), wherever `output.layout` put it (a dated
+    folder, a suffix after a name clash). Folders that are failed originals
     themselves (a folder named `x.jpg`) are not searched, links are never followed, and the move
     into the inbox goes through folders opened without following links. Their error JSON is moved
     aside to `<failed>/.retried/`, so the record of the failure stays and the next result or
@@ -168,26 +174,28 @@ def retry(settings: Settings, pattern: str = "*") -> list[tuple[str, str]]:
     assert failed is not None and inbox is not None
     moved = []
     stamp = datetime.now().strftime("%Y%m%dT%H%M%S")
-    for rel in _failed_originals(failed):
-        if not fnmatch.fnmatch(rel, pattern):
+    for rel, source in _failed_originals(failed):
+        if not fnmatch.fnmatch(rel, pattern) and not fnmatch.fnmatch(source, pattern):
             continue
         *folders, name = safefs.parts(rel)
+        *inbox_folders, inbox_name = safefs.parts(source)
         with safefs.folder(failed, folders) as src:
-            with safefs.folder(inbox, folders, create=True, mode=0o777) as dst:
-                back, n = name, 0
+            with safefs.folder(inbox, inbox_folders, create=True, mode=0o777) as dst:
+                back, n = inbox_name, 0
                 while safefs.exists_at(dst, back):
                     n += 1
-                    back = outputs.with_suffix_number(outputs.fit_name(name, extra=8), n)
+                    back = outputs.with_suffix_number(outputs.fit_name(inbox_name, extra=8), n)
                 # The original first: a crash here leaves a duplicate record, never a lost file.
                 safefs.move(src, name, dst, back)
             with safefs.folder(failed, [".retried", *folders], create=True, mode=0o750) as aside:
                 safefs.move(src, f"{name}.json", aside, f"{outputs.fit_name(name, extra=22)}.{stamp}.json")
-        moved.append((rel, "/".join((*folders, back))))
+        moved.append((rel, "/".join((*inbox_folders, back))))
     return moved
 
 
-def _failed_originals(failed: Path) -> list[str]:
-    """Relative paths of the failed originals watcherd itself put in `failed`, walked by descriptor."""
+def _failed_originals(failed: Path) -> list[tuple[str, str]]:
+    """(path below `failed`, path below the inbox it came from) of the failed originals watcherd
+    itself put in `failed`, walked by descriptor."""
     found = []
     stack: list[list[str]] = [[]]
     while stack:
@@ -205,8 +213,10 @@ def _failed_originals(failed: Path) -> list[str]:
                     st = safefs.lstat_at(fd, original)
                     if st is None or not stat.S_ISREG(st.st_mode):
                         continue
-                    if _is_our_error_json(fd, name, failed / "/".join([*folders, original])):
-                        found.append("/".join([*folders, original]))
+                    rel = "/".join([*folders, original])
+                    source = _error_source(fd, name, failed / rel, fallback=rel)
+                    if source is not None:
+                        found.append((rel, source))
         except OSError:
             continue
         claimed_folders = {n[: -len(".json")] for n in names if n.endswith(".json")}
@@ -216,14 +226,28 @@ def _failed_originals(failed: Path) -> list[str]:
     return found
 
 
-def _is_our_error_json(fd: int, name: str, original: Path) -> bool:
+def _error_source(fd: int, name: str, original: Path, *, fallback: str) -> str | None:
+    """If `name` is an error JSON watcherd wrote for `original`: the path below the inbox the file
+    came from (its `source`, exact bytes from `source_b64`); a `source` that is not a plain
+    relative path falls back to where the original lies below failed/."""
     data = safefs.read_regular(fd, name, STATUS_MAX_BYTES)
     try:
         document = json.loads(data) if data is not None else None
     except ValueError:
-        return False
-    return (
+        return None
+    if not (
         isinstance(document, dict)
         and document.get("status") == "failed"
         and document.get("image_path") == outputs.public_path(original)
-    )
+    ):
+        return None
+    source = document.get("source")
+    try:
+        if isinstance(document.get("source_b64"), str):
+            source = os.fsdecode(base64.b64decode(document["source_b64"], validate=True))
+        if not isinstance(source, str):
+            return fallback
+        safefs.parts(source)
+    except (ValueError, safefs.Refused):
+        return fallback
+    return source

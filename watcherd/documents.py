@@ -53,6 +53,17 @@ def document_for(outcome: Outcome, *, settings: Settings, received_at: str) -> t
         "image_path": None,  # set to the original's final place when it is published
         "sha256": outcome.sha256,
     }
+    if outcome.duplicate_of is not None:  # the same bytes were OCR'd before (dedupe: skip)
+        document: dict[str, Any] = {
+            "status": "duplicate",
+            **common,
+            "duplicate_of": outcome.duplicate_of,
+            "attempts": outcome.job.attempts,
+            "received_at": received_at,
+            "finished_at": now_iso(),
+            "watcherd_version": __version__,
+        }
+        return document, None
     if outcome.ok:
         text = "\n\n".join(page["text"] for page in outcome.pages)
         document = {

@@ -9,11 +9,13 @@ from __future__ import annotations
 import base64
 import json
 import os
+import string
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 NAME_MAX = 255  # bytes, for ext4, xfs, btrfs, SMB and NFS alike
+LAYOUT_FIELDS = ("yyyy", "mm", "dd", "rel", "name")  # output.layout's placeholders
 
 
 def now_iso() -> str:
@@ -74,14 +76,60 @@ def with_suffix_number(name: str, n: int) -> str:
     return f"{stem}_{n}.{ext}"
 
 
-def choose_names(rel: str, *, targets: dict[str, tuple[Path, str]]) -> dict[str, Path]:
+def layout_problem(layout: str) -> str | None:
+    """Why `output.layout` is not usable, or None: `mirror`, or a template of plain relative
+    components whose last one holds `{rel}` or `{name}` (so a file keeps its own name)."""
+    if layout == "mirror":
+        return None
+    try:
+        parsed = list(string.Formatter().parse(layout))
+    except ValueError as exc:  # a lone { or }
+        return f"not a template ({exc}); write mirror or e.g. '{{yyyy}}/{{mm}}/{{dd}}/{{rel}}'"
+    unknown = sorted({f for _, f, _, _ in parsed if f is not None and f not in LAYOUT_FIELDS})
+    if unknown:
+        known = ", ".join(f"{{{f}}}" for f in LAYOUT_FIELDS)
+        return f"unknown placeholder {', '.join(f'{{{u}}}' for u in unknown)} (known: {known})"
+    if any(spec or conv for _, _, spec, conv in parsed):
+        return "placeholders take no format spec or conversion (write {yyyy}, not {yyyy:04})"
+    if layout.startswith("/"):
+        return "must be relative to the outbox, failed and archive folders, not an absolute path"
+    components = layout.split("/")
+    for component in components:
+        if component in ("", ".", ".."):
+            return f"has an empty, '.' or '..' component ({layout!r})"
+        if component.startswith("."):
+            return f"{component!r} would be a hidden folder or file (skipped by consumers and by watcherd retry)"
+    if not {f for _, f, _, _ in string.Formatter().parse(components[-1])} & {"rel", "name"}:
+        return "its last component must contain {rel} or {name}, so that every file keeps its own name"
+    return None
+
+
+def place(rel: str, layout: str, finished_at: datetime) -> str:
+    """Where a file's outputs go below outbox/failed/archive (before any clash suffix): `rel`
+    itself for `mirror`, else the template filled in with the finish date (local time)."""
+    if layout == "mirror":
+        return rel
+    return layout.format(
+        yyyy=f"{finished_at.year:04d}",
+        mm=f"{finished_at.month:02d}",
+        dd=f"{finished_at.day:02d}",
+        rel=rel,
+        name=rel.rpartition("/")[2],
+    )
+
+
+def choose_names(
+    rel: str, *, targets: dict[str, tuple[Path, str]], layout: str = "mirror", finished_at: str | None = None
+) -> dict[str, Path]:
     """Pick one clash-free name for a file's outputs.
 
     `targets` maps a role (json, text, original) to (folder root, appended extension). The same
     suffix number is used for every role so that `outbox/a_1.jpg.json` belongs with
     `archive/a_1.jpg`. Names that would exceed NAME_MAX with their suffix are shortened.
+    `layout` (output.layout) places them below each root, dated by `finished_at` (ISO-8601).
     """
-    parent, _, name = rel.rpartition("/")
+    when = datetime.fromisoformat(finished_at) if finished_at else datetime.now(UTC).astimezone()
+    parent, _, name = place(rel, layout, when).rpartition("/")
     longest_ext = max(len(ext) for _, ext in targets.values())
     name = fit_name(name, extra=longest_ext + 8)
     n = 0

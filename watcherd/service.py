@@ -23,6 +23,7 @@ from . import __version__, admin, documents, logs, outputs
 from . import settings as settings_mod
 from . import spool as spool_mod
 from .backlog import Backlog
+from .dedupe import Dedupe
 from .intake import Intake
 from .metrics import Metrics, Snapshot
 from .publisher import Publisher
@@ -58,10 +59,12 @@ class Service:
         self.probe: tuple[EngineProbe, Settings] | None = None  # a reload waiting for its new engine to import
         self.backlog = Backlog()
         self.signals: collections.deque[int] = collections.deque()
-        self.counts = {"ok": 0, "failed": 0, "pages_ocr": 0, "pages_pdf_text": 0}
+        self.counts = {"ok": 0, "failed": 0, "duplicate": 0}
+        self.pages = {"ocr": 0, "pdf_text": 0}  # pages OCR'd, and those whose own text layer was taken
         self.last_error: dict[str, Any] | None = None
         self.last_gpu: dict[str, Any] = {"available": False}
         self.publisher = Publisher(self.spool, wake=self._wake)
+        self.dedupe = Dedupe(settings, self.spool, wake=self._wake) if settings.dedupe.mode == "skip" else None
         self.stopping_since: float | None = None
         self.is_ready = False
         self.started_at = outputs.now_iso()
@@ -96,6 +99,8 @@ class Service:
         self.spool.lock()
         self.metrics.start()  # a listener that cannot bind stops us here, before anything is claimed
         self.spool.prepare()
+        if self.dedupe is not None:
+            self.dedupe.open()
         recovered = self.spool.recover()
         self.backlog.add_claimed(recovered)
         self.started = admin.proc_start_time(os.getpid())
@@ -112,11 +117,13 @@ class Service:
             self._loop()
         except EngineLoadError:
             # No engine: put back what was claimed but not started, so files wait in the inbox.
-            for job in self.backlog.waiting_jobs():
+            for job in self._waiting_jobs():
                 self._unclaim(job)
             raise
         finally:
             self.publisher.shutdown()
+            if self.dedupe is not None:
+                self.dedupe.shutdown()
             self.intake.stop()
             self.retention.stop()
             if self.probe is not None:
@@ -166,8 +173,12 @@ class Service:
                 worker.kill(f"stopping after the {STOP_GRACE_S:g} s grace")
                 if job is not None:
                     self.backlog.put_back(job)
-        for job in self.backlog.waiting_jobs():
+        for job in self._waiting_jobs():
             self._unclaim(job)
+
+    def _waiting_jobs(self) -> list[Job]:
+        held = self.dedupe.waiting_jobs() if self.dedupe is not None else []
+        return self.backlog.waiting_jobs() + held
 
     def _unclaim(self, job: Job) -> None:
         try:
@@ -213,6 +224,8 @@ class Service:
             self._finish(held)
         if self.stopping_since is not None or self.publisher.holding:
             return
+        if self.dedupe is not None:
+            self.backlog.add_claimed(self.dedupe.released())
         for worker in self.workers:
             while worker.ready:
                 job = self._next_job()
@@ -223,6 +236,15 @@ class Service:
                     log.warning("%s vanished from the work area before OCR", job.rel)
                     continue
                 early = documents.precheck(job, st, self.settings)
+                if early is None and self.dedupe is not None:
+                    verdict = self.dedupe.screen(job, st)
+                    if verdict == "held":  # being hashed, or the same bytes are in a child: back via released()
+                        continue
+                    if verdict == "later":  # enough files are being hashed already
+                        self.backlog.put_back(job)
+                        break
+                    if isinstance(verdict, Outcome):
+                        early = verdict  # a duplicate: published at once, without OCR
                 if early is not None:
                     self._finish(early)
                     continue
@@ -232,9 +254,22 @@ class Service:
                 job.render = self.spool.render_targets(job)
                 if not worker.assign(job):
                     self.backlog.put_back(job)
+        if self.dedupe is not None:
+            self._hash_ahead()
         if self.backlog.empty:
             for worker in self.workers:
                 worker.drained()
+
+    def _hash_ahead(self) -> None:
+        """dedupe: claim and hash a few ready files while the children work, so none waits for a hash."""
+        assert self.dedupe is not None
+        while self.dedupe.room():
+            job = self._claim_next()
+            if job is None:
+                return
+            st = self.spool.lstat(job)
+            if st is None or not self.dedupe.prefetch(job, st):
+                self.backlog.add_claimed([job])  # precheck or the child judges it
 
     def _next_job(self) -> Job | None:
         job = self.backlog.next_turn() or self.backlog.next_claimed() or self._claim_next()
@@ -356,10 +391,20 @@ class Service:
         """Count it, say it (journald fields), and let a file waiting for its name go."""
         job = outcome.job
         self.metrics.finished(document)
-        if outcome.ok:
+        if self.dedupe is not None:
+            self.dedupe.finished(outcome, document)
+        if document["status"] == "duplicate":
+            self.counts["duplicate"] += 1
+            logs.event(
+                "duplicate",
+                f"{job.rel}: the same bytes as {document['duplicate_of']}; not OCR'd again → "
+                f"{document.get('image_path') or 'deleted'}",
+                source=job.rel,
+            )
+        elif outcome.ok:
             self.counts["ok"] += 1
             for page in outcome.pages:  # pages whose own text layer saved an OCR (ocr.pdf_text: use)
-                self.counts["pages_pdf_text" if page.get("source") == "pdf_text" else "pages_ocr"] += 1
+                self.pages["pdf_text" if page.get("source") == "pdf_text" else "ocr"] += 1
             for fmt, why in outcome.render_errors.items():
                 log.error("%s: its %s could not be written: %s", job.rel, fmt, why)
             logs.event(
@@ -473,6 +518,9 @@ class Service:
         if new.paths != old.paths:
             log.warning("paths.* changed: that takes a restart; keeping the current folders until then")
             new = dataclasses.replace(new, paths=old.paths)
+        if new.dedupe != old.dedupe:
+            log.warning("dedupe.* changed: that takes a restart; keeping the current setting until then")
+            new = dataclasses.replace(new, dedupe=old.dedupe)
         self.settings = new
         self.spool.settings = new
         self.retention.update(new)
@@ -558,11 +606,12 @@ class Service:
             state,
             f"{self.counts['ok']:,} ok",
             f"{self.counts['failed']:,} failed",
+            *([f"{self.counts['duplicate']:,} duplicate"] if self.dedupe is not None else []),
             f"queue {queue}",
             f"{engine} on {where}",
         ]
         if counts["waiting_for_memory"]:
-            parts.insert(4, f"{counts['waiting_for_memory']} waiting for GPU memory")
+            parts.insert(-1, f"{counts['waiting_for_memory']} waiting for GPU memory")
         return " · ".join(parts)
 
     def _snapshot(self) -> Snapshot:
@@ -610,6 +659,7 @@ class Service:
             "watch_reason": self.intake.reason,
             "engine": self.settings.ocr.engine,
             "counts": self.counts,
+            "pages": self.pages,
             "queue": {
                 **self.backlog.counts(),
                 "settling": len(self.tracker),

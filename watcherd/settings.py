@@ -18,6 +18,8 @@ from typing import Any, Literal, NewType
 
 import yaml
 
+from . import outputs
+
 DEFAULT_CONFIG = Path("/etc/watcherd/watcherd.yaml")
 EX_CONFIG = 78
 EX_TEMPFAIL = 75  # a condition a restart may clear (another daemon holds the inbox's lock)
@@ -117,6 +119,7 @@ class OutputSettings:
     pdfa: bool = False  # the searchable PDF as PDF/A-2b
     locale: Literal["zh-TW", "en"] = "zh-TW"
     file_mode: FileMode = FileMode(0o640)  # result files; folders watcherd creates get x where r
+    layout: str = "mirror"  # or a template such as "{yyyy}/{mm}/{dd}/{rel}" (outputs.place)
 
     @property
     def dir_mode(self) -> int:
@@ -133,6 +136,12 @@ class OutputSettings:
     @property
     def rendered(self) -> tuple[Format, ...]:
         return tuple(f for f in self.written if f in RENDERED)
+
+
+@dataclass(frozen=True)
+class DedupeSettings:
+    mode: Literal["off", "skip"] = "off"  # `dedupe: skip` is short for `dedupe: {mode: skip}`
+    keep_days: float = 90.0
 
 
 @dataclass(frozen=True)
@@ -168,6 +177,7 @@ class Settings:
     ocr: OcrSettings = field(default_factory=OcrSettings)
     gpu: GpuSettings = field(default_factory=GpuSettings)
     output: OutputSettings = field(default_factory=OutputSettings)
+    dedupe: DedupeSettings = field(default_factory=DedupeSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     retention: RetentionSettings = field(default_factory=RetentionSettings)
@@ -240,7 +250,7 @@ def load(path: str | os.PathLike[str] | None = None, *, env: typing.Mapping[str,
 
 def from_dict(raw: Any, *, source: str | None = None, env: typing.Mapping[str, str] | None = None) -> Settings:
     env = os.environ if env is None else env
-    settings: Settings = _build(Settings, raw, "", source)
+    settings: Settings = _build(Settings, _dedupe_shorthand(raw), "", source)
     settings = dataclasses.replace(settings, source=source)
     if settings.paths.state is None:
         settings = dataclasses.replace(
@@ -251,6 +261,18 @@ def from_dict(raw: Any, *, source: str | None = None, env: typing.Mapping[str, s
         settings = dataclasses.replace(settings, ocr=dataclasses.replace(settings.ocr, timeout_s=timeout))
     _check_ranges(settings)
     return settings
+
+
+def _dedupe_shorthand(raw: Any) -> Any:
+    """`dedupe: skip` means `dedupe: {mode: skip}`; YAML reads a bare `off` as false."""
+    if not isinstance(raw, dict) or "dedupe" not in raw:
+        return raw
+    dedupe = raw["dedupe"]
+    if isinstance(dedupe, (str, bool)):
+        dedupe = {"mode": dedupe}
+    if isinstance(dedupe, dict) and isinstance(dedupe.get("mode"), bool):
+        dedupe = {**dedupe, "mode": "on" if dedupe["mode"] else "off"}  # `on` is no mode: the error says so
+    return {**raw, "dedupe": dedupe}
 
 
 def default_state_dir(env: typing.Mapping[str, str]) -> Path:
@@ -275,6 +297,7 @@ def _check_ranges(s: Settings) -> None:
         "gpu.clear_cache_every": s.gpu.clear_cache_every,
         "metrics.interval_s": s.metrics.interval_s,
         "retention.interval_s": s.retention.interval_s,
+        "dedupe.keep_days": s.dedupe.keep_days,
     }
     not_negative = {
         "watch.settle_s": s.watch.settle_s,
@@ -295,6 +318,9 @@ def _check_ranges(s: Settings) -> None:
             raise ConfigError(f"must not be negative, got {value}", key=key, source=s.source)
     if not 0 < s.gpu.max_usage_percent <= 100:
         raise ConfigError("must be in (0, 100]", key="gpu.max_usage_percent", source=s.source)
+    layout_problem = outputs.layout_problem(s.output.layout)
+    if layout_problem is not None:
+        raise ConfigError(layout_problem, key="output.layout", source=s.source)
     if not s.watch.include:
         raise ConfigError("must list at least one pattern", key="watch.include", source=s.source)
     formats = s.output.formats

@@ -95,6 +95,7 @@ class Job:
     rereads: int = 0  # times it changed under us after the claim and was OCR'd again
     identity: tuple[int, int] | None = None  # (st_dev, st_ino) of what was claimed
     opened: tuple[int, int] | None = None  # (st_dev, st_ino) of what the child read
+    json_path: str | None = None  # where `finish` published its result or error JSON
     render: dict[str, Any] = field(default_factory=dict)  # the child's request to write PDF/hOCR/ALTO
     solo: bool = False  # a batch it was in timed out or crashed: OCR it a page at a time
     # A long file is read in turns of ocr.turn_pages pages, other files going in between:
@@ -541,12 +542,14 @@ class Spool:
             else:
                 try:
                     self._publish(record, record_name)
+                    root, rel = record["names"]["json"]
+                    job.json_path = public_path(self._root_path(root) / rel)
                     return record["document"]  # type: ignore[no-any-return]
                 except NameTaken:
                     os.unlink(record_name, dir_fd=self.area.fd("pending"))  # nothing of ours is out: choose again
         out = self.settings.output
         paths = self.settings.paths
-        ok = document["status"] == "ok"
+        ok = document["status"] in ("ok", "duplicate")  # a duplicate goes where a result goes, without text
         targets: dict[str, tuple[str, str]] = {}
         if ok:
             targets["json"] = ("outbox", ".json")
@@ -560,7 +563,12 @@ class Spool:
             targets["original"] = ("failed", "")
             if self._must_stay_on_this_filesystem(job, paths.failed):
                 targets["original"] = ("rejected", "")
-        names = outputs.choose_names(job.rel, targets={r: (self._root_path(k), e) for r, (k, e) in targets.items()})
+        names = outputs.choose_names(
+            job.rel,
+            targets={r: (self._root_path(k), e) for r, (k, e) in targets.items()},
+            layout=out.layout,
+            finished_at=document["finished_at"],
+        )
         rel_names = {role: [targets[role][0], self._relative(targets[role][0], path)] for role, path in names.items()}
         document["image_path"] = public_path(names.get("original"))
         if "md" in names or "txt" in names:
@@ -582,6 +590,7 @@ class Spool:
             # results chose the same one while the outbox was full): choose again.
             os.unlink(record_name, dir_fd=self.area.fd("pending"))
             return self.finish(job, document, text, rendered)
+        job.json_path = public_path(names["json"])
         return document
 
     def _root_path(self, key: str) -> Path:

@@ -178,6 +178,7 @@ class Outcome:
     model: str | None = None
     retry: bool = False  # the child died on it: run it again (once)
     deferred: bool = False  # too little GPU memory: keep it queued and try again later
+    duplicate_of: str | None = None  # dedupe: the JSON of the first result with these bytes (no OCR ran)
     partial: bool = False  # a turn of a long file went well: its next turn waits behind other files
     rendered: tuple[str, ...] = ()  # PDF/hOCR/ALTO the child wrote to their scratch files
     render_errors: dict[str, str] = field(default_factory=dict)  # and those it could not write, why
