@@ -34,12 +34,14 @@ from typing import Any, NamedTuple
 
 from PIL import Image
 
+from . import PageText
 from .common import (
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_REPEAT_MAX_DISTINCT,
     DEFAULT_REPEAT_WINDOW,
     RepetitionGuard,
     clear_torch_cache,
+    grounding_lines,
     note,
     pick_device,
     pick_dtype,
@@ -154,7 +156,7 @@ class DeepseekOcrEngine:
         # instance attribute shadows the class's generate for this model object only.
         self.net.generate = self._bounded_generate
 
-    def ocr(self, image: Image.Image) -> str:
+    def ocr(self, image: Image.Image) -> str | PageText:
         base_size, image_size, crop_mode = self.resolution
         with tempfile.TemporaryDirectory(prefix="watcherd-deepseek-ocr-") as work:
             page = os.path.join(work, "page.png")  # lossless: the model sees the page as decoded
@@ -178,7 +180,13 @@ class DeepseekOcrEngine:
         if guard is not None and guard.fired:
             note(f"repetition guard stopped a page after {guard.fired_at} tokens ({self.model})")
         text = str(text)
-        return text.strip() if self.keep_grounding else strip_grounding(text).strip()
+        if self.keep_grounding:
+            return text.strip()
+        stripped = strip_grounding(text).strip()
+        if "<|grounding|>" not in self.prompt:
+            return stripped
+        # infer() was given the page as decoded, so 0-999 scales to this image's pixels.
+        return PageText(lines=grounding_lines(text, image.size), text=stripped)
 
     def _bounded_generate(self, *args: Any, **kwargs: Any) -> Any:
         """The model's generate() with our token bound and the repetition guard added; an exact loop

@@ -33,12 +33,14 @@ from typing import Any
 
 from PIL import Image
 
+from . import PageText
 from .common import (
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_REPEAT_MAX_DISTINCT,
     DEFAULT_REPEAT_WINDOW,
     RepetitionGuard,
     clear_torch_cache,
+    grounding_lines,
     note,
     pick_device,
     pick_dtype,
@@ -140,7 +142,7 @@ class TransformersEngine:
     def _tokenizer(self) -> Any:
         return getattr(self.processor, "tokenizer", self.processor)
 
-    def ocr(self, image: Image.Image) -> str:
+    def ocr(self, image: Image.Image) -> str | PageText:
         torch = self._torch
         # BatchFeature.to casts only floating tensors (pixel values, local tiles), not token ids.
         inputs = self._inputs(image.convert("RGB")).to(self.device, dtype=self.dtype)
@@ -161,7 +163,12 @@ class TransformersEngine:
             note(f"repetition guard stopped a page after {guard.fired_at} tokens ({self.model})")
         elif len(new_tokens) >= self.max_new_tokens:
             note(f"a page reached max_new_tokens ({self.max_new_tokens}); its text may be cut ({self.model})")
-        return self._decode(new_tokens)
+        text = self._decode(new_tokens)
+        if not self.grounding:
+            return text
+        # The same answer, tags kept: its <|det|> boxes become the page's lines (DESIGN §6).
+        raw = str(self._tokenizer.decode(new_tokens, skip_special_tokens=False))
+        return PageText(lines=grounding_lines(raw, image.size), text=text)
 
     def _inputs(self, image: Image.Image) -> Any:
         kwargs = {"return_tensors": "pt", **self.processor_kwargs}
