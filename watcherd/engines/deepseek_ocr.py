@@ -18,7 +18,8 @@ crop_mode, test_compress, save_results, eval_mode)`, and it has traps this engin
 - It hard-codes `max_new_tokens=8192`. The engine wraps this model's `generate()` so that
   `max_new_tokens` (default 4096) and the repetition guard apply (see engines/transformers.py).
 - In eval mode the answer to a grounding prompt keeps its `<|ref|>…<|det|>[[box]]<|/det|>` tags;
-  they are stripped (`keep_grounding: true` keeps them).
+  they are stripped from the text, and their boxes (0-999, scaled to the page's pixels) become the
+  page's lines (`common.grounding_lines`); `keep_grounding: true` keeps them in the text instead.
 
 The default prompt is the markdown one, "<image>\\n<|grounding|>Convert the document to markdown.":
 the outputs are markdown files, and this prompt is what gives v1 its layout (headings, tables,
@@ -185,8 +186,10 @@ class DeepseekOcrEngine:
         stripped = strip_grounding(text).strip()
         if "<|grounding|>" not in self.prompt:
             return stripped
-        # infer() was given the page as decoded, so 0-999 scales to this image's pixels.
-        return PageText(lines=grounding_lines(text, image.size), text=stripped)
+        # infer() was given the page as decoded, so 0-999 scales to this image's pixels. An
+        # answer without a box stays a str (what as_page() would make of it anyway).
+        lines = grounding_lines(text, image.size)
+        return PageText(lines=lines, text=stripped) if lines else stripped
 
     def _bounded_generate(self, *args: Any, **kwargs: Any) -> Any:
         """The model's generate() with our token bound and the repetition guard added; an exact loop

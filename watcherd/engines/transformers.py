@@ -166,9 +166,10 @@ class TransformersEngine:
         text = self._decode(new_tokens)
         if not self.grounding:
             return text
-        # The same answer, tags kept: its <|det|> boxes become the page's lines (DESIGN §6).
-        raw = str(self._tokenizer.decode(new_tokens, skip_special_tokens=False))
-        return PageText(lines=grounding_lines(raw, image.size), text=text)
+        # The same answer, tags kept: its <|det|> boxes become the page's lines (DESIGN §6). An
+        # answer without a box stays a str (what as_page() would make of it anyway).
+        lines = grounding_lines(str(self._tokenizer.decode(new_tokens, skip_special_tokens=False)), image.size)
+        return PageText(lines=lines, text=text) if lines else text
 
     def _inputs(self, image: Image.Image) -> Any:
         kwargs = {"return_tensors": "pt", **self.processor_kwargs}
