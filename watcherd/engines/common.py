@@ -6,6 +6,7 @@ venv and the tests can use it whatever those versions are.
 
 from __future__ import annotations
 
+import itertools
 import re
 import sys
 from collections.abc import Sequence
@@ -161,10 +162,10 @@ def grounding_lines(text: str, size: tuple[int, int]) -> tuple[Line, ...]:
     no confidence, so `score` is None. Malformed answers never raise: what cannot be read is skipped.
     """
     width, height = size
-    matches = list(_BLOCK.finditer(text))[:MAX_GROUNDING_BLOCKS]
     lines = []
-    for i, match in enumerate(matches):
-        end = matches[i + 1].start() if i + 1 < len(matches) else len(text)
+    for match in itertools.islice(_BLOCK.finditer(text), MAX_GROUNDING_BLOCKS):
+        end = text.find("<|ref|>", match.end())  # the next block, or a tag cut off by max_new_tokens
+        end = len(text) if end < 0 else end
         body = _SPECIAL.sub("", text[match.end() : end]).strip()
         boxes = [[min(max(float(v), 0.0), GROUNDING_SCALE) for v in b.groups()] for b in _BOX.finditer(match.group(2))]
         if not body or not boxes:
