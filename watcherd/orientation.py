@@ -28,6 +28,7 @@ VIEW_SHORT_SIDE = 256  # the model's own preprocessing: short side to 256, centr
 VIEW_MAX_SIDE = 1024  # the ink is found on a copy this small: enough for a page, cheap
 INK_LEVEL = 0.6  # darker than 60 % of the page's median grey counts as ink
 MIN_INK_PIXELS = 50  # fewer (at VIEW_MAX_SIDE) and the page is blank or dust: left as it is
+MIN_SIDE_PX = 32  # a sliver (a strip cut from a page) has no orientation worth the model's time
 MARGIN = 0.2  # a rotation wins over upright only by this much probability
 
 _TURN_BACK = {  # how to undo a clockwise rotation: PIL's ROTATE_n turns counter-clockwise
@@ -53,6 +54,8 @@ class OrientationDetector:
 
     def detect(self, image: Image.Image) -> int:
         """0, 90, 180 or 270: how far `image` is rotated clockwise from upright."""
+        if min(image.size) < MIN_SIDE_PX:
+            return 0
         small = image.convert("RGB")
         factor = -(-max(small.size) // VIEW_MAX_SIDE)
         if factor > 1:
