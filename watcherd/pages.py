@@ -18,6 +18,7 @@ from typing import Any  # Pillow lets it escape on some damaged headers
 from PIL import Image, ImageOps
 
 from . import formats
+from .engines import PageText
 
 PDF_DPI = 200  # enough for OCR of 8-10 pt text; A4 renders at 1654 x 2339
 DEFAULT_DPI = 300  # an image that does not say (most scanners write it)
@@ -124,6 +125,27 @@ class Document:
     def page(self, index: int) -> Page:
         """Page `index` (0-based), decoded or rendered now."""
         return self._render_pdf(index) if self._pdf is not None else self._decode_frame(index)
+
+    def text_layer(self, index: int) -> PageText | None:
+        """The text a PDF page already carries (born-digital, or OCR'd before), with a Line per
+        line of it; None when the page has none (or only whitespace), or the document is an image:
+        such a page is to be rendered and OCR'd. The page is not rendered, which is what this saves.
+
+        Boxes are in the pixels of the page rendered at PDF_DPI, before any `max_side_px`
+        shrinking: the grid `resized_from` names when the page was shrunk (that one is rounded
+        where the render rounds up, under a pixel's difference). pdfium maps them (y flipped,
+        the page box's origin and /Rotate honoured) with the same matrix it renders with. Lines
+        are pdfium's own, in its reading order; `text` is the lines joined by newlines. Each box
+        is the union of the line's loose character boxes (the font's ascent to descent); the PDF
+        gives no confidence, so `score` is None.
+
+        Work is bounded: a page with more than MAX_TEXT_CHARS characters is `too_large`.
+        """
+        if self._pdf is None:
+            return None
+        from .pdftext import read_text_layer
+
+        return read_text_layer(self._pdf, index, PDF_DPI)
 
     def _render_pdf(self, index: int) -> Page:
         import pypdfium2 as pdfium

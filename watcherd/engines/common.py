@@ -6,10 +6,13 @@ venv and the tests can use it whatever those versions are.
 
 from __future__ import annotations
 
+import itertools
 import re
 import sys
 from collections.abc import Sequence
 from typing import Any
+
+from . import Line, box_from_rect
 
 DEFAULT_MAX_NEW_TOKENS = 4096
 # 512 tokens holding at most 128 distinct 4-grams: an exact loop with a period up to 128 tokens (a
@@ -150,6 +153,40 @@ def strip_grounding(text: str) -> str:
     from a grounding answer, leaving the markdown. Their `save_results` mode does the same (and
     crops figures); `eval_mode` returns them raw."""
     return _GROUNDING.sub("", text)
+
+
+_BLOCK = re.compile(r"<\|ref\|>(.*?)<\|/ref\|>\s*<\|det\|>(.*?)<\|/det\|>", re.DOTALL)
+_NUMBER = r"\s*(-?\d+(?:\.\d+)?)\s*"
+_BOX = re.compile(r"\[" + ",".join([_NUMBER] * 4) + r"\]")
+_SPECIAL = re.compile(r"<\|[^|<>]*\|>|<｜[^｜<>]*｜>")  # <|ref|>, <｜end▁of▁sentence｜>, ...
+GROUNDING_SCALE = 999  # DeepSeek-OCR's boxes are normalised to 0-999 (its own drawing code divides by 999)
+MAX_GROUNDING_BLOCKS = 10_000  # a looping answer is cut at max_new_tokens anyway; this bounds the parse
+
+
+def grounding_lines(text: str, size: tuple[int, int]) -> tuple[Line, ...]:
+    """The blocks of a grounding answer as Lines, in the order the model wrote them.
+
+    A block is `<|ref|>label<|/ref|><|det|>[[x1, y1, x2, y2], ...]<|/det|>` followed by its text (up
+    to the next block). Coordinates are normalised 0-999 and scaled here to `size` (width, height),
+    the pixels of the image the engine was given. A block with several boxes gets the box around all
+    of them; a block without text (a figure) or without a readable box is left out. The model gives
+    no confidence, so `score` is None. Malformed answers never raise: what cannot be read is skipped.
+    """
+    width, height = size
+    lines = []
+    for match in itertools.islice(_BLOCK.finditer(text), MAX_GROUNDING_BLOCKS):
+        end = text.find("<|ref|>", match.end())  # the next block, or a tag cut off by max_new_tokens
+        end = len(text) if end < 0 else end
+        body = _SPECIAL.sub("", text[match.end() : end]).strip()
+        boxes = [[min(max(float(v), 0.0), GROUNDING_SCALE) for v in b.groups()] for b in _BOX.finditer(match.group(2))]
+        if not body or not boxes:
+            continue
+        left = min(min(b[0], b[2]) for b in boxes) / GROUNDING_SCALE * width
+        top = min(min(b[1], b[3]) for b in boxes) / GROUNDING_SCALE * height
+        right = max(max(b[0], b[2]) for b in boxes) / GROUNDING_SCALE * width
+        bottom = max(max(b[1], b[3]) for b in boxes) / GROUNDING_SCALE * height
+        lines.append(Line(text=body, box=box_from_rect(left, top, right, bottom)))
+    return tuple(lines)
 
 
 def note(message: str) -> None:

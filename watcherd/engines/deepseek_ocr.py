@@ -18,7 +18,8 @@ crop_mode, test_compress, save_results, eval_mode)`, and it has traps this engin
 - It hard-codes `max_new_tokens=8192`. The engine wraps this model's `generate()` so that
   `max_new_tokens` (default 4096) and the repetition guard apply (see engines/transformers.py).
 - In eval mode the answer to a grounding prompt keeps its `<|ref|>…<|det|>[[box]]<|/det|>` tags;
-  they are stripped (`keep_grounding: true` keeps them).
+  they are stripped from the text, and their boxes (0-999, scaled to the page's pixels) become the
+  page's lines (`common.grounding_lines`); `keep_grounding: true` keeps them in the text instead.
 
 The default prompt is the markdown one, "<image>\\n<|grounding|>Convert the document to markdown.":
 the outputs are markdown files, and this prompt is what gives v1 its layout (headings, tables,
@@ -34,12 +35,14 @@ from typing import Any, NamedTuple
 
 from PIL import Image
 
+from . import PageText
 from .common import (
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_REPEAT_MAX_DISTINCT,
     DEFAULT_REPEAT_WINDOW,
     RepetitionGuard,
     clear_torch_cache,
+    grounding_lines,
     note,
     pick_device,
     pick_dtype,
@@ -154,7 +157,7 @@ class DeepseekOcrEngine:
         # instance attribute shadows the class's generate for this model object only.
         self.net.generate = self._bounded_generate
 
-    def ocr(self, image: Image.Image) -> str:
+    def ocr(self, image: Image.Image) -> str | PageText:
         base_size, image_size, crop_mode = self.resolution
         with tempfile.TemporaryDirectory(prefix="watcherd-deepseek-ocr-") as work:
             page = os.path.join(work, "page.png")  # lossless: the model sees the page as decoded
@@ -178,7 +181,15 @@ class DeepseekOcrEngine:
         if guard is not None and guard.fired:
             note(f"repetition guard stopped a page after {guard.fired_at} tokens ({self.model})")
         text = str(text)
-        return text.strip() if self.keep_grounding else strip_grounding(text).strip()
+        if self.keep_grounding:
+            return text.strip()
+        stripped = strip_grounding(text).strip()
+        if "<|grounding|>" not in self.prompt:
+            return stripped
+        # infer() was given the page as decoded, so 0-999 scales to this image's pixels. An
+        # answer without a box stays a str (what as_page() would make of it anyway).
+        lines = grounding_lines(text, image.size)
+        return PageText(lines=lines, text=stripped) if lines else stripped
 
     def _bounded_generate(self, *args: Any, **kwargs: Any) -> Any:
         """The model's generate() with our token bound and the repetition guard added; an exact loop

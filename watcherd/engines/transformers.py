@@ -33,12 +33,14 @@ from typing import Any
 
 from PIL import Image
 
+from . import PageText
 from .common import (
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_REPEAT_MAX_DISTINCT,
     DEFAULT_REPEAT_WINDOW,
     RepetitionGuard,
     clear_torch_cache,
+    grounding_lines,
     note,
     pick_device,
     pick_dtype,
@@ -140,10 +142,10 @@ class TransformersEngine:
     def _tokenizer(self) -> Any:
         return getattr(self.processor, "tokenizer", self.processor)
 
-    def ocr(self, image: Image.Image) -> str:
+    def ocr(self, image: Image.Image) -> str | PageText:
         return self.ocr_batch([image])[0]
 
-    def ocr_batch(self, images: list[Image.Image]) -> list[str]:
+    def ocr_batch(self, images: list[Image.Image]) -> list[str | PageText]:
         """Several pages in one `generate()` (prompts padded on the left), which is how a GPU is
         kept busy (`ocr.batch_pages`); greedy decoding gives each page the text it gets alone."""
         torch = self._torch
@@ -164,8 +166,8 @@ class TransformersEngine:
                 stopping_criteria=self._criteria([guard] if guard else []),
             )
         start = 0 if self.net.config.is_encoder_decoder else inputs["input_ids"].shape[1]
-        texts = []
-        for row in range(len(images)):
+        pages: list[str | PageText] = []
+        for row, image in enumerate(images):
             new_tokens = output[row, start:].tolist()
             while new_tokens and pad is not None and new_tokens[-1] == pad:
                 new_tokens.pop()  # a row that ended before the others is padded to their length
@@ -174,8 +176,17 @@ class TransformersEngine:
                 note(f"repetition guard stopped a page after {guard.fired_rows[row]} tokens ({self.model})")
             elif len(new_tokens) >= self.max_new_tokens:
                 note(f"a page reached max_new_tokens ({self.max_new_tokens}); its text may be cut ({self.model})")
-            texts.append(self._decode(new_tokens))
-        return texts
+            pages.append(self._answer(new_tokens, image))
+        return pages
+
+    def _answer(self, new_tokens: list[int], image: Image.Image) -> str | PageText:
+        text = self._decode(new_tokens)
+        if not self.grounding:
+            return text
+        # The same answer, tags kept: its <|det|> boxes become the page's lines (DESIGN §6). An
+        # answer without a box stays a str (what as_page() would make of it anyway).
+        lines = grounding_lines(str(self._tokenizer.decode(new_tokens, skip_special_tokens=False)), image.size)
+        return PageText(lines=lines, text=text) if lines else text
 
     def _inputs(self, images: list[Image.Image]) -> Any:
         kwargs = {"return_tensors": "pt", **self.processor_kwargs}
