@@ -221,6 +221,49 @@ def _frames(data: bytes) -> list[Image.Image]:
     return frames
 
 
+def _modes() -> list[tuple[str, Image.Image, str]]:
+    memo = Image.open(SAMPLES / "memo_en.png").convert("RGB").resize((200, 140))
+    rgba = memo.convert("RGBA")
+    rgba.putalpha(Image.linear_gradient("L").resize(memo.size))
+    grey16 = Image.fromarray((np.asarray(memo.convert("L"), dtype=np.uint16) * 257).astype(np.uint16))
+    return [
+        ("bilevel TIFF (G4)", memo.convert("1"), "TIFF"),
+        ("grey PNG", memo.convert("L"), "PNG"),
+        ("16-bit grey PNG", grey16, "PNG"),
+        ("palette PNG", memo.convert("P", palette=Image.Palette.ADAPTIVE), "PNG"),
+        ("RGBA PNG", rgba, "PNG"),
+        ("CMYK TIFF", memo.convert("CMYK"), "TIFF"),
+    ]
+
+
+@pytest.mark.parametrize("label,image,fmt", _modes(), ids=[m[0] for m in _modes()])
+def test_png_and_tiff_pixels_are_embedded_losslessly(label: str, image: Image.Image, fmt: str) -> None:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **({"compression": "group4"} if image.mode == "1" else {}))
+    data = buffer.getvalue()
+    page = RenderedPage(
+        1, image.width, image.height, 300.0, (Line("MEMO", box_from_rect(10, 10, 80, 30), 0.9),), "MEMO"
+    )
+    out = write(data, [page])
+    with pikepdf.open(io.BytesIO(out)) as pdf:
+        (xobject,) = pdf.pages[0].get_images().values()
+        got = pikepdf.PdfImage(xobject)
+        want = Image.open(io.BytesIO(data))
+        if want.mode == "P":
+            want = want.convert("RGB")
+        if want.mode == "RGBA":  # the alpha channel is the image's soft mask
+            alpha = pikepdf.PdfImage(xobject.SMask).as_pil_image()
+            assert np.array_equal(np.asarray(alpha), np.asarray(want.getchannel("A")))
+        pixels = got.as_pil_image() if got.bits_per_component != 16 else None
+        if pixels is None:  # Pillow has no 16-bit grey reader for PDF streams: compare the samples
+            samples = np.frombuffer(xobject.read_bytes(), dtype=">u2").reshape(image.height, image.width)
+            assert np.array_equal(samples, np.asarray(want, dtype=np.uint16))
+        else:
+            assert pixels.mode == want.mode
+            assert np.array_equal(np.asarray(pixels), np.asarray(want))  # RGBA: pikepdf applies the SMask
+    assert "MEMO" in pdf_texts(out)[0]
+
+
 def test_chinese_copied_out_equals_the_truth(engine: Any, truth: dict[str, list[str]]) -> None:
     data = (SAMPLES / "receipt_zh.jpg").read_bytes()
     out = write(data, rendered_pages(engine, data))
