@@ -413,6 +413,7 @@ def hostile_pages() -> list[RenderedPage]:
         Line("zero", box_from_rect(50, 100, 50, 100), 0.5),  # a point
         Line("   ", box_from_rect(10, 200, 300, 240), 0.5),  # nothing to write
         Line("tilted line", ((100.0, 300.0), (400.0, 250.0), (410.0, 290.0), (110.0, 340.0)), float("nan")),
+        Line("beyond 𠀋 BMP", box_from_rect(500, 400, 900, 440), 0.8),  # CJK Extension B
     )
     return [
         RenderedPage(1, 1000, 700, 300.0, lines, "\n".join(line.text for line in lines)),
@@ -425,7 +426,7 @@ def test_hostile_text_and_boxes_still_make_every_output() -> None:
     pages = hostile_pages()
     out = write(data, pages)
     text = pdf_texts(out)[0]
-    for word in ("a<b>&c", "outside the page", "zero", "tilted line"):
+    for word in ("a<b>&c", "outside the page", "zero", "tilted line", "beyond 𠀋 BMP"):
         assert word in text, (word, text)
     assert pdf_texts(out)[1].strip() == ""
     hocr_doc = etree.fromstring(render.hocr(pages, title=HOSTILE))

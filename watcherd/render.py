@@ -6,10 +6,10 @@ applied; PDF pages: rendered at `RenderedPage.dpi`, normally `pages.PDF_DPI`).
 
 The PDF text layer is OCRmyPDF's fpdf2 renderer (`ocrmypdf.fpdf_renderer`, fed an `OcrElement`
 tree) and pikepdf places it over each page; neither calls Tesseract or Ghostscript. The text is
-invisible (render mode 3) and each word is stretched to its box; fonts are OCRmyPDF's two bundled
-ones only (NotoSans for Latin, the glyphless Occulta for everything else), never a scan of the
-system's fonts, so the output is the same on every machine. ToUnicode maps make search and
-copy/paste return the characters, Chinese included.
+invisible (render mode 3) and each word is stretched to its box. All of it is set in OCRmyPDF's
+bundled glyphless font (Occulta, cut down per document: `_DocumentFonts` says why), never a font
+found on the system, so the output is the same on every machine; ToUnicode maps make search and
+copy/paste return the characters, Chinese and characters beyond the BMP included.
 
 - Images: one PDF page per frame, sized from the frame's DPI (`image_dpi`). A JPEG's bytes are
   embedded unchanged (DCTDecode); an EXIF orientation other than 1 is applied by the placement
@@ -32,15 +32,16 @@ from __future__ import annotations
 
 import functools
 import io
-import logging
 import math
 import re
+import tempfile
 import textwrap
 import typing
 import unicodedata
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from PIL import Image, ImageOps
 
@@ -382,18 +383,68 @@ def _position(rect: Rect) -> dict[str, str]:
 
 
 @functools.cache
-def _fonts() -> typing.Any:
-    """OCRmyPDF's font manager over its two bundled fonts only (no system font scan), and its
-    fpdf2 patch (CMap blocks of at most 100 entries), once per process."""
+def _builtin_fonts() -> typing.Any:
+    """OCRmyPDF's bundled fonts (no system font scan: the output is the same on every machine),
+    its fpdf2 patch (CMap blocks of at most 100 entries), and Occulta's bytes and character map;
+    once per process."""
+    from fontTools.ttLib import TTFont
     from ocrmypdf.font.font_provider import BuiltinFontProvider
-    from ocrmypdf.font.multi_font_manager import MultiFontManager
     from ocrmypdf.fpdf_renderer.fpdf2_patches import install_fpdf2_patches
 
     install_fpdf2_patches()
-    # Its advice to install a CJK font does not apply: our text is invisible by design, and the
-    # glyphless font carries it just as well for search and copy.
-    logging.getLogger("ocrmypdf.font.multi_font_manager").setLevel(logging.ERROR)
-    return MultiFontManager(font_provider=BuiltinFontProvider())
+    provider = BuiltinFontProvider()
+    occulta = provider.get_fallback_font().font_path.read_bytes()
+    return provider, occulta, TTFont(io.BytesIO(occulta)).getBestCmap()
+
+
+class _DocumentFonts:
+    """OCRmyPDF's font provider (get_font / get_available_fonts / get_fallback_font) whose glyphless
+    fallback, Occulta, is cut down to the characters of one document; `_glyphless_only` makes the
+    renderer use it for every word.
+
+    Why: fpdf2 parses and subsets each font a document uses, per document. For Occulta (all 65,536
+    BMP code points mapped to 6 blank glyphs) that was 0.3 s, for NotoSans (layout tables) 0.1 s,
+    up to a quarter of a page's OCR time here. The text is invisible, so glyph shapes do not matter
+    (Tesseract's own PDF renderer writes all text in a glyphless font): the cut-down copy has
+    Occulta's glyphs and widths and its mapping for the characters used (characters beyond the
+    BMP, which Occulta lacks, get its full-width blank), and the renderer stretches every word to
+    its box anyway. NotoSans stays available: the renderer takes its baseline metrics from it."""
+
+    def __init__(self, folder: str, codepoints: set[int]):
+        from fontTools.ttLib import TTFont, newTable
+        from fontTools.ttLib.tables._c_m_a_p import CmapSubtable
+        from ocrmypdf.font.font_manager import FontManager
+
+        self._builtin, occulta, full_map = _builtin_fonts()
+        font = TTFont(io.BytesIO(occulta))
+        subtable = CmapSubtable.newSubtable(12)
+        subtable.platformID, subtable.platEncID, subtable.language = 3, 10, 0
+        subtable.cmap = {cp: full_map.get(cp, "blank2") for cp in codepoints | {0x20, 0xA0}}
+        cmap = newTable("cmap")
+        cmap.tableVersion = 0
+        cmap.tables = [subtable]
+        font["cmap"] = cmap
+        path = Path(folder) / "Occulta.ttf"  # fpdf2 names the font after the file
+        font.save(str(path))
+        self._glyphless = FontManager(path)
+
+    def get_font(self, font_name: str) -> typing.Any:
+        return self._glyphless if font_name == "Occulta" else self._builtin.get_font(font_name)
+
+    def get_available_fonts(self) -> list[str]:
+        return list(self._builtin.get_available_fonts())
+
+    def get_fallback_font(self) -> typing.Any:
+        return self._glyphless
+
+
+@functools.cache
+def _glyphless_only(base: type) -> type:
+    class GlyphlessFonts(base):  # type: ignore[valid-type, misc]
+        def select_font_for_word(self, word_text: str, line_language: str | None) -> typing.Any:
+            return self.font_provider.get_fallback_font()
+
+    return GlyphlessFonts
 
 
 def _ocr_tree(page: RenderedPage) -> OcrElement:
@@ -415,20 +466,24 @@ def _text_layer(pages: Sequence[tuple[RenderedPage, float]]) -> bytes:
     """One PDF page of invisible text per (page, width in points)."""
     from fpdf import FPDF
     from fpdf.enums import TextMode
+    from ocrmypdf.font.multi_font_manager import MultiFontManager
     from ocrmypdf.fpdf_renderer.renderer import Fpdf2PdfRenderer
 
-    fonts = _fonts()
+    trees = [(_ocr_tree(page), page.width * 72.0 / width_pt) for page, width_pt in pages]
+    codepoints = {ord(c) for tree, _ in trees for word in tree.words for c in word.text}
     pdf = FPDF(unit="pt")
     pdf.set_auto_page_break(auto=False)
     pdf.set_text_shaping(True)
     pdf.c_margin = 0  # fpdf2 pads cells by default: the text would sit beside its box
     pdf.text_mode = TextMode.INVISIBLE
     registered: dict[str, str] = {}
-    for page, width_pt in pages:
-        renderer = Fpdf2PdfRenderer(page=_ocr_tree(page), dpi=page.width * 72.0 / width_pt, multi_font_manager=fonts)
-        renderer._registered_fonts = registered  # one font resource for all pages, as its multi-page renderer does
-        renderer.render_to_pdf(pdf)
-    return bytes(pdf.output())
+    with tempfile.TemporaryDirectory(prefix="watcherd-font-") as folder:
+        fonts = _glyphless_only(MultiFontManager)(font_provider=_DocumentFonts(folder, codepoints))
+        for tree, dpi in trees:
+            renderer = Fpdf2PdfRenderer(page=tree, dpi=dpi, multi_font_manager=fonts)
+            renderer._registered_fonts = registered  # one font resource for all pages, as its multi-page renderer does
+            renderer.render_to_pdf(pdf)
+        return bytes(pdf.output())
 
 
 # -- the searchable PDF ----------------------------------------------------------------------------
