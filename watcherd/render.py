@@ -486,6 +486,15 @@ def _text_layer(pages: Sequence[tuple[RenderedPage, float]]) -> bytes:
         return bytes(pdf.output())
 
 
+def warm_up() -> None:
+    """Import the PDF libraries and load the fonts now (about 2 s and 80 MB here, once per
+    process), so that the child's first searchable PDF does not pay it inside a page's time."""
+    import pikepdf  # noqa: F401
+    from ocrmypdf.fpdf_renderer.renderer import Fpdf2PdfRenderer  # noqa: F401
+
+    _builtin_fonts()
+
+
 # -- the searchable PDF ----------------------------------------------------------------------------
 
 
