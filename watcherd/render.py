@@ -359,9 +359,8 @@ def alto(pages: Sequence[RenderedPage], *, filename: str) -> bytes:
             continue
         block = el(space, "TextBlock", ID=f"block_{n}_1", **_position(_union(r.rect for r in rows)))
         for i, row in enumerate(rows, 1):
+            # No ROTATION: ALTO 4 has it on blocks, not lines; the box is the tilted line's envelope.
             line_el = el(block, "TextLine", ID=f"line_{n}_{i}", **_position(row.rect))
-            if row.angle:
-                line_el.set("ROTATION", f"{row.angle:.1f}")  # ALTO: degrees counter-clockwise, like hOCR
             for j, token in enumerate(row.tokens, 1):
                 if j > 1:
                     after = _pixels(row.tokens[j - 2].rect)[2]
@@ -519,8 +518,8 @@ def write_pdf(
         targets = []
         for number in sorted(by_number):
             page = by_number[number]
-            if page.source != "ocr" or page.width < 1 or page.height < 1:
-                continue
+            if page.source != "ocr" or page.width < 1 or page.height < 1 or not _rows(page):
+                continue  # text from the PDF itself, or nothing to add
             geometry = _Geometry.of(pdf.pages[number - 1], pikepdf)
             targets.append((page, geometry))
         if targets:
