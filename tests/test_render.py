@@ -12,6 +12,8 @@ import ctypes
 import io
 import json
 import re
+import subprocess
+import sys
 import unicodedata
 from pathlib import Path
 from typing import Any
@@ -327,17 +329,17 @@ def test_two_page_pdf_keeps_its_pages_and_gains_text(engine: Any, truth: dict[st
             assert list(new.mediabox) == list(old.mediabox)
 
 
-def test_rotated_page_with_offset_cropbox(engine: Any, truth: dict[str, list[str]]) -> None:
+@pytest.mark.parametrize("inherited", [False, True], ids=["on the page", "inherited from /Pages"])
+def test_rotated_page_with_offset_cropbox(inherited: bool, engine: Any, truth: dict[str, list[str]]) -> None:
     """A page whose content is drawn sideways and turned upright by /Rotate 90, with its boxes away
-    from the origin: the text must land on the words as displayed."""
+    from the origin, and content that leaves its coordinate system scaled: the text must still
+    land on the words as displayed. Also with /Rotate, /CropBox and /Resources inherited."""
     memo = Image.open(SAMPLES / "memo_en.png").convert("RGB")
     w, h = memo.width * 72 / 150, memo.height * 72 / 150
     x0, y0 = 100.0, 50.0
     pdf = pikepdf.new()
     page = pdf.add_blank_page(page_size=(h, w))
     page.obj.MediaBox = pikepdf.Array([x0 - 20, y0 - 30, x0 + h + 20, y0 + w + 30])
-    page.obj.CropBox = pikepdf.Array([x0, y0, x0 + h, y0 + w])
-    page.obj.Rotate = 90
     jpeg = io.BytesIO()
     memo.save(jpeg, "JPEG", quality=95)
     image = pikepdf.Stream(pdf, jpeg.getvalue())
@@ -346,7 +348,14 @@ def test_rotated_page_with_offset_cropbox(engine: Any, truth: dict[str, list[str
     image.ColorSpace = pikepdf.Name.DeviceRGB
     name = page.add_resource(image, pikepdf.Name.XObject)
     # Drawn turned 90° counter-clockwise in user space; /Rotate 90 (clockwise) shows it upright.
-    page.contents_add(f"q 0 {w} {-h} 0 {x0 + h} {y0} cm {name} Do Q".encode())
+    # The trailing `cm` outside q/Q is legal and would shrink anything drawn after it.
+    page.contents_add(f"q 0 {w} {-h} 0 {x0 + h} {y0} cm {name} Do Q 0.5 0 0 0.5 0 0 cm".encode())
+    holder = pdf.Root.Pages if inherited else page.obj
+    holder.CropBox = pikepdf.Array([x0, y0, x0 + h, y0 + w])
+    holder.Rotate = 90
+    if inherited:
+        pdf.Root.Pages.Resources = page.obj.Resources
+        del page.obj.Resources
     buffer = io.BytesIO()
     pdf.save(buffer)
     data = buffer.getvalue()
@@ -531,6 +540,39 @@ def test_hocr_and_alto_of_hostile_and_empty_pages_validate(tmp_path: Path) -> No
     assert hocr_spec_errors(render.hocr(pages, title=HOSTILE), tmp_path) == []
     assert validate_alto(render.alto(pages, filename=HOSTILE)) is None
     assert hocr_words(render.hocr(pages, title="t")) == alto_words(render.alto(pages, filename="f"))
+
+
+# -- no external programs ---------------------------------------------------------------------------
+
+NO_PROGRAMS = """
+import io, sys
+started = []
+sys.addaudithook(lambda event, args: started.append((event, args)) if event in (
+    "subprocess.Popen", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "os.forkpty") else None)
+from watcherd import render
+from watcherd.engines import Line, box_from_rect
+page = render.RenderedPage(1, 1000, 700, 300.0, (Line("收據 MEMO", box_from_rect(50, 50, 400, 90), 0.9),), "x")
+data = open(sys.argv[1], "rb").read()
+render.warm_up()
+render.write_pdf(io.BytesIO(), data=data, kind="jpeg", pages=[page])
+render.write_pdf(io.BytesIO(), data=data, kind="jpeg", pages=[page], pdfa=True)
+assert not started, started
+print("ok")
+"""
+
+
+def test_needs_neither_tesseract_nor_ghostscript() -> None:
+    """The PDF and PDF/A paths start no program at all (an audit hook sees every exec, spawn and
+    fork), and work with an empty PATH, whether Tesseract and Ghostscript are installed or not."""
+    result = subprocess.run(
+        [sys.executable, "-c", NO_PROGRAMS, str(SAMPLES / "receipt_zh.jpg")],
+        cwd=Path(__file__).parent.parent,
+        env={"PATH": "/nonexistent", "HOME": "/nonexistent"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
 
 
 # -- PDF/A -------------------------------------------------------------------------------------------
