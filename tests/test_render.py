@@ -423,6 +423,7 @@ def hostile_pages() -> list[RenderedPage]:
         Line("   ", box_from_rect(10, 200, 300, 240), 0.5),  # nothing to write
         Line("tilted line", ((100.0, 300.0), (400.0, 250.0), (410.0, 290.0), (110.0, 340.0)), float("nan")),
         Line("beyond 𠀋 BMP", box_from_rect(500, 400, 900, 440), 0.8),  # CJK Extension B
+        Line("not a number", ((float("nan"), 500.0), (float("inf"), 500.0), (300.0, 540.0), (10.0, 540.0)), 0.7),
     )
     return [
         RenderedPage(1, 1000, 700, 300.0, lines, "\n".join(line.text for line in lines)),
@@ -435,7 +436,7 @@ def test_hostile_text_and_boxes_still_make_every_output() -> None:
     pages = hostile_pages()
     out = write(data, pages)
     text = pdf_texts(out)[0]
-    for word in ("a<b>&c", "outside the page", "zero", "tilted line", "beyond 𠀋 BMP"):
+    for word in ("a<b>&c", "outside the page", "zero", "tilted line", "beyond 𠀋 BMP", "not a number"):
         assert word in text, (word, text)
     assert pdf_texts(out)[1].strip() == ""
     hocr_doc = etree.fromstring(render.hocr(pages, title=HOSTILE))
@@ -453,6 +454,14 @@ def test_page_numbers_must_fit_the_document() -> None:
     data = (SAMPLES / "memo_en.png").read_bytes()
     with pytest.raises(render.RenderError, match="page numbers"):
         write(data, [RenderedPage(2, 1000, 700, 300.0, (), "x")])
+    twice = [RenderedPage(1, 1000, 700, 300.0, (), "x")] * 2
+    for make in (
+        lambda: write(data, twice),
+        lambda: render.hocr(twice, title="t"),
+        lambda: render.alto(twice, filename="f"),
+    ):
+        with pytest.raises(render.RenderError, match="same number"):
+            make()
 
 
 def test_image_dpi_rule() -> None:

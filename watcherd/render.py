@@ -140,8 +140,8 @@ class _Row:
 def _rect(box: typing.Any, page: RenderedPage) -> Rect:
     """The axis-aligned envelope of a box, clipped to the page and at least 1 px each way (an
     engine's zero-size box still carries text that search must find)."""
-    xs = [min(max(float(p[0]), 0.0), page.width) for p in box]
-    ys = [min(max(float(p[1]), 0.0), page.height) for p in box]
+    xs = [min(max(_finite(p[0]), 0.0), page.width) for p in box]
+    ys = [min(max(_finite(p[1]), 0.0), page.height) for p in box]
     left, right, top, bottom = min(xs), max(xs), min(ys), max(ys)
     if right - left < 1:
         left = min(left, page.width - 1.0)
@@ -152,11 +152,17 @@ def _rect(box: typing.Any, page: RenderedPage) -> Rect:
     return (max(left, 0.0), max(top, 0.0), right, bottom)
 
 
+def _finite(value: float) -> float:
+    """A coordinate as a float; NaN or infinity (a buggy engine's box) becomes 0, then clipped."""
+    number = float(value)
+    return number if math.isfinite(number) else 0.0
+
+
 def _angle(box: typing.Any) -> float:
-    (x0, y0), (x1, y1) = box[0], box[1]
+    (x0, y0), (x1, y1) = ((_finite(x), _finite(y)) for x, y in box[:2])
     if x0 == x1 and y0 == y1:
         return 0.0
-    angle = -math.degrees(math.atan2(float(y1) - float(y0), float(x1) - float(x0)))
+    angle = -math.degrees(math.atan2(y1 - y0, x1 - x0))
     return angle if abs(angle) >= 1.0 else 0.0  # scanner skew below a degree: the box says enough
 
 
@@ -213,6 +219,15 @@ def _word_spans(parts: list[str], words: list[Word]) -> list[list[Word]] | None:
     return spans if index == len(words) else None
 
 
+def _by_number(pages: Sequence[RenderedPage]) -> dict[int, RenderedPage]:
+    """The pages by number; two with one number would give two elements one ID (and one PDF page
+    two text layers)."""
+    by_number = {page.number: page for page in pages}
+    if len(by_number) != len(pages):
+        raise RenderError(f"two RenderedPages have the same number: {sorted(p.number for p in pages)}")
+    return by_number
+
+
 def _rows(page: RenderedPage) -> list[_Row]:
     """The page's lines as rows; a page without lines gets its text laid out (see module doc)."""
     if not page.lines:
@@ -264,6 +279,7 @@ def hocr(pages: Sequence[RenderedPage], *, title: str) -> bytes:
     its bbox in page pixels; x_wconf (0-100) where the engine gave a score."""
     from lxml import etree
 
+    _by_number(pages)
     html = etree.Element(f"{{{_XHTML}}}html", nsmap={None: _XHTML})
     html.set("{http://www.w3.org/XML/1998/namespace}lang", "und")
     html.set("lang", "und")
@@ -338,6 +354,10 @@ def alto(pages: Sequence[RenderedPage], *, filename: str) -> bytes:
     with HPOS/VPOS/WIDTH/HEIGHT from the same boxes as the hOCR and the PDF, WC (0-1) where the
     engine gave a score."""
     from lxml import etree
+
+    if not pages:
+        raise RenderError("ALTO needs at least one page")
+    _by_number(pages)
 
     def el(parent: typing.Any, tag: str, **attrs: str) -> typing.Any:
         return etree.SubElement(parent, f"{{{ALTO_NS}}}{tag}", attrs)
@@ -505,9 +525,7 @@ def write_pdf(
     RenderedPage of the same number. Pages without a RenderedPage are kept without text."""
     import pikepdf
 
-    by_number = {page.number: page for page in pages}
-    if len(by_number) != len(pages):
-        raise RenderError("two RenderedPages have the same number")
+    by_number = _by_number(pages)
     try:
         pdf = _open_pdf(data, pikepdf) if kind == "pdf" else _image_pdf(data, kind, pikepdf)
     except (pikepdf.PdfError, OSError, ValueError, SyntaxError, EOFError) as exc:
