@@ -464,6 +464,17 @@ def test_page_numbers_must_fit_the_document() -> None:
             make()
 
 
+def test_encrypted_and_broken_pdfs_are_refused_with_a_render_error() -> None:
+    with pikepdf.open(io.BytesIO(two_page_pdf())) as pdf:
+        locked = io.BytesIO()
+        pdf.save(locked, encryption=pikepdf.Encryption(owner="secret", user=""))
+    page = RenderedPage(1, 1000, 700, PDF_DPI, (), "x")
+    with pytest.raises(render.RenderError, match="encrypted"):
+        render.write_pdf(io.BytesIO(), data=locked.getvalue(), kind="pdf", pages=[page])
+    with pytest.raises(render.RenderError, match="cannot be read"):
+        render.write_pdf(io.BytesIO(), data=b"%PDF-1.7\n garbage", kind="pdf", pages=[page])
+
+
 def test_image_dpi_rule() -> None:
     image = Image.new("L", (10, 10))
     assert render.image_dpi(image) == render.DEFAULT_DPI

@@ -296,7 +296,7 @@ def hocr(pages: Sequence[RenderedPage], *, title: str) -> bytes:
     for page in pages:
         n = page.number
         page_el = etree.SubElement(body, f"{{{_XHTML}}}div", {"class": "ocr_page", "id": f"page_{n}"})
-        dpi = round(page.dpi)
+        dpi = round(page.dpi) if math.isfinite(page.dpi) and page.dpi > 0 else round(DEFAULT_DPI)
         page_el.set("title", f"bbox 0 0 {page.width} {page.height}; ppageno {n - 1}; scan_res {dpi} {dpi}")
         rows = _rows(page)
         if not rows:
@@ -506,7 +506,7 @@ def _text_layer(pages: Sequence[tuple[RenderedPage, float]]) -> bytes:
 
 
 def warm_up() -> None:
-    """Import the PDF libraries and load the fonts now (about 2 s and 80 MB here, once per
+    """Import the PDF libraries and load the fonts now (0.6-1.5 s and about 80 MB here, once per
     process), so that the child's first searchable PDF does not pay it inside a page's time."""
     import pikepdf  # noqa: F401
     from ocrmypdf.fpdf_renderer.renderer import Fpdf2PdfRenderer  # noqa: F401
@@ -530,25 +530,34 @@ def write_pdf(
         pdf = _open_pdf(data, pikepdf) if kind == "pdf" else _image_pdf(data, kind, pikepdf)
     except (pikepdf.PdfError, OSError, ValueError, SyntaxError, EOFError) as exc:
         raise RenderError(f"{kind or 'file'} cannot be read for the PDF: {type(exc).__name__}: {exc}") from None
-    with pdf:
-        if max(by_number, default=0) > len(pdf.pages) or min(by_number, default=1) < 1:
-            raise RenderError(f"page numbers {sorted(by_number)} do not fit a document of {len(pdf.pages)} pages")
-        targets = []
-        for number in sorted(by_number):
-            page = by_number[number]
-            if page.source != "ocr" or page.width < 1 or page.height < 1 or not _rows(page):
-                continue  # text from the PDF itself, or nothing to add
-            geometry = _Geometry.of(pdf.pages[number - 1], pikepdf)
+    try:
+        with pdf:
+            _add_layers(pdf, by_number, pikepdf)
+            if pdfa:
+                _save_pdfa(pdf, out, pikepdf)
+            else:
+                pdf.save(out, compress_streams=True, object_stream_mode=pikepdf.ObjectStreamMode.generate)
+    except pikepdf.PdfError as exc:  # a page tree or content that opened but breaks on use
+        raise RenderError(f"the PDF cannot be rewritten: {exc}") from None
+
+
+def _add_layers(pdf: typing.Any, by_number: dict[int, RenderedPage], pikepdf: typing.Any) -> None:
+    """Draw each OCR'd page's text layer over its page of `pdf`."""
+    if max(by_number, default=0) > len(pdf.pages) or min(by_number, default=1) < 1:
+        raise RenderError(f"page numbers {sorted(by_number)} do not fit a document of {len(pdf.pages)} pages")
+    targets = []
+    for number in sorted(by_number):
+        page = by_number[number]
+        if page.source != "ocr" or page.width < 1 or page.height < 1 or not _rows(page):
+            continue  # text from the PDF itself, or nothing to add
+        geometry = _Geometry.of(pdf.pages[number - 1], pikepdf)
+        if geometry.width > 0 and geometry.height > 0:  # a page of zero size shows nothing to search
             targets.append((page, geometry))
-        if targets:
-            layer = pikepdf.open(io.BytesIO(_text_layer([(page, g.width) for page, g in targets])))
-            with layer:
-                for (page, geometry), text_page in zip(targets, layer.pages, strict=True):
-                    _overlay(pdf, pdf.pages[page.number - 1], text_page, geometry, pikepdf)
-        if pdfa:
-            _save_pdfa(pdf, out, pikepdf)
-        else:
-            pdf.save(out, compress_streams=True, object_stream_mode=pikepdf.ObjectStreamMode.generate)
+    if targets:
+        layer = pikepdf.open(io.BytesIO(_text_layer([(page, g.width) for page, g in targets])))
+        with layer:
+            for (page, geometry), text_page in zip(targets, layer.pages, strict=True):
+                _overlay(pdf, pdf.pages[page.number - 1], text_page, geometry, pikepdf)
 
 
 def _open_pdf(data: bytes, pikepdf: typing.Any) -> pikepdf.Pdf:
