@@ -608,6 +608,17 @@ def test_pdfa_from_an_image(engine: Any, truth: dict[str, list[str]]) -> None:
     assert cer(pdf_texts(out)[0], truth["receipt_zh.jpg"][0]) <= MAX_CER
 
 
+def test_pdfa_refused_for_a_cmyk_image_without_profile() -> None:
+    """PDF/A forbids DeviceCMYK under an sRGB output intent; converting the pixels would not be
+    lossless, so the writer says so instead."""
+    buffer = io.BytesIO()
+    Image.open(SAMPLES / "receipt_zh.jpg").convert("CMYK").save(buffer, "JPEG")
+    page = RenderedPage(1, 1000, 700, 300.0, (Line("收據", box_from_rect(60, 66, 130, 107), 0.9),), "收據")
+    with pytest.raises(render.PdfaError, match="DeviceCMYK"):
+        write(buffer.getvalue(), [page], pdfa=True)
+    assert "收據" in pdf_texts(write(buffer.getvalue(), [page]))[0]  # without PDF/A it is fine
+
+
 def test_pdfa_refused_when_a_font_is_not_embedded() -> None:
     from fpdf import FPDF
 
