@@ -608,6 +608,21 @@ def test_pdfa_from_an_image(engine: Any, truth: dict[str, list[str]]) -> None:
     assert cer(pdf_texts(out)[0], truth["receipt_zh.jpg"][0]) <= MAX_CER
 
 
+@pytest.mark.parametrize(
+    "label,image,fmt", [m for m in _modes() if m[1].mode != "CMYK"], ids=lambda v: v if isinstance(v, str) else ""
+)
+def test_pdfa_from_each_image_mode(label: str, image: Image.Image, fmt: str) -> None:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt)
+    page = RenderedPage(
+        1, image.width, image.height, 300.0, (Line("MEMO", box_from_rect(10, 10, 80, 30), 0.9),), "MEMO"
+    )
+    out = write(buffer.getvalue(), [page], pdfa=True)
+    with pikepdf.open(io.BytesIO(out)) as pdf, pdf.open_metadata() as meta:
+        assert meta.pdfa_status == "2B"
+    assert "MEMO" in pdf_texts(out)[0]
+
+
 def test_pdfa_refused_for_a_cmyk_image_without_profile() -> None:
     """PDF/A forbids DeviceCMYK under an sRGB output intent; converting the pixels would not be
     lossless, so the writer says so instead."""
