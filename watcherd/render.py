@@ -16,8 +16,9 @@ copy/paste return the characters, Chinese and characters beyond the BMP included
   matrix, not by re-encoding, so the page shows the image as displayed and the boxes (displayed
   orientation) need no turning. Other formats are decoded by Pillow and stored losslessly
   (Flate; alpha as an SMask; 16-bit grey kept at 16 bits).
-- PDFs: the original pages are kept byte for byte; a page whose source is "ocr" gets the layer
-  drawn over its content (mapped through its CropBox and /Rotate); "pdf_text" pages get none.
+- PDFs: the original pages are kept, their content and images unchanged (pikepdf rewrites the
+  file around them); a page whose source is "ocr" gets the layer drawn after its content, which
+  is wrapped in q/Q (mapped through its CropBox and /Rotate); "pdf_text" pages get none.
 - Text-only pages (an engine without boxes): the text is laid out in rows over the page, so
   search and copy find it; the positions are made up and say nothing about where the text is.
 - `pdfa=True`: pikepdf's own PDF/A-2b conversion (sRGB output intent, XMP) and validation of the
