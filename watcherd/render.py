@@ -483,34 +483,25 @@ def _ocr_tree(page: RenderedPage) -> OcrElement:
 
 
 def _text_layer(pages: Sequence[tuple[RenderedPage, float]]) -> bytes:
-    """One PDF page of invisible text per (page, width in points)."""
-    from fpdf import FPDF
-    from fpdf.enums import TextMode
+    """One PDF page of invisible text per (page, width in points), by OCRmyPDF's multi-page
+    renderer (fpdf2: render mode 3, text shaping, no cell margin, one font resource)."""
     from ocrmypdf.font.multi_font_manager import MultiFontManager
-    from ocrmypdf.fpdf_renderer.renderer import Fpdf2PdfRenderer
+    from ocrmypdf.fpdf_renderer.renderer import Fpdf2MultiPageRenderer
 
-    trees = [(_ocr_tree(page), page.width * 72.0 / width_pt) for page, width_pt in pages]
-    codepoints = {ord(c) for tree, _ in trees for word in tree.words for c in word.text}
-    pdf = FPDF(unit="pt")
-    pdf.set_auto_page_break(auto=False)
-    pdf.set_text_shaping(True)
-    pdf.c_margin = 0  # fpdf2 pads cells by default: the text would sit beside its box
-    pdf.text_mode = TextMode.INVISIBLE
-    registered: dict[str, str] = {}
-    with tempfile.TemporaryDirectory(prefix="watcherd-font-") as folder:
+    trees = [(page.number, _ocr_tree(page), page.width * 72.0 / width_pt) for page, width_pt in pages]
+    codepoints = {ord(c) for _, tree, _ in trees for word in tree.words for c in word.text}
+    with tempfile.TemporaryDirectory(prefix="watcherd-render-") as folder:
         fonts = _glyphless_only(MultiFontManager)(font_provider=_DocumentFonts(folder, codepoints))
-        for tree, dpi in trees:
-            renderer = Fpdf2PdfRenderer(page=tree, dpi=dpi, multi_font_manager=fonts)
-            renderer._registered_fonts = registered  # one font resource for all pages, as its multi-page renderer does
-            renderer.render_to_pdf(pdf)
-        return bytes(pdf.output())
+        path = Path(folder) / "layer.pdf"
+        Fpdf2MultiPageRenderer(pages_data=trees, multi_font_manager=fonts, invisible_text=True).render(path)
+        return path.read_bytes()
 
 
 def warm_up() -> None:
     """Import the PDF libraries and load the fonts now (0.6-1.5 s and about 80 MB here, once per
     process), so that the child's first searchable PDF does not pay it inside a page's time."""
     import pikepdf  # noqa: F401
-    from ocrmypdf.fpdf_renderer.renderer import Fpdf2PdfRenderer  # noqa: F401
+    from ocrmypdf.fpdf_renderer.renderer import Fpdf2MultiPageRenderer  # noqa: F401
 
     _builtin_fonts()
 
