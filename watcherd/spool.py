@@ -555,7 +555,7 @@ class Spool:
             targets["json"] = ("outbox", ".json")
             for fmt in out.written:
                 if (fmt in ("md", "txt") and text is not None) or fmt in rendered:
-                    targets[fmt] = ("outbox", f".{fmt}")
+                    targets[fmt] = ("outbox", ".alto.xml" if fmt == "alto" else f".{fmt}")
             if out.on_success == "archive":
                 targets["original"] = ("archive", "")
         else:
