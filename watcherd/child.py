@@ -371,9 +371,9 @@ class Child:
         that cannot be written is reported, not fatal: the text and the JSON are worth having."""
         if not targets:
             return [], {}
-        from . import render as renderers
+        from .render import RenderedPage, alto, hocr, write_pdf
 
-        pages = [renderers.RenderedPage(*fields) for fields in pages]
+        pages = [RenderedPage(*fields) for fields in pages]
         self.send("rendering", id=request_id)
         name = os.path.basename(path)
         written, errors = [], {}
@@ -383,11 +383,11 @@ class Child:
                 with open(fd, "wb") as out:
                     if fmt == "pdf":
                         assert original is not None and kind is not None
-                        renderers.write_pdf(out, data=original, kind=kind, pages=pages, pdfa=bool(render.get("pdfa")))
+                        write_pdf(out, data=original, kind=kind, pages=pages, pdfa=bool(render.get("pdfa")))
                     elif fmt == "hocr":
-                        out.write(renderers.hocr(pages, title=name))
+                        out.write(hocr(pages, title=name))
                     else:
-                        out.write(renderers.alto(pages, filename=name))
+                        out.write(alto(pages, filename=name))
                     out.flush()
                     os.fsync(out.fileno())
                 written.append(fmt)
