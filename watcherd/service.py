@@ -22,6 +22,7 @@ from . import __version__, admin, documents, logs, outputs
 from . import settings as settings_mod
 from . import spool as spool_mod
 from .backlog import Backlog
+from .handoff import Handoff
 from .intake import Intake
 from .publisher import Publisher
 from .readiness import TICK_BUDGET_S, StabilityTracker, signature_of
@@ -43,8 +44,9 @@ class Service:
         assert settings.paths.inbox is not None
         self.settings = settings
         self.notifier = notifier or Notifier(unset_environment=True)  # children must not inherit it
-        self.spool = Spool(settings)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.handoff = Handoff(settings, wake=self._wake)  # hooks and webhook
+        self.spool = Spool(settings, on_published=self.handoff.published)
         self.intake = Intake(settings.paths.inbox, settings.watch, wake=self._wake)
         self.tracker = StabilityTracker(settings.watch.settle_s, root=settings.paths.inbox)
         self.workers = self._make_workers(settings)
@@ -89,6 +91,7 @@ class Service:
             signal.signal(signum, self._on_signal)
         self.spool.lock()
         self.spool.prepare()
+        self.handoff.open()  # before recover(): finishing a publication enqueues its hook and delivery
         recovered = self.spool.recover()
         self.backlog.add_claimed(recovered)
         self.started = admin.proc_start_time(os.getpid())
@@ -109,6 +112,7 @@ class Service:
             raise
         finally:
             self.publisher.shutdown()
+            self.handoff.stop()
             self.intake.stop()
             if self.probe is not None:
                 self.probe[0].cancel()
@@ -134,6 +138,7 @@ class Service:
                 self._finish(outcome)
             for outcome, document in self.publisher.results():
                 self._published(outcome, document)
+            self.handoff.tick()
             self._replace_retired()
             if not self.publisher.copying:  # the publisher thread uses the work area's descriptors
                 self.spool.area.check()
@@ -259,6 +264,7 @@ class Service:
             self.tracker.next_due(),
             self.backlog.next_retry_at(),
             self.publisher.next_retry_at(),
+            self.handoff.next_wakeup(),
         ]
         if self.stopping_since is not None:
             times.append(self.stopping_since + STOP_GRACE_S)
@@ -447,6 +453,9 @@ class Service:
         if new.paths != old.paths:
             log.warning("paths.* changed: that takes a restart; keeping the current folders until then")
             new = dataclasses.replace(new, paths=old.paths)
+        if (new.hooks, new.webhook) != (old.hooks, old.webhook):
+            log.warning("hooks.* or webhook.* changed: that takes a restart; keeping the current ones until then")
+            new = dataclasses.replace(new, hooks=old.hooks, webhook=old.webhook)
         self.settings = new
         self.spool.settings = new
         logging.getLogger("watcherd").setLevel(new.logging.level.upper())
@@ -578,6 +587,7 @@ class Service:
                 {"pid": w.pid, "device": w.device, "state": w.state, "files_done": w.files_done} for w in self.workers
             ],
             "last_error": self.last_error,
+            "handoff": self.handoff.status(),  # hook and webhook backlog and outcomes
             "gpu": self.last_gpu,
             "version": __version__,
         }
