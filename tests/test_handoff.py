@@ -190,6 +190,7 @@ def test_webhook_delivers_each_file_once_through_503s_a_hang_and_a_redirect(
     # The secret appears nowhere an operator looks.
     check = run_watcherd("check", "--config", str(d.config_path))
     shown = run_watcherd("status", "--config", str(d.config_path))
+    assert "webhook: 0 backlog, 4 delivered, 1 failed, 0 gave up" in shown.stdout, shown.stdout
     for text in (d.log(), d.status_path.read_text(), check.stdout + check.stderr, shown.stdout + shown.stderr):
         assert SECRET not in text
     assert d.stop() == 0
