@@ -438,3 +438,28 @@ def test_hook_entries_survive_kill_9_and_run_after_restart(daemon_factory: Any, 
     assert [c["argv"] for c in calls(out)] == [["crash.png"], ["crash.png"]]  # at-least-once: once more
     assert d.stop() == 0
     assert os.listdir(handoff_dir(d) / "hooks") == []
+
+
+def test_a_publication_run_again_after_a_crash_enqueues_nothing_twice(tmp_path: Path) -> None:
+    """Spool._publish calls the sink again when a crash came before the record was removed:
+    the same record, status and finished_at name the same entry, which is written once."""
+    from watcherd import settings
+    from watcherd.handoff import Handoff
+
+    (tmp_path / "inbox").mkdir()
+    paths = {k: str(tmp_path / k) for k in ("inbox", "outbox", "failed", "archive", "state")}
+    s = settings.from_dict({"paths": paths, "hooks": {"on_success": ["/bin/true", "{json}"]}})
+    handoff = Handoff(s, wake=lambda: None)
+    handoff.open()
+    doc = {"status": "ok", "source": "a.png", "finished_at": "2026-11-29T10:00:00+00:00", "sha256": "ab"}
+    for _ in range(2):
+        handoff.published("0" * 40 + ".json", doc, tmp_path / "outbox" / "a.png.json")
+    assert len(os.listdir(handoff.root / "hooks")) == 1
+    handoff.published("0" * 40 + ".json", {**doc, "finished_at": "2026-11-29T11:00:00+00:00"}, tmp_path / "x.json")
+    assert len(os.listdir(handoff.root / "hooks")) == 2  # a later file of the same name: its own hook
+    assert stat_mode(handoff.root) == stat_mode(handoff.root / "hooks") == 0o700
+    handoff.stop()
+
+
+def stat_mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777

@@ -226,6 +226,9 @@ class Handoff:
             self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
             with safefs.folder(s.state_dir, []) as fd:
                 key = handoff_key(fd)
+                with safefs.folder(fd, [self.root.name]) as root:  # never a link planted in its place
+                    if stat.S_IMODE(os.fstat(root).st_mode) & 0o077:
+                        os.fchmod(root, 0o700)
         except OSError as exc:
             raise ConfigError(
                 f"cannot use the state folder {s.state_dir} for hooks/webhook: {exc.strerror or exc}",

@@ -21,6 +21,7 @@ Contract (README, "Hooks"):
 from __future__ import annotations
 
 import collections
+import errno
 import logging
 import os
 import signal
@@ -39,7 +40,18 @@ from .settings import HOOK_PLACEHOLDERS, HooksSettings
 log = logging.getLogger("watcherd")
 
 OUTPUT_TAIL_BYTES = 4096
-STOP_GRACE_S = 5.0  # at shutdown, how long running hooks may take before they are killed
+STOP_GRACE_S = 5.0
+SPAWN_RETRY_S = 5.0  # after fork/exec failed for want of resources (EAGAIN, ENOMEM, EMFILE)
+# A program that cannot be started for one of these reasons cannot be by trying again.
+CANNOT_START = {
+    errno.ENOENT,
+    errno.EACCES,
+    errno.ENOEXEC,
+    errno.EISDIR,
+    errno.ENOTDIR,
+    errno.EPERM,
+    errno.ELOOP,
+}  # at shutdown, how long running hooks may take before they are killed
 # Not passed on to hooks: systemd's, for the daemon alone (a hook sending READY=1 would lie).
 PRIVATE_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES")
 
@@ -72,6 +84,7 @@ class HookRunner:
         self.queue: collections.deque[str] = collections.deque()
         self.running: dict[str, Running] = {}
         self.counts = {"done": 0, "failed": 0}  # outcomes since start (for status and metrics)
+        self._spawn_retry_at: float | None = None
 
     def configured(self, *, ok: bool) -> bool:
         return (self.settings.on_success if ok else self.settings.on_failure) is not None
@@ -93,6 +106,8 @@ class HookRunner:
 
     def next_wakeup(self) -> float | None:
         deadlines = [r.deadline for r in self.running.values() if r.killed is None]
+        if self._spawn_retry_at is not None and self.queue:
+            deadlines.append(self._spawn_retry_at)
         return min(deadlines) if deadlines else None
 
     def tick(self) -> None:
@@ -103,7 +118,10 @@ class HookRunner:
                 self._ended(run, code, now)
             elif run.killed is None and now >= run.deadline:
                 self._kill(run, f"ran past hooks.timeout_s ({self.settings.timeout_s:g} s)")
-        while self.queue and len(self.running) < self.settings.max_parallel:
+        if self._spawn_retry_at is not None and now < self._spawn_retry_at:
+            return
+        self._spawn_retry_at = None
+        while self.queue and len(self.running) < self.settings.max_parallel and self._spawn_retry_at is None:
             self._start(self.queue.popleft(), now)
 
     def stop(self) -> None:
@@ -159,9 +177,14 @@ class HookRunner:
                 start_new_session=True,  # own process group: killpg reaches what it starts
                 close_fds=True,
             )
-        except OSError as exc:  # missing, not executable, a folder: running it again cannot help
+        except OSError as exc:
             output.close()
-            self.counts["failed"] += 1
+            if exc.errno not in CANNOT_START:  # out of processes, memory or descriptors: later
+                log.warning("%s: cannot start its hook now (%s); trying again in %g s", source, exc, SPAWN_RETRY_S)
+                self.queue.appendleft(name)
+                self._spawn_retry_at = now + SPAWN_RETRY_S
+                return
+            self.counts["failed"] += 1  # missing, not executable, a folder: trying again cannot help
             logs.event(
                 "hook_failed",
                 f"{source}: hooks.{_key(ok)} cannot start {template[0]}: {exc.strerror or exc}",
