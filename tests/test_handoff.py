@@ -183,7 +183,7 @@ def test_webhook_delivers_each_file_once_through_503s_a_hang_and_a_redirect(
     check_deliveries(receiver, files)
     assert any(p["code"] == 302 for p in receiver.posts)
     assert receiver.elsewhere == []  # the redirect was not followed
-    assert "ReadTimeout" in d.log() and "HTTP 503" in d.log()
+    assert "HTTP 503" in d.log()  # the first refusal of a file is a warning; its retries are quiet
     wait_until(lambda: json.loads(d.status_path.read_text())["handoff"]["webhook"]["backlog"] == 0, 10, "no backlog")
     status = json.loads(d.status_path.read_text())["handoff"]["webhook"]
     assert status["delivered"] == 4 and status["failed"] == 1
@@ -282,6 +282,8 @@ def test_hooks_get_placeholders_and_environment_once_per_file(daemon_factory: An
 
 HANG_SCRIPT = """
 import os, subprocess, sys, time
+if os.path.exists(sys.argv[1]):
+    sys.exit(0)  # only the first file's hook hangs
 child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
 with open(sys.argv[1], "w") as f:
     f.write(f"{os.getpid()} {child.pid}")
@@ -298,7 +300,7 @@ def test_a_hanging_hook_is_killed_with_its_group_and_others_go_on(daemon_factory
         hooks={
             "on_success": [sys.executable, str(script), str(pids_file)],
             "on_failure": failing,
-            "timeout_s": 4,
+            "timeout_s": 6,
             "max_parallel": 1,
         }
     )
@@ -306,21 +308,27 @@ def test_a_hanging_hook_is_killed_with_its_group_and_others_go_on(daemon_factory
     drop(d, "slow.png")
     d.wait_json("slow.png")
     pids = [int(p) for p in wait_until(lambda: pids_file.exists() and pids_file.read_text().split(), 20, "the hook")]
-    # The daemon keeps publishing while the hook hangs (its own hook waits: max_parallel 1).
+    # The daemon keeps publishing while the hook hangs (the other hooks wait: max_parallel 1).
     drop(d, "next.png")
     drop(d, "broken.png", good=False)
     d.wait_json("next.png")
     d.wait_json("broken.png")
-    assert any(psutil.pid_exists(p) for p in pids) or "ran past hooks.timeout_s" in d.log()
-    wait_until(lambda: "ran past hooks.timeout_s (4 s)" in d.log(), 30, "the timeout to be logged")
-    wait_until(lambda: all(not psutil.pid_exists(p) or _zombie(p) for p in pids), 10, "the hook's group to be gone")
-    wait_until(lambda: "exit code 3" in d.log(), 30, f"the failing hook ({d.log()[-2000:]})")
-    assert "boom on broken.png" in d.log()
-    assert "hook failed (signal SIGKILL, ran past hooks.timeout_s (4 s)" in d.log()
-    wait_until(lambda: d.log().count("hook failed (signal SIGKILL") == 2, 30, "next.png's hook killed too")
+    assert "ran past" not in d.log() and all(psutil.pid_exists(p) and not _zombie(p) for p in pids)
+    wait_until(lambda: "ran past hooks.timeout_s (6 s)" in d.log(), 30, "the timeout to be logged")
+    assert "slow.png: hook failed (signal SIGKILL, ran past hooks.timeout_s (6 s)" in d.log()
+    wait_until(lambda: all(_zombie(p) for p in pids), 10, "the hook's whole group to be gone")
+    wait_until(lambda: "exit code 3" in d.log() and "next.png: hook ended" in d.log(), 30, "the other hooks")
+    assert "broken.png: hook failed (exit code 3" in d.log() and "boom on broken.png" in d.log()
     assert d.alive()
     status = json.loads(d.status_path.read_text())
     assert status["counts"] == {"ok": 2, "failed": 1}
+    wait_until(lambda: json.loads(d.status_path.read_text())["handoff"]["hooks"]["failed"] == 2, 10, "status")
+    assert json.loads(d.status_path.read_text())["handoff"]["hooks"] == {
+        "queued": 0,
+        "running": 0,
+        "done": 1,
+        "failed": 2,
+    }
     assert d.stop() == 0
 
 
