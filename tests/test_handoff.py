@@ -397,6 +397,8 @@ def test_planted_queue_entries_are_set_aside_never_run_or_posted(
         ("webhook: {url: 'https://h/x', max_age_s: -1}", "webhook.max_age_s", "greater than 0"),
         ("webhook: {url: 'https://h/x', timeout_s: .nan}", "webhook.timeout_s", "finite"),
         ("webhook: {uri: 'https://h/x'}", "webhook.uri", "unknown key"),
+        ("webhook: {url: 'https://h/x', secret: 31415926535}", "webhook.secret", "int (not shown)"),
+        ("webhook: {url: 'https://h/x', secret: ''}", "webhook.secret", "non-empty string"),
         ("webhook: {url: 'https://h/x', secret_file: ROOT/missing}", "webhook.secret_file", "cannot read"),
     ],
 )
@@ -412,6 +414,7 @@ def test_bad_hook_and_webhook_settings_exit_78_naming_the_key(tmp_path: Path, ex
     assert result.returncode == 78, result.stderr
     message = result.stderr.strip().splitlines()[-1]
     assert f"{config}: {key}:" in message and words in message, message
+    assert "31415926535" not in result.stderr
 
 
 def test_a_secret_in_a_url_or_secret_never_reaches_the_message(tmp_path: Path) -> None:

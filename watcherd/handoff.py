@@ -35,11 +35,15 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import safefs
 from .settings import ConfigError, Settings
 from .spool import inbox_id
+
+if TYPE_CHECKING:
+    from .hooks import HookRunner
+    from .webhook import Webhook
 
 log = logging.getLogger("watcherd")
 
@@ -197,9 +201,6 @@ class Handoff:
     """The spool's after-publication sink, and the owner of the hook runner and the webhook."""
 
     def __init__(self, settings: Settings, *, wake: Callable[[], None]):
-        from .hooks import HookRunner
-        from .webhook import Webhook
-
         assert settings.paths.inbox is not None
         self.settings = settings
         self.wake = wake
@@ -208,7 +209,6 @@ class Handoff:
         self.webhook: Webhook | None = None
         self._arrived: collections.deque[tuple[str, str]] = collections.deque()  # (consumer, entry name)
         self._lock = threading.Lock()
-        self._HookRunner, self._Webhook = HookRunner, Webhook
 
     @property
     def enabled(self) -> bool:
@@ -218,6 +218,9 @@ class Handoff:
         """Create the queue folders, load what a previous run left, start the webhook's thread.
         Each consumer's folder exists only while it is configured; entries left there by an earlier
         configuration wait (and are logged) until it is configured again."""
+        from .hooks import HookRunner  # they import this module's Mailbox
+        from .webhook import Webhook
+
         s = self.settings
         hooks_on = s.hooks.on_success is not None or s.hooks.on_failure is not None
         if not hooks_on and s.webhook.url is None:
@@ -236,10 +239,10 @@ class Handoff:
                 source=s.source,
             ) from None
         if hooks_on:
-            self.hooks = self._HookRunner(s.hooks, Mailbox(self.root / "hooks", "hook", key), wake=self.wake)
+            self.hooks = HookRunner(s.hooks, Mailbox(self.root / "hooks", "hook", key), wake=self.wake)
             self.hooks.open()
         if s.webhook.url is not None:
-            self.webhook = self._Webhook(
+            self.webhook = Webhook(
                 s.webhook, Mailbox(self.root / "webhook", "webhook", key), source=s.source, wake=self.wake
             )
             self.webhook.open()

@@ -25,6 +25,7 @@ EX_CONFIG = 78
 EX_TEMPFAIL = 75  # a condition a restart may clear (another daemon holds the inbox's lock)
 
 FileMode = NewType("FileMode", int)  # permission bits, written in YAML as 0640 or "0640"
+Secret = NewType("Secret", str)  # a string never shown: not in messages, not in repr
 
 # Names that scanners, NAS boxes, browsers and office suites leave beside real files.
 BUILTIN_IGNORE = (
@@ -136,7 +137,7 @@ class HooksSettings:
 @dataclass(frozen=True)
 class WebhookSettings:
     url: str | None = None
-    secret: str | None = field(default=None, repr=False)  # never printed, logged or put in status
+    secret: Secret | None = field(default=None, repr=False)  # never printed, logged or put in status
     secret_file: Path | None = None
     ca_file: Path | None = None
     timeout_s: float = 10.0
@@ -320,8 +321,6 @@ def _check_hand_off(s: Settings) -> None:
         raise ConfigError(
             "set webhook.secret or webhook.secret_file, not both", key="webhook.secret_file", source=s.source
         )
-    if w.secret is not None and not w.secret:
-        raise ConfigError("must not be empty", key="webhook.secret", source=s.source)
 
 
 def redact_url(url: str) -> str:
@@ -409,6 +408,12 @@ def _convert(hint: Any, value: Any, key: str, source: str | None) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"expected a string, got {_describe(value)}", key=key, source=source)
         return value
+    if hint is Secret:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(
+                f"expected a non-empty string, got {type(value).__name__} (not shown)", key=key, source=source
+            )
+        return Secret(value)
     if hint is FileMode:
         bits = value
         if isinstance(value, str) and value.isdigit():
