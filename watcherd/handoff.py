@@ -248,12 +248,15 @@ class Handoff:
             self.webhook.open()
 
     def published(self, record_name: str, document: dict[str, Any], json_path: Path) -> None:
-        """The spool's sink (may run on the publisher's thread): enqueue durably, idempotently."""
+        """The spool's sink (may run on the publisher's thread): enqueue durably, idempotently.
+        Consumers hear of the entries only once all are written: if one cannot be (state folder
+        full), the publication is held and re-run, and nothing has started on a half-done one."""
         name = f"{entry_key(record_name, document)}.json"
         ok = document.get("status") != "failed"
-        if self.hooks is not None and self.hooks.configured(ok=ok):
-            if self.hooks.mailbox.put(name, {"values": hook_values(document, json_path)}):
-                self._arrive("hook", name)
+        hook = self.hooks is not None and self.hooks.configured(ok=ok)
+        if hook:
+            assert self.hooks is not None
+            self.hooks.mailbox.put(name, {"values": hook_values(document, json_path)})
         if self.webhook is not None:
             from .outputs import dumps
 
@@ -263,8 +266,11 @@ class Handoff:
                 "created": time.time(),
                 "body": dumps(document).decode("utf-8"),  # the published JSON, as written
             }
-            if self.webhook.mailbox.put(name, payload):
-                self.webhook.add(name)
+            self.webhook.mailbox.put(name, payload)
+        if hook:
+            self._arrive("hook", name)
+        if self.webhook is not None:
+            self.webhook.add(name)  # both add() ignore a name they already hold
 
     def _arrive(self, consumer: str, name: str) -> None:
         with self._lock:
