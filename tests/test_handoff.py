@@ -9,6 +9,8 @@ import http.server
 import json
 import os
 import signal
+import ssl
+import subprocess
 import sys
 import threading
 import time
@@ -31,8 +33,9 @@ class Receiver:
     sources in `redirect` to /elsewhere (which must never be called), and 503 to everything while
     `down`. Each post is recorded with the answer given and whether its HMAC matched."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: tuple[Path, Path] | None = None) -> None:
         self.posts: list[dict[str, Any]] = []
+        self.answers: dict[str, list[int]] = {}  # source → codes to answer, in turn (then 200)
         self.elsewhere: list[str] = []
         self.fail_first = 0
         self.hang_once = False
@@ -76,12 +79,20 @@ class Receiver:
                 self.send_response(code)
                 if code == 302:
                     self.send_header("Location", "/elsewhere")
+                if code == 429:
+                    self.send_header("Retry-After", "1")
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        scheme = "http"
+        if tls is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls)
+            self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+            scheme = "https"
+        self.url = f"{scheme}://127.0.0.1:{self.server.server_address[1]}/hook"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
@@ -96,8 +107,13 @@ class Receiver:
             if self.hang_once:
                 self.hang_once = False
                 return 0
-        if json.loads(body).get("source") in self.redirect:
+        source = json.loads(body).get("source")
+        if source in self.redirect:
             return 302
+        with self.lock:
+            answers = self.answers.get(source)
+            if answers:
+                return answers.pop(0) if len(answers) > 1 else answers[0]  # the last one for good
         return 200
 
     def delivered(self) -> dict[str, list[dict[str, Any]]]:
@@ -348,6 +364,14 @@ def test_a_missing_hook_program_is_logged_and_nothing_else(daemon_factory: Any, 
     wait_until(lambda: d.log().count("cannot start") == 2, 10, "two hook_failed lines")
     assert "no-such-program: No such file or directory" in d.log()
     assert d.alive()
+    # A reload keeps the running hooks: the queues' consumers change only with a restart.
+    d.configure(hooks={"on_success": ["/bin/true"]})
+    assert d.proc is not None
+    d.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: "hooks.* or webhook.* changed: that takes a restart" in d.log(), 20, "the reload")
+    drop(d, "m3.png")
+    d.wait_json("m3.png")
+    wait_until(lambda: d.log().count("cannot start") == 3, 10, "the old hook, still")
     assert d.stop() == 0
 
 
@@ -474,3 +498,51 @@ def test_a_publication_run_again_after_a_crash_enqueues_nothing_twice(tmp_path: 
 
 def stat_mode(path: Path) -> int:
     return path.stat().st_mode & 0o777
+
+
+def test_webhook_refusals_retry_after_and_giving_up(daemon_factory: Any, receiver: Receiver) -> None:
+    receiver.answers = {"r400.png": [400], "r429.png": [429, 200], "old.png": [503]}
+    d = daemon_factory(webhook={"url": receiver.url, "timeout_s": 2, "max_age_s": 4})
+    d.start()
+    for name in ("r400.png", "r429.png", "old.png", "fine.png"):
+        drop(d, name)
+        d.wait_json(name)
+    wait_until(lambda: "old.png: webhook to" in d.log() and "undelivered after" in d.log(), 30, "the give-up")
+    wait_until(lambda: len(receiver.delivered()) == 2, 30, "two deliveries")
+    log = d.log()
+    assert "r400.png: webhook to http://127.0.0.1" in log and "HTTP 400, refused by the receiver" in log
+    assert log.count("undelivered after") == 1 and log.count("HTTP 400") == 1
+    tries = {s: [p["code"] for p in receiver.posts if json.loads(p["body"])["source"] == s] for s in receiver.answers}
+    assert tries["r400.png"] == [400] and tries["r429.png"] == [429, 200]
+    assert len(tries["old.png"]) >= 2 and set(tries["old.png"]) == {503}
+    delivered = {json.loads(p[0]["body"])["source"] for p in receiver.delivered().values()}
+    assert delivered == {"r429.png", "fine.png"}
+    wait_until(lambda: not list((handoff_dir(d) / "webhook").glob("*.json")), 10, "an empty queue")
+    status = json.loads(d.status_path.read_text())["handoff"]["webhook"]
+    assert (status["delivered"], status["failed"], status["gave_up"]) == (2, 1, 1)
+    assert d.stop() == 0
+
+
+def test_webhook_tls_is_verified_and_ca_file_trusts_a_private_ca(daemon_factory: Any, tmp_path: Path) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert)]
+        + ["-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True,
+        capture_output=True,
+    )
+    receiver = Receiver(tls=(cert, key))
+    try:
+        d = daemon_factory(webhook={"url": receiver.url, "timeout_s": 2})
+        d.start()
+        drop(d, "tls.png")
+        d.wait_json("tls.png")
+        wait_until(lambda: "CERTIFICATE_VERIFY_FAILED" in d.log(), 30, f"a refused certificate ({d.log()[-2000:]})")
+        assert receiver.posts == []
+        assert d.stop() == 0  # the delivery stays queued over a normal restart
+        d.configure(webhook={"url": receiver.url, "timeout_s": 2, "ca_file": str(cert)})
+        d.start()
+        wait_until(lambda: len(receiver.delivered()) == 1, 30, f"the delivery over TLS ({d.log()[-2000:]})")
+        assert d.stop() == 0
+    finally:
+        receiver.close()
