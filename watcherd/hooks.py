@@ -177,9 +177,11 @@ class HookRunner:
                 start_new_session=True,  # own process group: killpg reaches what it starts
                 close_fds=True,
             )
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # ValueError: a NUL byte in an argument
             output.close()
-            if exc.errno not in CANNOT_START:  # out of processes, memory or descriptors: later
+            if (
+                isinstance(exc, OSError) and exc.errno not in CANNOT_START
+            ):  # out of processes, memory or descriptors: later
                 log.warning("%s: cannot start its hook now (%s); trying again in %g s", source, exc, SPAWN_RETRY_S)
                 self.queue.appendleft(name)
                 self._spawn_retry_at = now + SPAWN_RETRY_S
@@ -187,7 +189,7 @@ class HookRunner:
             self.counts["failed"] += 1  # missing, not executable, a folder: trying again cannot help
             logs.event(
                 "hook_failed",
-                f"{source}: hooks.{_key(ok)} cannot start {template[0]}: {exc.strerror or exc}",
+                f"{source}: hooks.{_key(ok)} cannot start {template[0]}: {getattr(exc, 'strerror', None) or exc}",
                 level=logging.ERROR,
                 source=source,
             )

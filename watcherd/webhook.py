@@ -41,6 +41,9 @@ from .handoff import BadEntry, Mailbox
 from .settings import ConfigError, WebhookSettings, redact_url
 
 log = logging.getLogger("watcherd")
+# httpx logs each request with its full URL at INFO: a URL may carry user:password or a token.
+logging.getLogger("httpx").setLevel(logging.WARNING)
+logging.getLogger("httpcore").setLevel(logging.WARNING)
 
 FIRST_BACKOFF_S = 1.0
 MAX_BACKOFF_S = 300.0
