@@ -546,3 +546,20 @@ def test_webhook_tls_is_verified_and_ca_file_trusts_a_private_ca(daemon_factory:
         assert d.stop() == 0
     finally:
         receiver.close()
+
+
+def test_credentials_in_the_webhook_url_are_never_logged(daemon_factory: Any) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port with nobody listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://user:{SECRET}@127.0.0.1:{port}/in?token={SECRET}"
+    d = daemon_factory(webhook={"url": url, "timeout_s": 1}, logging={"level": "debug"})
+    d.start()
+    drop(d, "c.png")
+    d.wait_json("c.png")
+    wait_until(lambda: "c.png: webhook to" in d.log(), 20, "the refused connection")
+    assert f"webhook to http://127.0.0.1:{port}/in?… not delivered (ConnectError" in d.log()
+    assert SECRET not in d.log() and SECRET not in d.status_path.read_text()
+    assert d.stop() == 0
