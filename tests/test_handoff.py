@@ -563,3 +563,32 @@ def test_credentials_in_the_webhook_url_are_never_logged(daemon_factory: Any) ->
     assert f"webhook to http://127.0.0.1:{port}/in?… not delivered (ConnectError" in d.log()
     assert SECRET not in d.log() and SECRET not in d.status_path.read_text()
     assert d.stop() == 0
+
+
+def test_a_hook_running_at_a_normal_stop_is_killed_and_runs_at_the_next_start(
+    daemon_factory: Any, tmp_path: Path
+) -> None:
+    out = tmp_path / "hookout"
+    out.mkdir()
+    script = tmp_path / "hook.py"
+    wait = "\nimport time\nwhile not os.path.exists(os.path.join(out, 'go')):\n    time.sleep(0.05)\n"
+    script.write_text(HOOK_SCRIPT + wait)
+    d = daemon_factory(
+        hooks={"on_success": [sys.executable, str(script), str(out), "ok", "{source}"], "max_parallel": 1}
+    )
+    d.start()
+    drop(d, "s1.png")
+    drop(d, "s2.png")
+    d.wait_json("s1.png")
+    d.wait_json("s2.png")
+    wait_until(lambda: len(calls(out)) == 1, 20, "the first hook to start")
+    assert d.stop() == 0
+    assert "hook failed (signal SIGKILL, still running at shutdown; it runs again at the next start" in d.log()
+    assert len(calls(out)) == 1  # the queued one was not started at the stop
+    assert len(list((handoff_dir(d) / "hooks").glob("*.json"))) == 2
+    (out / "go").touch()
+    d.start()
+    wait_until(lambda: d.log().count("hook ended (exit code 0") == 2, 20, f"both hooks ({d.log()[-2000:]})")
+    ran = sorted(c["argv"][0] for c in calls(out))
+    assert ran in (["s1.png", "s1.png", "s2.png"], ["s1.png", "s2.png", "s2.png"])  # the killed one once more
+    assert d.stop() == 0

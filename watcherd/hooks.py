@@ -85,6 +85,8 @@ class HookRunner:
         self.running: dict[str, Running] = {}
         self.counts = {"done": 0, "failed": 0}  # outcomes since start (for status and metrics)
         self._spawn_retry_at: float | None = None
+        self._queued: set[str] = set()  # the queue's names, for add()'s check
+        self._stopping = False
 
     def configured(self, *, ok: bool) -> bool:
         return (self.settings.on_success if ok else self.settings.on_failure) is not None
@@ -95,11 +97,13 @@ class HookRunner:
         left = self.mailbox.names()
         if left:
             log.info("%d hook(s) left from the previous run are queued (at-least-once across crashes)", len(left))
-        self.queue.extend(left)
+        for name in left:
+            self.add(name)
 
     def add(self, name: str) -> None:
-        if name not in self.running and name not in self.queue:
+        if name not in self.running and name not in self._queued:
             self.queue.append(name)
+            self._queued.add(name)
 
     def backlog(self) -> int:
         return len(self.queue)
@@ -118,15 +122,18 @@ class HookRunner:
                 self._ended(run, code, now)
             elif run.killed is None and now >= run.deadline:
                 self._kill(run, f"ran past hooks.timeout_s ({self.settings.timeout_s:g} s)")
-        if self._spawn_retry_at is not None and now < self._spawn_retry_at:
+        if self._stopping or (self._spawn_retry_at is not None and now < self._spawn_retry_at):
             return
         self._spawn_retry_at = None
         while self.queue and len(self.running) < self.settings.max_parallel and self._spawn_retry_at is None:
-            self._start(self.queue.popleft(), now)
+            name = self.queue.popleft()
+            self._queued.discard(name)
+            self._start(name, now)
 
     def stop(self) -> None:
         """Give running hooks STOP_GRACE_S, then kill their groups; a killed hook's entry stays,
         so it runs again at the next start. Hooks still queued wait for the next start too."""
+        self._stopping = True  # start nothing new
         deadline = self.clock() + STOP_GRACE_S
         while self.running and self.clock() < deadline:
             self.tick()
@@ -184,6 +191,7 @@ class HookRunner:
             ):  # out of processes, memory or descriptors: later
                 log.warning("%s: cannot start its hook now (%s); trying again in %g s", source, exc, SPAWN_RETRY_S)
                 self.queue.appendleft(name)
+                self._queued.add(name)
                 self._spawn_retry_at = now + SPAWN_RETRY_S
                 return
             self.counts["failed"] += 1  # missing, not executable, a folder: trying again cannot help
