@@ -8,13 +8,16 @@ Echo engine (instant), `--files` files dropped at once, one run per row, one aft
   should keep the baseline's pace (hooks run beside the loop), hooks finish at ≤ 4 files/s;
 - a webhook to a receiver on loopback that answers 200 at once.
 Published files/s: files ÷ (last finished_at − first received_at); hand-offs/s: files ÷ (last hook
-marker written, or last delivery received, − first received_at).
+marker written, or last delivery received, − first received_at). Then what one durable enqueue
+costs (`Mailbox.put`: a small file and its folder fsync'ed), in a temp folder like the daemons'.
 """
 
 from __future__ import annotations
 
 import argparse
 import http.server
+import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -86,6 +89,21 @@ def run(n: int, **sections: Any) -> tuple[float, float | None]:
     return published, None if ended is None else n / (ended - start)
 
 
+def enqueue_ms(n: int = 200) -> float:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from watcherd.handoff import Mailbox
+
+    with tempfile.TemporaryDirectory(prefix="watcherd-bench-") as tmp:
+        mailbox = Mailbox(Path(tmp) / "q", "hook", b"k" * 32)
+        mailbox.open()
+        started = time.perf_counter()
+        for i in range(n):
+            mailbox.put(f"{i:040x}.json", {"values": {"json": "/srv/ocr/outbox/" + "x" * 60}})
+        elapsed = time.perf_counter() - started
+        mailbox.close()
+    return elapsed / n * 1000
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--files", type=int, default=40)
@@ -107,6 +125,7 @@ def main() -> None:
             rows,
         )
     )
+    print(f"\none durable enqueue (Mailbox.put, fsync'ed): {enqueue_ms():.1f} ms")
 
 
 if __name__ == "__main__":
