@@ -328,3 +328,26 @@ def test_the_readme_alert_rules_fire_as_documented(tmp_path: Path) -> None:
     assert check.returncode == 0, check.stdout + check.stderr
     test = subprocess.run([PROMTOOL, "test", "rules", "tests.yml"], cwd=tmp_path, capture_output=True, text=True)
     assert test.returncode == 0, test.stdout + test.stderr
+
+
+def test_hook_outcomes_and_backlog_are_metrics(daemon_factory, tmp_path: Path) -> None:
+    """The hand-off figures reach /metrics: hook runs by outcome, and the hook backlog."""
+    import sys
+
+    port = free_port()
+    d = daemon_factory(
+        hooks={"on_success": [sys.executable, "-c", "pass"], "on_failure": ["/bin/false"]},
+        metrics={"listen": f"127.0.0.1:{port}"},
+    ).start()
+    make_image(d.inbox / "good.png")
+    (d.inbox / "bad.png").write_bytes(b"not an image at all")  # unsupported_type
+    wait_until(lambda: len(d.results()) + len(d.results(d.failed)) == 2, 30, "two results")
+    found = wait_until(
+        lambda: (f := scrape(port))
+        and value(f, "watcherd_handoffs_total", kind="hook", outcome="done") == 1
+        and value(f, "watcherd_handoffs_total", kind="hook", outcome="failed") == 1
+        and f,
+        30,
+        "the hook outcomes",
+    )
+    assert value(found, "watcherd_handoff_backlog", kind="hook") == 0

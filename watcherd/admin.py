@@ -145,6 +145,10 @@ def format_status(status: dict[str, Any]) -> str:
             f"  last error: {e(error.get('source'))}: {e(error.get('error_code'))}: {e(error.get('detail'))} "
             f"({e(error.get('at'))})"
         )
+    handoff = status.get("handoff")  # hooks and webhook: backlog and outcomes since start
+    for name, item in sorted(handoff.items()) if isinstance(handoff, dict) else []:
+        if isinstance(item, dict):
+            lines.append(f"  {e(name)}: " + ", ".join(f"{e(v)} {e(k).replace('_', ' ')}" for k, v in item.items()))
     gpu = status.get("gpu")
     if isinstance(gpu, dict) and gpu.get("available"):
         lines.append(

@@ -24,6 +24,7 @@ from . import settings as settings_mod
 from . import spool as spool_mod
 from .backlog import Backlog
 from .dedupe import Dedupe
+from .handoff import Handoff
 from .intake import Intake
 from .metrics import Metrics, Snapshot
 from .publisher import Publisher
@@ -47,8 +48,9 @@ class Service:
         assert settings.paths.inbox is not None
         self.settings = settings
         self.notifier = notifier or Notifier(unset_environment=True)  # children must not inherit it
-        self.spool = Spool(settings)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.handoff = Handoff(settings, wake=self._wake)  # hooks and webhook
+        self.spool = Spool(settings, on_published=self.handoff.published)
         self.intake = Intake(settings.paths.inbox, settings.watch, wake=self._wake)
         self.tracker = StabilityTracker(settings.watch.settle_s, root=settings.paths.inbox)
         self.metrics = Metrics(settings.metrics, source=settings.source)
@@ -101,6 +103,7 @@ class Service:
         self.spool.prepare()
         if self.dedupe is not None:
             self.dedupe.open()
+        self.handoff.open()  # before recover(): finishing a publication enqueues its hook and delivery
         recovered = self.spool.recover()
         self.backlog.add_claimed(recovered)
         self.started = admin.proc_start_time(os.getpid())
@@ -124,6 +127,7 @@ class Service:
             self.publisher.shutdown()
             if self.dedupe is not None:
                 self.dedupe.shutdown()
+            self.handoff.stop()
             self.intake.stop()
             self.retention.stop()
             if self.probe is not None:
@@ -151,6 +155,7 @@ class Service:
                 self._finish(outcome)
             for outcome, document in self.publisher.results():
                 self._published(outcome, document)
+            self.handoff.tick()
             self._replace_retired()
             if not self.publisher.copying:  # the publisher thread uses the work area's descriptors
                 self.spool.area.check()
@@ -310,6 +315,7 @@ class Service:
             self.tracker.next_due(),
             self.backlog.next_retry_at(),
             self.publisher.next_retry_at(),
+            self.handoff.next_wakeup(),
         ]
         if self.stopping_since is not None:
             times.append(self.stopping_since + STOP_GRACE_S)
@@ -521,6 +527,9 @@ class Service:
         if new.dedupe != old.dedupe:
             log.warning("dedupe.* changed: that takes a restart; keeping the current setting until then")
             new = dataclasses.replace(new, dedupe=old.dedupe)
+        if (new.hooks, new.webhook) != (old.hooks, old.webhook):
+            log.warning("hooks.* or webhook.* changed: that takes a restart; keeping the current ones until then")
+            new = dataclasses.replace(new, hooks=old.hooks, webhook=old.webhook)
         self.settings = new
         self.spool.settings = new
         self.retention.update(new)
@@ -633,7 +642,20 @@ class Service:
             queue={**counts, "settling": len(self.tracker), "in_flight": len(flights)},
             oldest_since=min(arrivals, default=None),
             gpu=dict(self.gpu_by_device),
+            **self._handoff_figures(),
         )
+
+    def _handoff_figures(self) -> dict[str, Any]:
+        """Hook runs and webhook deliveries for the metrics: outcomes since start, and backlog."""
+        outcomes: dict[str, dict[str, int]] = {}
+        backlog: dict[str, int] = {}
+        if self.handoff.hooks is not None:
+            outcomes["hook"] = dict(self.handoff.hooks.counts)
+            backlog["hook"] = self.handoff.hooks.backlog()
+        if self.handoff.webhook is not None:
+            outcomes["webhook"] = dict(self.handoff.webhook.counts)
+            backlog["webhook"] = self.handoff.webhook.backlog()
+        return {"handoffs": outcomes, "handoff_backlog": backlog}
 
     def _write_status(self, state: str | None = None) -> None:
         """The file `watcherd status` reads; replaced atomically, not fsync'ed (it is not data)."""
@@ -684,6 +706,7 @@ class Service:
                 "pages": self.metrics.pages_total,
                 "last_success_at": self.metrics.last_success_at,
             },
+            "handoff": self.handoff.status(),  # hook and webhook backlog and outcomes
             "gpu": self.last_gpu,
             "version": __version__,
         }

@@ -10,8 +10,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import string
 import types
 import typing
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NewType
@@ -25,6 +27,7 @@ EX_CONFIG = 78
 EX_TEMPFAIL = 75  # a condition a restart may clear (another daemon holds the inbox's lock)
 
 FileMode = NewType("FileMode", int)  # permission bits, written in YAML as 0640 or "0640"
+Secret = NewType("Secret", str)  # a string never shown: not in messages, not in repr
 
 # Names that scanners, NAS boxes, browsers and office suites leave beside real files.
 BUILTIN_IGNORE = (
@@ -150,6 +153,28 @@ class LoggingSettings:
     target: Literal["auto", "journal", "stderr"] = "auto"
 
 
+# What a hook's argv may name (README, "Hooks"); the same values go in WATCHERD_<NAME> variables.
+HOOK_PLACEHOLDERS = ("json", "source", "original", "text", "pdf", "status", "error_code", "sha256")
+
+
+@dataclass(frozen=True)
+class HooksSettings:
+    on_success: tuple[str, ...] | None = None  # argv, never a shell string
+    on_failure: tuple[str, ...] | None = None
+    timeout_s: float = 60.0
+    max_parallel: int = 2
+
+
+@dataclass(frozen=True)
+class WebhookSettings:
+    url: str | None = None
+    secret: Secret | None = field(default=None, repr=False)  # never printed, logged or put in status
+    secret_file: Path | None = None
+    ca_file: Path | None = None
+    timeout_s: float = 10.0
+    max_age_s: float = 86400.0
+
+
 @dataclass(frozen=True)
 class MetricsSettings:
     """Prometheus metrics (README "Metrics"); both ways out are off by default."""
@@ -181,6 +206,8 @@ class Settings:
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     retention: RetentionSettings = field(default_factory=RetentionSettings)
+    hooks: HooksSettings = field(default_factory=HooksSettings)
+    webhook: WebhookSettings = field(default_factory=WebhookSettings)
     source: str | None = None  # the file these came from, for messages
 
     @property
@@ -298,6 +325,10 @@ def _check_ranges(s: Settings) -> None:
         "metrics.interval_s": s.metrics.interval_s,
         "retention.interval_s": s.retention.interval_s,
         "dedupe.keep_days": s.dedupe.keep_days,
+        "hooks.timeout_s": s.hooks.timeout_s,
+        "hooks.max_parallel": s.hooks.max_parallel,
+        "webhook.timeout_s": s.webhook.timeout_s,
+        "webhook.max_age_s": s.webhook.max_age_s,
     }
     not_negative = {
         "watch.settle_s": s.watch.settle_s,
@@ -346,6 +377,59 @@ def _check_ranges(s: Settings) -> None:
         )
     if s.ocr.devices is not None and (not s.ocr.devices or len(set(s.ocr.devices)) != len(s.ocr.devices)):
         raise ConfigError("must be null or a list of distinct GPU indices", key="ocr.devices", source=s.source)
+    _check_hand_off(s)
+
+
+def _check_hand_off(s: Settings) -> None:
+    """hooks.* and webhook.*: an argv whose placeholders we know, a URL we may POST to."""
+    for key in ("on_success", "on_failure"):
+        argv = getattr(s.hooks, key)
+        if argv is None:
+            continue
+        if not argv or not argv[0]:
+            raise ConfigError(
+                "must name a program: a list such as [/usr/local/bin/x, '{json}']", key=f"hooks.{key}", source=s.source
+            )
+        for i, arg in enumerate(argv):
+            try:
+                fields = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(arg) if f is not None]
+            except ValueError as exc:  # a lone { or }: write {{ and }} for the characters themselves
+                raise ConfigError(
+                    f"{exc} in {arg!r} (write {{{{ for a literal {{)", key=f"hooks.{key}[{i}]", source=s.source
+                ) from None
+            for name, spec, conversion in fields:
+                if name not in HOOK_PLACEHOLDERS or spec or conversion:
+                    known = ", ".join(f"{{{p}}}" for p in HOOK_PLACEHOLDERS)
+                    raise ConfigError(
+                        f"unknown placeholder {{{name}}} in {arg!r} (known: {known})",
+                        key=f"hooks.{key}[{i}]",
+                        source=s.source,
+                    )
+    w = s.webhook
+    if w.url is not None:
+        url = urllib.parse.urlsplit(w.url)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ConfigError(
+                f"must be an http:// or https:// URL with a host, got {redact_url(w.url)!r}",
+                key="webhook.url",
+                source=s.source,
+            )
+    if w.secret is not None and w.secret_file is not None:
+        raise ConfigError(
+            "set webhook.secret or webhook.secret_file, not both", key="webhook.secret_file", source=s.source
+        )
+
+
+def redact_url(url: str) -> str:
+    """A URL as it may be logged: without user:password@ and without the query (tokens live there)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host = parts.hostname or ""
+        if parts.port is not None:
+            host = f"{host}:{parts.port}"
+    except ValueError:
+        return "(not a URL)"
+    return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "…" if parts.query else "", ""))
 
 
 def parse_listen(value: str, *, source: str | None = None) -> tuple[str, int]:
@@ -435,6 +519,12 @@ def _convert(hint: Any, value: Any, key: str, source: str | None) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"expected a string, got {_describe(value)}", key=key, source=source)
         return value
+    if hint is Secret:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(
+                f"expected a non-empty string, got {type(value).__name__} (not shown)", key=key, source=source
+            )
+        return Secret(value)
     if hint is FileMode:
         bits = value
         if isinstance(value, str) and value.isdigit():

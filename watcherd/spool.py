@@ -44,6 +44,7 @@ import re
 import secrets
 import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -261,10 +262,18 @@ def _describe(st: os.stat_result) -> str:
     return f"{kind} owned by uid {st.st_uid}"
 
 
+# Told of every publication, with the record's name, the document and the JSON's final path,
+# after every output is durable and before the record goes: what it needs must be durable when it
+# returns (a crash then re-runs the publication, so it must be idempotent). May run on the
+# publisher's thread.
+OnPublished = Callable[[str, dict[str, Any], Path], None]
+
+
 class Spool:
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, *, on_published: OnPublished | None = None):
         assert settings.paths.inbox is not None
         self.settings = settings
+        self.on_published = on_published
         self.inbox = settings.paths.inbox
         self.area = WorkArea(settings.work_dir, configured=settings.paths.work is not None, source=settings.source)
         self.processing = self.area.path / "processing"
@@ -675,6 +684,9 @@ class Spool:
                 safefs.remove(src, claimed_name)  # on_success: delete, and the JSON is durable by now
                 os.fsync(src)
         self._remove_companion(record["rel"])
+        if self.on_published is not None:  # hooks and webhook (watcherd/handoff.py)
+            json_root, json_rel = record["names"]["json"]
+            self.on_published(record_name, record["document"], self._root_path(json_root) / json_rel)
         os.unlink(record_name, dir_fd=self.area.fd("pending"))
         safefs.prune(self.area.fd("processing"), claimed_folders)
 

@@ -1,0 +1,319 @@
+"""Hand-off of finished files: the durable queues that feed hooks (`hooks.py`) and the webhook
+(`webhook.py`), and the sink the spool calls at the end of every publication.
+
+`Handoff.published` is called by `Spool._publish` after every output of a file is durable and
+before its publication record is removed. It writes one entry per configured consumer (a hook
+job, a webhook delivery), durably, under a name derived from the record's name, the status and
+`finished_at`, so a crash followed by a re-run of the publication finds the entry already there
+and does not add a second one. Nothing is lost between publication and enqueue, and a consumer's
+work is at-least-once across crashes (the entry is removed only once the work is done).
+
+Where the queues live, and why not in the work area: the default work area is inside the inbox,
+which share users can rename or plant into (DESIGN §9). A queue entry there could make the daemon
+POST or execute something. The queues live in the state folder (never in the inbox), owner-only:
+  <state>/<inbox id>.handoff/hooks/<key>.json      a hook still to run (or running)
+  <state>/<inbox id>.handoff/webhook/<key>.json    a delivery still to make
+  <state>/<inbox id>.handoff/aside/                anything found there that we did not write
+and every entry carries an HMAC (key `handoff.key`, created once in the state folder), so even an
+entry planted there is set aside with one log line, never run or posted. Entries hold values
+(paths, status, the document), never a program or a URL: those always come from the config.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import hashlib
+import hmac
+import json
+import logging
+import os
+import re
+import secrets
+import stat
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import safefs
+from .settings import ConfigError, Settings
+from .spool import inbox_id
+
+if TYPE_CHECKING:
+    from .hooks import HookRunner
+    from .webhook import Webhook
+
+log = logging.getLogger("watcherd")
+
+ENTRY_VERSION = 1
+ENTRY_NAME = re.compile(r"[0-9a-f]{40}\.json")
+ENTRY_MAX_BYTES = 256 << 20  # a webhook entry carries the whole document (like a publication record)
+ASIDE_LOG_LINES = 20  # per folder and start; the rest are counted in one line
+
+
+class BadEntry(ValueError):
+    """A queue entry this daemon did not write (or that was altered)."""
+
+
+def entry_key(record_name: str, document: dict[str, Any]) -> str:
+    """Stable per file and outcome: a re-run of the same publication gives the same key (and the
+    webhook's Idempotency-Key), a later file of the same name another one."""
+    status, finished = str(document.get("status")), str(document.get("finished_at"))
+    return hashlib.sha256(f"{record_name}\0{status}\0{finished}".encode()).hexdigest()[:40]
+
+
+class Mailbox:
+    """One durable queue folder: entries are signed JSON files, written whole (temp, fsync,
+    rename) and read within a size bound; anything else found there is set aside."""
+
+    def __init__(self, folder: Path, kind: str, key: bytes):
+        self.folder = folder
+        self.kind = kind
+        self._key = key
+        self._fd: int | None = None
+
+    def open(self) -> None:
+        with safefs.folder(self.folder.parent, []) as parent:
+            self._fd = safefs.open_dir(parent, [self.folder.name], create=True, mode=0o700)
+        if stat.S_IMODE(os.fstat(self._fd).st_mode) & 0o077:
+            os.fchmod(self._fd, 0o700)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    @property
+    def fd(self) -> int:
+        assert self._fd is not None, "open() first"
+        return self._fd
+
+    def put(self, name: str, payload: dict[str, Any]) -> bool:
+        """Write the entry unless it is there already (a re-run publication); True if written."""
+        if safefs.lstat_at(self.fd, name) is not None:
+            return False
+        body = json.dumps({"v": ENTRY_VERSION, "kind": self.kind, **payload}, ensure_ascii=True)
+        envelope = json.dumps({"body": body, "mac": self._mac(body)}).encode()
+        safefs.write_private(self.fd, name, envelope, durable=True)
+        return True
+
+    def get(self, name: str) -> dict[str, Any]:
+        """The entry's payload; BadEntry if it is not one we wrote."""
+        if not ENTRY_NAME.fullmatch(name):
+            raise BadEntry("unexpected name")
+        st = safefs.lstat_at(self.fd, name)
+        if st is None:
+            raise FileNotFoundError(name)
+        if not stat.S_ISREG(st.st_mode):
+            raise BadEntry("not a regular file")
+        if st.st_size > ENTRY_MAX_BYTES:
+            raise BadEntry(f"{st.st_size} bytes, too large")
+        data = safefs.read_regular(self.fd, name, ENTRY_MAX_BYTES)
+        if data is None:
+            raise BadEntry("cannot be read as a regular file")
+        try:
+            envelope = json.loads(data)
+            body, mac = envelope["body"], envelope["mac"]
+            if not isinstance(body, str) or not isinstance(mac, str):
+                raise TypeError
+        except (ValueError, TypeError, KeyError):
+            raise BadEntry("not an entry envelope") from None
+        if not hmac.compare_digest(mac, self._mac(body)):
+            raise BadEntry("its MAC does not match: forged or altered")
+        payload = json.loads(body)
+        if not isinstance(payload, dict) or payload.get("v") != ENTRY_VERSION or payload.get("kind") != self.kind:
+            raise BadEntry(f"not a version-{ENTRY_VERSION} {self.kind} entry")
+        return payload  # type: ignore[no-any-return]
+
+    def names(self) -> list[str]:
+        """Every entry name, oldest first (by mtime); our own temp files from a kill are removed,
+        anything else that is not an entry name is set aside."""
+        found = []
+        aside = 0
+        with os.scandir(self.fd) as it:
+            entries = list(it)
+        for entry in entries:
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if entry.name.startswith(".") and entry.name.endswith(".tmp") and stat.S_ISREG(st.st_mode):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.name, dir_fd=self.fd)  # an entry being written when we died
+            elif ENTRY_NAME.fullmatch(entry.name) and stat.S_ISREG(st.st_mode):
+                found.append((st.st_mtime_ns, entry.name))
+            else:
+                aside += 1
+                self.set_aside(entry.name, "not an entry this daemon wrote", quietly=aside > ASIDE_LOG_LINES)
+        if aside > ASIDE_LOG_LINES:
+            log.error("%d entries of %s set aside in all", aside, self.folder)
+        return [name for _, name in sorted(found)]
+
+    def remove(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name, dir_fd=self.fd)
+
+    def set_aside(self, name: str, why: str, *, quietly: bool = False) -> None:
+        aside_dir = self.folder.parent / "aside"
+        stamp = f"{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}"
+        new = f"{self.kind}-{stamp}-{name[:64]}"
+        try:
+            aside_dir.mkdir(mode=0o700, exist_ok=True)
+            with safefs.folder(aside_dir, []) as dst:
+                os.rename(name, new, src_dir_fd=self.fd, dst_dir_fd=dst)
+        except OSError as exc:
+            log.error("Cannot set aside %s in %s (%s); removing it", name, self.folder, exc)
+            safefs.remove(self.fd, name)
+            return
+        if not quietly:
+            log.error(
+                "Set aside %s from %s (%s): never run or posted; it is in %s", name, self.folder, why, aside_dir / new
+            )
+
+    def _mac(self, body: str) -> str:
+        data = f"watcherd-{self.kind}-v{ENTRY_VERSION}\0".encode() + body.encode("utf-8", "surrogatepass")
+        return hmac.new(self._key, data, hashlib.sha256).hexdigest()
+
+
+def handoff_key(state_fd: int) -> bytes:
+    """The HMAC key for queue entries: 32 random bytes, created once, owner-only."""
+    name = "handoff.key"
+    try:
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=state_fd)
+    except FileExistsError:
+        key = safefs.read_regular(state_fd, name, 64)
+        if key is None or len(key) != 32:
+            raise OSError(f"{name} is not a 32-byte key file") from None
+        return key
+    key = secrets.token_bytes(32)
+    try:
+        os.write(fd, key)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.fsync(state_fd)
+    return key
+
+
+class Handoff:
+    """The spool's after-publication sink, and the owner of the hook runner and the webhook."""
+
+    def __init__(self, settings: Settings, *, wake: Callable[[], None]):
+        assert settings.paths.inbox is not None
+        self.settings = settings
+        self.wake = wake
+        self.root = settings.state_dir / f"{inbox_id(settings.paths.inbox)}.handoff"
+        self.hooks: HookRunner | None = None
+        self.webhook: Webhook | None = None
+        self._arrived: collections.deque[tuple[str, str]] = collections.deque()  # (consumer, entry name)
+        self._lock = threading.Lock()
+
+    @property
+    def enabled(self) -> bool:
+        return self.hooks is not None or self.webhook is not None
+
+    def open(self) -> None:
+        """Create the queue folders, load what a previous run left, start the webhook's thread.
+        Each consumer's folder exists only while it is configured; entries left there by an earlier
+        configuration wait (and are logged) until it is configured again."""
+        from .hooks import HookRunner  # they import this module's Mailbox
+        from .webhook import Webhook
+
+        s = self.settings
+        hooks_on = s.hooks.on_success is not None or s.hooks.on_failure is not None
+        if not hooks_on and s.webhook.url is None:
+            return
+        try:
+            self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+            with safefs.folder(s.state_dir, []) as fd:
+                key = handoff_key(fd)
+                with safefs.folder(fd, [self.root.name]) as root:  # never a link planted in its place
+                    if stat.S_IMODE(os.fstat(root).st_mode) & 0o077:
+                        os.fchmod(root, 0o700)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot use the state folder {s.state_dir} for hooks/webhook: {exc.strerror or exc}",
+                key="paths.state",
+                source=s.source,
+            ) from None
+        if hooks_on:
+            self.hooks = HookRunner(s.hooks, Mailbox(self.root / "hooks", "hook", key), wake=self.wake)
+            self.hooks.open()
+        if s.webhook.url is not None:
+            self.webhook = Webhook(
+                s.webhook, Mailbox(self.root / "webhook", "webhook", key), source=s.source, wake=self.wake
+            )
+            self.webhook.open()
+
+    def published(self, record_name: str, document: dict[str, Any], json_path: Path) -> None:
+        """The spool's sink (may run on the publisher's thread): enqueue durably, idempotently.
+        Consumers hear of the entries only once all are written: if one cannot be (state folder
+        full), the publication is held and re-run, and nothing has started on a half-done one."""
+        name = f"{entry_key(record_name, document)}.json"
+        ok = document.get("status") != "failed"
+        hook = self.hooks is not None and self.hooks.configured(ok=ok)
+        if hook:
+            assert self.hooks is not None
+            self.hooks.mailbox.put(name, {"values": hook_values(document, json_path)})
+        if self.webhook is not None:
+            from .outputs import dumps
+
+            payload = {
+                "event": "done" if ok else "failed",
+                "source": str(document.get("source") or ""),
+                "created": time.time(),
+                "body": dumps(document).decode("utf-8"),  # the published JSON, as written
+            }
+            self.webhook.mailbox.put(name, payload)
+        if hook:
+            self._arrive("hook", name)
+        if self.webhook is not None:
+            self.webhook.add(name)  # both add() ignore a name they already hold
+
+    def _arrive(self, consumer: str, name: str) -> None:
+        with self._lock:
+            self._arrived.append((consumer, name))
+        self.wake()
+
+    def tick(self) -> None:
+        """From the main loop: start, reap and time out hooks (never waits)."""
+        with self._lock:
+            arrived, self._arrived = self._arrived, collections.deque()
+        if self.hooks is not None:
+            for _, name in arrived:
+                self.hooks.add(name)
+            self.hooks.tick()
+
+    def next_wakeup(self) -> float | None:
+        return self.hooks.next_wakeup() if self.hooks is not None else None
+
+    def stop(self) -> None:
+        if self.hooks is not None:
+            self.hooks.stop()
+        if self.webhook is not None:
+            self.webhook.stop()
+
+    def status(self) -> dict[str, Any]:
+        """For the status file (and the metrics): backlog and outcomes, no secret, no URL."""
+        out: dict[str, Any] = {}
+        if self.hooks is not None:
+            out["hooks"] = {"queued": self.hooks.backlog(), "running": len(self.hooks.running), **self.hooks.counts}
+        if self.webhook is not None:
+            out["webhook"] = {"backlog": self.webhook.backlog(), **self.webhook.counts}
+        return out
+
+
+def hook_values(document: dict[str, Any], json_path: Path) -> dict[str, str]:
+    """The placeholders' values (README, "Hooks"); empty strings for what was not written."""
+    return {
+        "json": str(json_path),
+        "source": str(document.get("source") or ""),
+        "original": str(document.get("image_path") or ""),
+        "text": str(document.get("text_path") or ""),
+        "pdf": str(document.get("pdf_path") or ""),
+        "status": str(document.get("status") or ""),
+        "error_code": str(document.get("error_code") or ""),
+        "sha256": str(document.get("sha256") or ""),
+    }
