@@ -26,7 +26,12 @@ def tiff(path, widths: list[int]) -> None:  # type: ignore[no-untyped-def]
 
 def run(turn_pages: int) -> tuple[float, float]:
     daemon = BenchDaemon(
-        {"engine": "tests.engines:Echo", "turn_pages": turn_pages, "auto_rotate": False, "options": {"delay_s": DELAY_S}}
+        {
+            "engine": "tests.engines:Echo",
+            "turn_pages": turn_pages,
+            "auto_rotate": False,
+            "options": {"delay_s": DELAY_S},
+        }
     ).start()
     try:
         tiff(daemon.inbox / "long.tif", [100 + i % 50 for i in range(PAGES)])
@@ -46,7 +51,9 @@ def run(turn_pages: int) -> tuple[float, float]:
 
 
 def main() -> None:
-    print(f"| `ocr.turn_pages` | one-page scan dropped 1 s into a {PAGES}-page file: waited (s) | the long file's processing_time (s) |")
+    print(
+        f"| `ocr.turn_pages` | one-page scan dropped 1 s into a {PAGES}-page file: waited (s) | the long file's processing_time (s) |"
+    )
     print("|---|---|---|")
     for turn in (0, 16, 4):
         waited, total = run(turn)

@@ -337,7 +337,7 @@ def test_a_hanging_hook_is_killed_with_its_group_and_others_go_on(daemon_factory
     assert "broken.png: hook failed (exit code 3" in d.log() and "boom on broken.png" in d.log()
     assert d.alive()
     status = json.loads(d.status_path.read_text())
-    assert status["counts"] == {"ok": 2, "failed": 1}
+    assert status["counts"] == {"ok": 2, "failed": 1, "duplicate": 0}
     wait_until(lambda: json.loads(d.status_path.read_text())["handoff"]["hooks"]["failed"] == 2, 10, "status")
     assert json.loads(d.status_path.read_text())["handoff"]["hooks"] == {
         "queued": 0,

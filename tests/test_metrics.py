@@ -343,10 +343,12 @@ def test_hook_outcomes_and_backlog_are_metrics(daemon_factory, tmp_path: Path) -
     (d.inbox / "bad.png").write_bytes(b"not an image at all")  # unsupported_type
     wait_until(lambda: len(d.results()) + len(d.results(d.failed)) == 2, 30, "two results")
     found = wait_until(
-        lambda: (f := scrape(port))
-        and value(f, "watcherd_handoffs_total", kind="hook", outcome="done") == 1
-        and value(f, "watcherd_handoffs_total", kind="hook", outcome="failed") == 1
-        and f,
+        lambda: (
+            (f := scrape(port))
+            and value(f, "watcherd_handoffs_total", kind="hook", outcome="done") == 1
+            and value(f, "watcherd_handoffs_total", kind="hook", outcome="failed") == 1
+            and f
+        ),
         30,
         "the hook outcomes",
     )
