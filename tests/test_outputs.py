@@ -144,3 +144,28 @@ def test_pages_scanned_sideways_come_out_right(daemon_factory: Any, samples: Pat
         for line in page["lines"]:
             for x, y in line["box"]:
                 assert -2 <= x <= width + 2 and -2 <= y <= height + 2, (turned, line)
+
+
+def test_a_mixed_pdf_ocrs_only_its_scanned_pages(daemon_factory: Any, tmp_path: Path) -> None:
+    """A born-digital page and a scanned (image-only) page in one PDF: the first keeps its own
+    text, only the second reaches the engine, and the searchable PDF gets a layer on it alone."""
+    from fpdf import FPDF
+    from PIL import Image
+
+    scan = tmp_path / "scan.png"
+    Image.new("RGB", (300, 200), "white").save(scan)
+    pdf = FPDF()
+    pdf.add_page()
+    pdf.set_font("helvetica", size=16)
+    pdf.cell(text="Typed cover letter")
+    pdf.add_page()
+    pdf.image(str(scan), x=0, y=0, w=210)
+    daemon = daemon_factory(ocr={"engine": "tests.engines:Lines"}, output={"formats": ["json", "pdf"]}).start()
+    pdf.output(str(tmp_path / "mixed.pdf"))
+    (tmp_path / "mixed.pdf").rename(daemon.inbox / "mixed.pdf")
+    result = daemon.wait_json("mixed.pdf")
+    assert result["status"] == "ok", result
+    first, second = result["pages"]
+    assert (first["source"], first["text"].strip()) == ("pdf_text", "Typed cover letter")
+    assert second["source"] == "ocr" and second["text"].startswith("echo "), second
+    assert [t.strip() for t in pdf_text(Path(result["pdf_path"]))] == ["Typed cover letter", second["text"]]
