@@ -20,7 +20,9 @@ Messages, child → parent:
   page_start {id, page}                              (the parent restarts the page clock)
   page {id, page, text, processing_time, size, resized_from}
   done {id, gpu_info_before, gpu_info_after}         | failed {id, code, detail, sha256}
-  deferred {id, gpu_info, sha256}   (too little GPU memory even after clearing: try again later)
+  deferred {id, gpu_info, sha256, reason, detail}   (try again later: too little GPU memory even
+                                    after clearing, reason "vram"; or the engine raised
+                                    EngineUnavailable, reason "engine_unavailable")
   cleared {files_done, before, after}                (the GPU cache was cleared)
 parent → child: ocr {id, path} | idle {} (queue drained: clear the cache) | exit {}
 """
@@ -41,7 +43,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from . import gpu, protocol
-from .engines import EngineNotFound, as_page, resolve
+from .engines import EngineConfigError, EngineNotFound, EngineUnavailable, as_page, resolve
 from .pages import Document, InputError
 
 PR_SET_PDEATHSIG = 1
@@ -86,8 +88,9 @@ class Child:
         except Exception as exc:  # noqa: BLE001 - any engine failure is reported, then we exit
             detail = f"{type(exc).__name__}: {exc}"
             traceback.print_exc()
-            self.send("load_failed", detail=detail, config_error=isinstance(exc, TypeError))
+            self.send("load_failed", detail=detail, config_error=isinstance(exc, (TypeError, EngineConfigError)))
             return False
+        _set_threads(self.spec.get("threads"))
         self.send(
             "ready",
             engine=self.spec["engine"],
@@ -171,6 +174,10 @@ class Child:
                 started = time.monotonic()
                 try:
                     text = self.engine.ocr(page.image)
+                except EngineUnavailable as exc:  # its server is down or busy: the whole file waits
+                    reason = "engine_unavailable"
+                    self.send("deferred", id=request_id, gpu_info=before, sha256=sha256, reason=reason, detail=str(exc))
+                    return
                 except Exception as exc:  # noqa: BLE001 - MemoryError included: the model's failure
                     traceback.print_exc()
                     note = self._memory_note() if isinstance(exc, MemoryError) else ""
@@ -216,6 +223,14 @@ class Child:
 
 class _EngineError(Exception):
     pass
+
+
+def _set_threads(threads: int | None) -> None:
+    """`ocr.workers` > 1: this child's share of the cores. OMP_NUM_THREADS (set by the parent)
+    covers OpenMP and onnxruntime's rapidocr engine reads WATCHERD_OCR_THREADS; torch keeps its own
+    intra-op pool, set here if the engine loaded torch."""
+    if threads and "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
 
 
 def _open_nofollow(path: str, flags: int) -> int:

@@ -21,6 +21,7 @@ from typing import Any
 from . import __version__, admin, documents, logs, outputs
 from . import settings as settings_mod
 from . import spool as spool_mod
+from . import workers as workers_mod
 from .backlog import Backlog
 from .intake import Intake
 from .publisher import Publisher
@@ -55,6 +56,7 @@ class Service:
         self.counts = {"ok": 0, "failed": 0}
         self.last_error: dict[str, Any] | None = None
         self.last_gpu: dict[str, Any] = {"available": False}
+        self.engine_unavailable: dict[str, str] | None = None  # since, detail: its server is down or busy
         self.publisher = Publisher(self.spool, wake=self._wake)
         self.stopping_since: float | None = None
         self.is_ready = False
@@ -67,8 +69,12 @@ class Service:
 
     @staticmethod
     def _make_workers(settings: Settings) -> list[Worker]:
-        devices = settings.ocr.devices or (None,)
-        return [Worker(ocr=settings.ocr, gpu=settings.gpu, device=d, on_event=logs.event) for d in devices]
+        if settings.ocr.devices:
+            return [
+                Worker(ocr=settings.ocr, gpu=settings.gpu, device=d, on_event=logs.event) for d in settings.ocr.devices
+            ]
+        count, threads = workers_mod.plan(settings.ocr.workers)  # CPU: ocr.workers children
+        return [Worker(ocr=settings.ocr, gpu=settings.gpu, threads=threads, on_event=logs.event) for _ in range(count)]
 
     # -- callbacks: enqueue and wake, nothing else ----------------------------------------
 
@@ -297,6 +303,9 @@ class Service:
     def _defer(self, outcome: Outcome) -> None:
         """Too little GPU memory: the file stays claimed and queued; others may go first."""
         job, now = outcome.job, time.monotonic()
+        if outcome.defer_reason == "engine_unavailable":
+            self._wait_for_engine(outcome, now)
+            return
         free = outcome.gpu_info_after.get("free_mb")
         if job.deferred_since is None:
             job.deferred_since = now
@@ -324,8 +333,30 @@ class Service:
         job.deferrals += 1
         self.backlog.defer(job, backoff)
 
+    def _wait_for_engine(self, outcome: Outcome, now: float) -> None:
+        """The engine's server is down or busy: the file waits, however long that takes (nothing
+        is wrong with the file); logged once per file, retried with backoff."""
+        job = outcome.job
+        detail = (outcome.detail or "unavailable")[:500]
+        if self.engine_unavailable is None:
+            self.engine_unavailable = {"since": outputs.now_iso(), "detail": detail}
+        if job.deferred_since is None:
+            job.deferred_since = now
+            logs.event(
+                "deferred",
+                f"{job.rel}: waiting for the OCR engine, retried with backoff ({detail})",
+                level=logging.WARNING,
+                source=job.rel,
+            )
+        backoff = min(MAX_DEFER_BACKOFF_S, 2.0**job.deferrals * 0.5)
+        job.deferrals += 1
+        self.backlog.defer(job, backoff)
+
     def _finish(self, outcome: Outcome) -> None:
         job = outcome.job
+        if self.engine_unavailable is not None and (outcome.ok or outcome.code == "engine_error"):
+            log.info("The OCR engine answers again (unavailable since %s)", self.engine_unavailable["since"])
+            self.engine_unavailable = None
         if self._read_something_else(outcome):
             return
         if outcome.ok and self._changed_since_claim(job):
@@ -531,7 +562,9 @@ class Service:
             f"queue {queue}",
             f"{engine} on {where}",
         ]
-        if counts["waiting_for_memory"]:
+        if self.engine_unavailable is not None:
+            parts.insert(4, f"OCR engine unavailable since {self.engine_unavailable['since'][11:19]}, files wait")
+        elif counts["waiting_for_memory"]:
             parts.insert(4, f"{counts['waiting_for_memory']} waiting for GPU memory")
         return " · ".join(parts)
 
@@ -578,6 +611,7 @@ class Service:
                 {"pid": w.pid, "device": w.device, "state": w.state, "files_done": w.files_done} for w in self.workers
             ],
             "last_error": self.last_error,
+            "engine_unavailable": self.engine_unavailable,
             "gpu": self.last_gpu,
             "version": __version__,
         }

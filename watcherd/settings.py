@@ -23,6 +23,7 @@ EX_CONFIG = 78
 EX_TEMPFAIL = 75  # a condition a restart may clear (another daemon holds the inbox's lock)
 
 FileMode = NewType("FileMode", int)  # permission bits, written in YAML as 0640 or "0640"
+WorkerCount = NewType("WorkerCount", object)  # ocr.workers: a whole number >= 1, or "auto"
 
 # Names that scanners, NAS boxes, browsers and office suites leave beside real files.
 BUILTIN_IGNORE = (
@@ -91,6 +92,7 @@ class OcrSettings:
     max_file_mb: float = 500.0
     recycle_after_files: int = 0
     memory_max_mb: float | None = None  # the child's RLIMIT_DATA; None: no limit
+    workers: WorkerCount = WorkerCount(1)  # CPU hosts: children OCRing at once (watcherd/workers.py)
 
 
 @dataclass(frozen=True)
@@ -249,6 +251,12 @@ def _check_ranges(s: Settings) -> None:
         raise ConfigError("must list at least one pattern", key="watch.include", source=s.source)
     if s.ocr.devices is not None and (not s.ocr.devices or len(set(s.ocr.devices)) != len(s.ocr.devices)):
         raise ConfigError("must be null or a list of distinct GPU indices", key="ocr.devices", source=s.source)
+    if s.ocr.devices and s.ocr.workers != 1:
+        raise ConfigError(
+            "must be 1 with ocr.devices (one child per GPU); more workers are for CPU hosts (ocr.devices: null)",
+            key="ocr.workers",
+            source=s.source,
+        )
 
 
 def _build(cls: type, raw: Any, prefix: str, source: str | None) -> Any:
@@ -333,6 +341,12 @@ def _convert(hint: Any, value: Any, key: str, source: str | None) -> Any:
                 f"expected permission bits such as 0640 (at most 0666), got {_describe(value)}", key=key, source=source
             )
         return FileMode(bits)
+    if hint is WorkerCount:
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return WorkerCount(value)
+        raise ConfigError(
+            f"expected a whole number of at least 1 or auto, got {_describe(value)}", key=key, source=source
+        )
     if hint is Path:
         if not isinstance(value, str) or not value:
             raise ConfigError(f"expected a folder path, got {_describe(value)}", key=key, source=source)
