@@ -251,9 +251,9 @@ def _check_ranges(s: Settings) -> None:
         raise ConfigError("must list at least one pattern", key="watch.include", source=s.source)
     if s.ocr.devices is not None and (not s.ocr.devices or len(set(s.ocr.devices)) != len(s.ocr.devices)):
         raise ConfigError("must be null or a list of distinct GPU indices", key="ocr.devices", source=s.source)
-    if s.ocr.devices and s.ocr.workers != 1:
+    if s.ocr.devices and s.ocr.workers not in (1, "auto"):  # auto with GPUs: one child per device
         raise ConfigError(
-            "must be 1 with ocr.devices (one child per GPU); more workers are for CPU hosts (ocr.devices: null)",
+            "must be 1 or auto with ocr.devices (one child per GPU); more are for CPU hosts (ocr.devices: null)",
             key="ocr.workers",
             source=s.source,
         )
