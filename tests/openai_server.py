@@ -180,3 +180,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def main() -> None:
+    """`python -m tests.openai_server --latency-s 0.1 --capacity 8`: serve until killed, in a
+    process of its own (benchmarks: the server's threads do not share a GIL with the client)."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--latency-s", type=float, default=0.0)
+    parser.add_argument("--capacity", type=int, default=64)
+    args = parser.parse_args()
+    server = OcrServer(port=args.port, latency_s=args.latency_s, capacity=args.capacity).start()
+    print(server.base_url, flush=True)
+    threading.Event().wait()
+
+
+if __name__ == "__main__":
+    main()

@@ -16,7 +16,7 @@ from PIL import Image
 from tests.conftest import make_image, run_watcherd, wait_until
 from tests.openai_server import OcrServer, free_port
 from watcherd.engines import EngineConfigError, EngineUnavailable
-from watcherd.engines.openai import OpenAiEngine
+from watcherd.engines.openai import OpenAiEngine, data_url
 
 KEY = "sk-test-9f8e7d6c5b4a"
 
@@ -189,3 +189,12 @@ def test_ocr_batch_raises_unavailable_when_the_server_is_down() -> None:
 def test_a_model_name_is_required() -> None:
     with pytest.raises(EngineConfigError, match="ocr.model"):
         OpenAiEngine(model=None, base_url="http://127.0.0.1:1/v1")
+
+
+def test_gray_pages_go_as_png_and_colour_pages_as_jpeg() -> None:
+    gray = Image.new("RGB", (300, 200), "white")
+    colour = Image.new("RGB", (300, 200), (200, 30, 30))
+    assert data_url(gray).startswith("data:image/png;base64,")
+    assert data_url(colour).startswith("data:image/jpeg;base64,")
+    assert data_url(colour, "png").startswith("data:image/png;base64,")
+    assert data_url(gray, "jpeg").startswith("data:image/jpeg;base64,")
