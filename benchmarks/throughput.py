@@ -69,10 +69,11 @@ def direct(url: str, pages: int, concurrency: int, *, encode: bool = False) -> f
 
     def request() -> str:
         content = [
-            {"type": "text", "text": DEFAULT_PROMPT},
             {"type": "image_url", "image_url": {"url": data_url(image)}},
+            {"type": "text", "text": DEFAULT_PROMPT},
         ]
-        return json.dumps({"model": "test-ocr", "max_tokens": 4096, "messages": [{"role": "user", "content": content}]})
+        message = {"role": "user", "content": content}
+        return json.dumps({"model": "test-ocr", "max_tokens": 4096, "temperature": 0.0, "messages": [message]})
 
     prebuilt = request()
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)

@@ -34,14 +34,16 @@ def openai_ocr(base_url: str, **options: object) -> dict[str, object]:
 
 def test_a_page_gets_the_servers_text(daemon_factory, server: OcrServer) -> None:
     server.text = "收據編號 0042\n| a | b |"
-    daemon = daemon_factory(ocr={**openai_ocr(server.base_url), "prompt": "Free OCR."}).start()
+    ocr = {**openai_ocr(server.base_url, extra_body={"vllm_xargs": {"ngram_size": 30}}), "prompt": "Free OCR."}
+    daemon = daemon_factory(ocr=ocr).start()
     make_image(daemon.inbox / "scan.png", 120, 80)
     result = daemon.wait_json("scan.png")
     assert result["status"] == "ok" and result["text"] == "收據編號 0042\n| a | b |"
     assert result["engine"] == "openai" and result["model"] == "test-ocr"
     body = json.loads(server.requests[-1]["body"])
-    assert body["model"] == "test-ocr" and body["messages"][0]["content"][0]["text"] == "Free OCR."
-    url = body["messages"][0]["content"][1]["image_url"]["url"]
+    assert body["model"] == "test-ocr" and body["messages"][0]["content"][1]["text"] == "Free OCR."
+    assert body["vllm_xargs"] == {"ngram_size": 30}  # options.extra_body
+    url = body["messages"][0]["content"][0]["image_url"]["url"]
     assert url.startswith("data:image/png;base64,")
     assert "Authorization" not in server.requests[-1]["headers"]
 
@@ -154,6 +156,7 @@ def test_a_missing_key_variable_is_a_config_error_that_does_not_echo_it(daemon_f
         ({"base_url": "http://127.0.0.1:1/v1", "api_key": KEY}, "ocr.options.api_key"),
         ({"base_url": "http://127.0.0.1:1/v1", "concurrency": 0}, "ocr.options.concurrency"),
         ({"base_url": "http://127.0.0.1:1/v1", "max_tokns": 10}, "ocr.options.max_tokns"),
+        ({"base_url": "http://127.0.0.1:1/v1", "extra_body": {"model": "x"}}, "ocr.options.extra_body"),
     ],
 )
 def test_bad_options_exit_78_naming_the_key(daemon_factory, options: dict[str, object], key: str) -> None:

@@ -301,7 +301,8 @@ class Service:
         return finished
 
     def _defer(self, outcome: Outcome) -> None:
-        """Too little GPU memory: the file stays claimed and queued; others may go first."""
+        """Too little GPU memory (or the engine unavailable: `_wait_for_engine`): the file stays
+        claimed and queued; others may go first."""
         job, now = outcome.job, time.monotonic()
         if outcome.defer_reason == "engine_unavailable":
             self._wait_for_engine(outcome, now)

@@ -55,7 +55,9 @@ OPTIONS = {
     "api_key_file",
     "temperature",
     "image_format",
+    "extra_body",
 }
+RESERVED_BODY = {"model", "messages", "max_tokens", "temperature", "stream", "n"}
 IMAGE_FORMATS = ("auto", "png", "jpeg")
 JPEG_QUALITY = 95
 GRAY_TOLERANCE = 24  # channel difference still counted as gray: a gray scan saved as colour JPEG
@@ -72,7 +74,10 @@ class OpenAiEngine:
         settings = parse_options(options)
         if not model:
             raise EngineConfigError("ocr.model: required with ocr.engine openai (the served model's name)")
-        import httpx
+        try:
+            import httpx
+        except ImportError:
+            raise EngineConfigError("ocr.engine openai needs httpx: pip install 'watcherd[openai]'") from None
 
         self.model = model
         self.prompt = prompt or DEFAULT_PROMPT
@@ -81,6 +86,7 @@ class OpenAiEngine:
         self.temperature = settings["temperature"]
         self.concurrency = settings["concurrency"]
         self.image_format = settings["image_format"]
+        self.extra_body = settings["extra_body"]
         headers = {"Content-Type": "application/json"}
         key = read_api_key(settings)
         if key:
@@ -132,12 +138,15 @@ class OpenAiEngine:
             "messages": [
                 {
                     "role": "user",
+                    # The image first, as vLLM's DeepSeek-OCR recipe sends it: the chat template puts
+                    # the image tokens where the part is, and OCR models are trained image-first.
                     "content": [
-                        {"type": "text", "text": self.prompt},
                         {"type": "image_url", "image_url": {"url": data_url(image, self.image_format)}},
+                        {"type": "text", "text": self.prompt},
                     ],
                 }
             ],
+            **self.extra_body,
         }
         httpx = self._httpx
         try:
@@ -185,6 +194,12 @@ def parse_options(options: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
         raise EngineConfigError("ocr.options.base_url: required, e.g. http://127.0.0.1:8000/v1")
     settings: dict[str, Any] = {"base_url": base_url}
+    extra_body = options.get("extra_body") or {}
+    if not isinstance(extra_body, dict) or RESERVED_BODY & set(extra_body):
+        raise EngineConfigError(
+            f"ocr.options.extra_body: a mapping of request fields other than {', '.join(sorted(RESERVED_BODY))}"
+        )
+    settings["extra_body"] = extra_body
     settings["image_format"] = options.get("image_format", "auto")
     if settings["image_format"] not in IMAGE_FORMATS:
         raise EngineConfigError(f"ocr.options.image_format: must be one of {' | '.join(IMAGE_FORMATS)}")
