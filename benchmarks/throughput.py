@@ -1,7 +1,11 @@
 """Throughput: the `openai` engine against a loopback server, and the embedded engine with
 `ocr.workers`, each beside the same work done without watcherd.
 
-    .venv/bin/python benchmarks/throughput.py [--pages 48] [--copies 5] [--only openai|embedded]
+    .venv/bin/python benchmarks/throughput.py [--pages 48] [--copies 5] [--rounds 3] [--only openai|embedded]
+
+Each measurement runs --rounds times, the rows interleaved round-robin (the build machine is shared:
+a neighbour's load then spreads over every row instead of sinking one); the table shows the median
+and the range.
 
 openai: tests/openai_server.py in a process of its own, answering each request after 100 ms, at
 most 8 at once (a server whose batch holds 8). "direct" posts the same prebuilt request with httpx
@@ -21,11 +25,14 @@ import json
 import multiprocessing
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -120,53 +127,56 @@ def through_daemon(ocr: dict[str, Any], files: int, workers: int, source: Path) 
     return max(iso(d["finished_at"]) for d in docs) - min(iso(d["received_at"]) for d in docs)
 
 
-def bench_openai(pages: int) -> str:
+def bench_openai(pages: int, rounds: int) -> str:
     server, url = start_server()
     tmp = tempfile.TemporaryDirectory(prefix="watcherd-bench-")
     png = Path(tmp.name) / "page.png"
     page_image().save(png)
-    rows = []
+    ocr = {"engine": "openai", "model": "test-ocr", "options": {"base_url": url}}
+    runs: dict[str, Callable[[], float]] = {}
+    for c in (1, 8):
+        runs[f"direct httpx, {c} in flight, one prebuilt request"] = partial(direct, url, pages, c)
+        runs[f"direct httpx, {c} in flight, encoding each page"] = partial(direct, url, pages, c, encode=True)
+        runs[f"engine.ocr_batch(8 pages) called directly, concurrency {c}"] = partial(engine_batches, url, pages, c)
+    runs["daemon, concurrency 1, workers 1"] = partial(through_daemon, ocr, pages, 1, png)
+    ocr8 = {**ocr, "options": {"base_url": url, "concurrency": 8}}
+    runs["daemon, concurrency 8, workers 1 (the child sends a page at a time)"] = partial(
+        through_daemon, ocr8, pages, 1, png
+    )
+    runs["daemon, concurrency 1, workers 8"] = partial(through_daemon, ocr, pages, 8, png)
     try:
-        for concurrency in (1, 8):
-            base = direct(url, pages, concurrency)
-            encoding = direct(url, pages, concurrency, encode=True)
-            eng = engine_batches(url, pages, concurrency)
-            rows.append(
-                [f"direct httpx, {concurrency} in flight, one prebuilt request", pages, f"{pages / base:.2f}", "1.00"]
-            )
-            rows.append(
-                [
-                    f"direct httpx, {concurrency} in flight, encoding each page",
-                    pages,
-                    f"{pages / encoding:.2f}",
-                    f"{base / encoding:.2f}",
-                ]
-            )
-            rows.append(
-                [
-                    f"engine.ocr_batch(8 pages), concurrency {concurrency}",
-                    pages,
-                    f"{pages / eng:.2f}",
-                    f"{base / eng:.2f}",
-                ]
-            )
-        ocr = {"engine": "openai", "model": "test-ocr", "options": {"base_url": url}}
-        one = through_daemon(ocr, pages, 1, png)
-        eight = through_daemon({**ocr, "options": {"base_url": url, "concurrency": 8}}, pages, 1, png)
-        many = through_daemon(ocr, pages, 8, png)
-        base1 = direct(url, pages, 1)
-        base8 = direct(url, pages, 8)
-        rows.append(["daemon, concurrency 1, workers 1", pages, f"{pages / one:.2f}", f"{base1 / one:.2f}"])
-        rows.append(
-            ["daemon, concurrency 8, workers 1 (page at a time)", pages, f"{pages / eight:.2f}", f"{base8 / eight:.2f}"]
-        )
-        rows.append(["daemon, concurrency 1, workers 8", pages, f"{pages / many:.2f}", f"{base8 / many:.2f}"])
+        rates = interleaved({k: (lambda f=f: pages / f()) for k, f in runs.items()}, rounds)
     finally:
         server.kill()
         server.wait()
         tmp.cleanup()
-    title = f"openai engine, loopback server {LATENCY_S * 1000:.0f} ms a request, capacity {CAPACITY}; {machine()}"
-    return table(title, ["path", "pages", "pages/s", "vs direct at the same concurrency"], rows)
+    rows = []
+    for label, values in rates.items():
+        c = 8 if (" 8 in flight" in label or "concurrency 8" in label or "workers 8" in label) else 1
+        base = statistics.median(rates[f"direct httpx, {c} in flight, one prebuilt request"])
+        encoding = statistics.median(rates[f"direct httpx, {c} in flight, encoding each page"])
+        rate = statistics.median(values)
+        rows.append([label, pages, f"{rate:.2f}", spread(values), f"{rate / base:.2f}", f"{rate / encoding:.2f}"])
+    title = (
+        f"openai engine, loopback server {LATENCY_S * 1000:.0f} ms a request, capacity {CAPACITY}; "
+        f"median of {rounds} interleaved rounds; {machine()}"
+    )
+    header = ["path", "pages", "pages/s", "range", "vs direct, prebuilt", "vs direct, encoding"]
+    return table(title, header, rows)
+
+
+def interleaved(runs: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
+    """Each measurement `rounds` times, round-robin, so a neighbour's load spreads over all rows."""
+    results: dict[str, list[float]] = {label: [] for label in runs}
+    for _ in range(rounds):
+        for label, run in runs.items():
+            results[label].append(run())
+            print(f"  {label}: {results[label][-1]:.2f}", file=sys.stderr, flush=True)
+    return results
+
+
+def spread(values: list[float]) -> str:
+    return f"{min(values):.2f}–{max(values):.2f}"
 
 
 # -- embedded --------------------------------------------------------------------------------------
@@ -175,8 +185,12 @@ def bench_openai(pages: int) -> str:
 def _rapidocr_process(pages: list[int], copies: int, threads: int | None, barrier: Any, out: Any) -> None:
     if threads:
         os.environ["OMP_NUM_THREADS"] = os.environ["WATCHERD_OCR_THREADS"] = str(threads)
+    import logging
+
     from watcherd.engines.rapidocr import RapidOcrEngine
     from watcherd.pages import Document
+
+    logging.getLogger("RapidOCR").setLevel(logging.WARNING)
 
     images = [
         p.image
@@ -229,37 +243,63 @@ def through_daemon_embedded(workers: int, copies: int) -> tuple[int, float]:
     return pages, max(iso(d["finished_at"]) for d in docs) - min(iso(d["received_at"]) for d in docs)
 
 
-def bench_embedded(copies: int) -> str:
+def bench_embedded(copies: int, rounds: int) -> str:
     from watcherd.workers import cores
 
     n = cores()
-    rows = []
-    base: dict[int, float] = {}
-    for processes, threads in ((1, None), (1, 1), (n, 1), (n, None)):
-        pages, seconds = direct_rapidocr(processes, threads, copies)
-        base.setdefault(processes, pages / seconds)
+    runs: dict[str, Callable[[], float]] = {}
+    configs = [(1, None), (1, 1), (n, 1), (n, None)] if n > 1 else [(1, None), (1, 1)]
+    for processes, threads in configs:
         label = f"rapidocr directly, {processes} process(es) × {threads or 'default'} thread(s)"
-        rows.append([label, pages, f"{pages / seconds:.2f}", f"{pages / seconds / base[processes]:.2f}"])
+        runs[label] = partial(rate, direct_rapidocr, processes, threads, copies)
     for workers in (1, n) if n > 1 else (1,):
-        pages, seconds = through_daemon_embedded(workers, copies)
         threads = "default" if workers == 1 else max(1, n // workers)
-        label = f"daemon, ocr.workers {workers} (× {threads} thread(s))"
-        rows.append([label, pages, f"{pages / seconds:.2f}", f"{pages / seconds / base[workers]:.2f}"])
-    title = f"Embedded engine (rapidocr) on the samples × {copies}; {n} usable cores, {machine()}"
-    return table(title, ["path", "pages", "pages/s", "vs the first direct row with as many processes"], rows)
+        runs[f"daemon, ocr.workers {workers} (× {threads} thread(s))"] = partial(
+            rate, through_daemon_embedded, workers, copies
+        )
+    rates = interleaved(runs, rounds)
+    median = {label: statistics.median(values) for label, values in rates.items()}
+    today = median["rapidocr directly, 1 process(es) × default thread(s)"]
+    same = {  # the direct row with the daemon's processes and threads
+        "daemon, ocr.workers 1 (× default thread(s))": "rapidocr directly, 1 process(es) × default thread(s)",
+        f"daemon, ocr.workers {n} (× {max(1, n // n)} thread(s))": f"rapidocr directly, {n} process(es) × 1 thread(s)",
+    }
+    rows = []
+    for label, values in rates.items():
+        versus = f"{median[label] / median[same[label]]:.2f}" if label in same else ""
+        rows.append([label, 4 * copies, f"{median[label]:.2f}", spread(values), f"{median[label] / today:.2f}", versus])
+    title = (
+        f"Embedded engine (rapidocr) on the samples × {copies}; {n} usable cores; median of {rounds} interleaved "
+        f"rounds; {machine()}; load average {os.getloadavg()[0]:.1f} at the end"
+    )
+    header = [
+        "path",
+        "pages",
+        "pages/s",
+        "range",
+        "vs 1 process × default threads",
+        "daemon vs direct, same processes × threads",
+    ]
+    return table(title, header, rows)
+
+
+def rate(measure: Callable[..., tuple[int, float]], *args: Any) -> float:
+    pages, seconds = measure(*args)
+    return pages / seconds
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--pages", type=int, default=48, help="openai: pages per measurement")
     parser.add_argument("--copies", type=int, default=5, help="embedded: copies of the 3 samples (4 pages)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions; the table shows medians")
     parser.add_argument("--only", choices=["openai", "embedded"])
     args = parser.parse_args()
     if args.only in (None, "openai"):
-        print(bench_openai(args.pages), flush=True)
+        print(bench_openai(args.pages, args.rounds), flush=True)
         print()
     if args.only in (None, "embedded"):
-        print(bench_embedded(args.copies), flush=True)
+        print(bench_embedded(args.copies, args.rounds), flush=True)
 
 
 if __name__ == "__main__":

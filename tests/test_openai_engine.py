@@ -57,6 +57,8 @@ def test_a_server_that_is_down_defers_the_file_until_it_is_up(daemon_factory) ->
     wait_until(lambda: status.exists() and json.loads(status.read_text())["engine_unavailable"], 10, "the status")
     summary = json.loads(status.read_text())["summary"]
     assert "OCR engine unavailable since" in summary
+    shown = run_watcherd("status", "--config", str(daemon.config_path))
+    assert "OCR engine unavailable since" in shown.stdout and "Connection refused" in shown.stdout
     wait_until(lambda: daemon.log().count("waits.png") >= 1 and "ConnectError" in daemon.log(), 10, "the reason")
     assert daemon.results(daemon.failed) == []
     server = OcrServer(port=port, text="finally").start()
@@ -187,6 +189,14 @@ def test_ocr_batch_raises_unavailable_when_the_server_is_down() -> None:
     with pytest.raises(EngineUnavailable):
         engine.ocr_batch([Image.new("RGB", (8, 8))] * 3)
     engine.close()
+
+
+def test_credentials_in_the_base_url_stay_out_of_messages() -> None:
+    engine = OpenAiEngine(model="m", base_url=f"http://user:{KEY}@127.0.0.1:{free_port()}/v1")
+    with pytest.raises(EngineUnavailable) as caught:
+        engine.ocr(Image.new("RGB", (8, 8)))
+    engine.close()
+    assert KEY not in str(caught.value) and "http://127.0.0.1:" in str(caught.value)
 
 
 def test_a_model_name_is_required() -> None:

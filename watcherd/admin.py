@@ -135,6 +135,9 @@ def format_status(status: dict[str, Any]) -> str:
             f"  last error: {e(error.get('source'))}: {e(error.get('error_code'))}: {e(error.get('detail'))} "
             f"({e(error.get('at'))})"
         )
+    unavailable = status.get("engine_unavailable")
+    if isinstance(unavailable, dict):  # the engine's server is down: files wait (README, OpenAI-compatible servers)
+        lines.append(f"  OCR engine unavailable since {e(unavailable.get('since'))}: {e(unavailable.get('detail'))}")
     gpu = status.get("gpu")
     if isinstance(gpu, dict) and gpu.get("available"):
         lines.append(

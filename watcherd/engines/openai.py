@@ -30,6 +30,7 @@ import base64
 import io
 import json
 import os
+import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -82,6 +83,7 @@ class OpenAiEngine:
         self.model = model
         self.prompt = prompt or DEFAULT_PROMPT
         self.url = settings["base_url"].rstrip("/") + "/chat/completions"
+        self.shown_url = without_credentials(self.url)  # for messages: a user:password@ part stays out
         self.max_tokens = settings["max_tokens"]
         self.temperature = settings["temperature"]
         self.concurrency = settings["concurrency"]
@@ -153,12 +155,12 @@ class OpenAiEngine:
             return self._client.post(self.url, content=json.dumps(body).encode())
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.PoolTimeout) as exc:
             # Refused, reset, or closed without an answer: down or restarting.
-            raise EngineUnavailable(f"OCR server {self.url} unreachable: {type(exc).__name__}: {exc}") from None
+            raise EngineUnavailable(f"OCR server {self.shown_url} unreachable: {type(exc).__name__}: {exc}") from None
         except httpx.TimeoutException:
             timeout = self._client.timeout.read
             raise RuntimeError(f"no answer from the OCR server within ocr.options.timeout_s ({timeout:g} s)") from None
         except httpx.HTTPError as exc:  # other transport failures: a network hiccup, worth a later try
-            raise EngineUnavailable(f"OCR server {self.url}: {type(exc).__name__}: {exc}") from None
+            raise EngineUnavailable(f"OCR server {self.shown_url}: {type(exc).__name__}: {exc}") from None
 
     def _answer(self, response: Any) -> str:
         status = response.status_code
@@ -261,6 +263,15 @@ def data_url(image: Image.Image, image_format: str = "auto") -> str:
         page.save(buffer, format="JPEG", quality=JPEG_QUALITY)
         kind = "jpeg"
     return f"data:image/{kind};base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def without_credentials(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"[{host}]" if ":" in host else host
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc + (f":{parts.port}" if parts.port else "")))
 
 
 def looks_gray(image: Image.Image) -> bool:
