@@ -149,6 +149,9 @@ def format_status(status: dict[str, Any]) -> str:
     for name, item in sorted(handoff.items()) if isinstance(handoff, dict) else []:
         if isinstance(item, dict):
             lines.append(f"  {e(name)}: " + ", ".join(f"{e(v)} {e(k).replace('_', ' ')}" for k, v in item.items()))
+    unavailable = status.get("engine_unavailable")
+    if isinstance(unavailable, dict):  # the engine's server is down: files wait (README, OpenAI-compatible servers)
+        lines.append(f"  OCR engine unavailable since {e(unavailable.get('since'))}: {e(unavailable.get('detail'))}")
     gpu = status.get("gpu")
     if isinstance(gpu, dict) and gpu.get("available"):
         lines.append(

@@ -20,7 +20,9 @@ Messages, child → parent:
   page_start {id, page}                              (the parent restarts the page clock)
   page {id, page, text, processing_time, size, resized_from}
   done {id, gpu_info_before, gpu_info_after}         | failed {id, code, detail, sha256}
-  deferred {id, gpu_info, sha256}   (too little GPU memory even after clearing: try again later)
+  deferred {id, gpu_info, sha256, reason, detail}   (try again later: too little GPU memory even
+                                    after clearing, reason "vram"; or the engine raised
+                                    EngineUnavailable, reason "engine_unavailable")
   cleared {files_done, before, after}                (the GPU cache was cleared)
 parent → child: ocr {id, path} | idle {} (queue drained: clear the cache) | exit {}
 """
@@ -42,7 +44,16 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from . import gpu, protocol
-from .engines import EngineNotFound, Line, Word, as_page, box_from_points, resolve
+from .engines import (
+    EngineConfigError,
+    EngineNotFound,
+    EngineUnavailable,
+    Line,
+    Word,
+    as_page,
+    box_from_points,
+    resolve,
+)
 from .pages import PDF_DPI, Document, InputError, Page
 
 PR_SET_PDEATHSIG = 1
@@ -90,8 +101,9 @@ class Child:
         except Exception as exc:  # noqa: BLE001 - any engine failure is reported, then we exit
             detail = f"{type(exc).__name__}: {exc}"
             traceback.print_exc()
-            self.send("load_failed", detail=detail, config_error=isinstance(exc, TypeError))
+            self.send("load_failed", detail=detail, config_error=isinstance(exc, (TypeError, EngineConfigError)))
             return False
+        _set_threads(self.spec.get("threads"))
         if callable(getattr(self.engine, "ocr_batch", None)):
             self.batch_pages = max(1, int(self.spec.get("batch_pages", 1)))
         if self.spec.get("auto_rotate"):
@@ -210,7 +222,12 @@ class Child:
                         break
                     batch.append(index)
                     index += 1
-                rendered += self._ocr_pages(request_id, document, batch)
+                try:
+                    rendered += self._ocr_pages(request_id, document, batch)
+                except EngineUnavailable as exc:
+                    reason = "engine_unavailable"
+                    self.send("deferred", id=request_id, gpu_info=before, sha256=sha256, reason=reason, detail=str(exc))
+                    return
             written, errors = self._render(request_id, targets, render, rendered, original, document.kind, path)
             self.files_done += 1
             if self.files_done % self.spec["clear_cache_every"] == 0:
@@ -282,8 +299,8 @@ class Child:
             else:
                 answers = [self.engine.ocr(images[0])]
             results = [as_page(answer) for answer in answers]
-        except _EngineError:
-            raise
+        except (_EngineError, EngineUnavailable):
+            raise  # EngineUnavailable: its server is down or busy, the whole file waits (ocr_file)
         except TypeError as exc:  # as_page: neither str nor PageText
             raise _EngineError(str(exc)) from None
         except Exception as exc:  # noqa: BLE001 - MemoryError included: the model's failure
@@ -465,6 +482,14 @@ def _line_json(line: Line) -> dict[str, Any]:
 def _positioned(text: str, box: Any, score: float | None) -> dict[str, Any]:
     score = None if score is None or not math.isfinite(score) else round(min(1.0, max(0.0, float(score))), 4)
     return {"text": protocol.valid_text(text)[0], "score": score, "box": [[round(x, 1), round(y, 1)] for x, y in box]}
+
+
+def _set_threads(threads: int | None) -> None:
+    """`ocr.workers` > 1: this child's share of the cores. OMP_NUM_THREADS (set by the parent)
+    covers OpenMP and onnxruntime's rapidocr engine reads WATCHERD_OCR_THREADS; torch keeps its own
+    intra-op pool, set here if the engine loaded torch."""
+    if threads and "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
 
 
 def _open_nofollow(path: str, flags: int) -> int:

@@ -120,10 +120,12 @@ class Page:
 
 
 @dataclass(frozen=True)
-class Deferred:  # too little GPU memory even after clearing the cache
-    id: int
+class Deferred:  # try the file later: too little GPU memory even after clearing the cache, or
+    id: int  # the engine raised EngineUnavailable (its server is down or busy)
     gpu_info: dict[str, Any]
     sha256: str | None
+    reason: str = "vram"  # "vram" | "engine_unavailable"
+    detail: str | None = None
 
 
 @dataclass(frozen=True)
@@ -238,7 +240,8 @@ def _typed(op: str, m: dict[str, Any]) -> Message:
             float(m["batch_time"]) if _finite(m.get("batch_time")) else None,
         )
     if op == "deferred":
-        return Deferred(m["id"], m["gpu_info"], _str(m.get("sha256")))
+        reason = "engine_unavailable" if m.get("reason") == "engine_unavailable" else "vram"
+        return Deferred(m["id"], m["gpu_info"], _str(m.get("sha256")), reason, _str(m.get("detail")))
     return Finished(  # done | failed: FIELDS knows no other op
         m["id"],
         op == "done",

@@ -22,6 +22,7 @@ from typing import Any
 from . import __version__, admin, documents, logs, outputs
 from . import settings as settings_mod
 from . import spool as spool_mod
+from . import workers as workers_mod
 from .backlog import Backlog
 from .dedupe import Dedupe
 from .handoff import Handoff
@@ -65,6 +66,7 @@ class Service:
         self.pages = {"ocr": 0, "pdf_text": 0}  # pages OCR'd, and those whose own text layer was taken
         self.last_error: dict[str, Any] | None = None
         self.last_gpu: dict[str, Any] = {"available": False}
+        self.engine_unavailable: dict[str, str] | None = None  # since, detail: its server is down or busy
         self.publisher = Publisher(self.spool, wake=self._wake)
         self.dedupe = Dedupe(settings, self.spool, wake=self._wake) if settings.dedupe.mode == "skip" else None
         self.stopping_since: float | None = None
@@ -77,9 +79,13 @@ class Service:
         self._status_written = 0.0
 
     def _make_workers(self, settings: Settings) -> list[Worker]:
-        devices = settings.ocr.devices or (None,)
         on_event = self.metrics.counting(logs.event)
-        return [Worker(ocr=settings.ocr, gpu=settings.gpu, device=d, on_event=on_event) for d in devices]
+        if settings.ocr.devices:
+            return [
+                Worker(ocr=settings.ocr, gpu=settings.gpu, device=d, on_event=on_event) for d in settings.ocr.devices
+            ]
+        count, threads = workers_mod.plan(settings.ocr.workers)  # CPU: ocr.workers children
+        return [Worker(ocr=settings.ocr, gpu=settings.gpu, threads=threads, on_event=on_event) for _ in range(count)]
 
     # -- callbacks: enqueue and wake, nothing else ----------------------------------------
 
@@ -355,8 +361,12 @@ class Service:
         return finished
 
     def _defer(self, outcome: Outcome) -> None:
-        """Too little GPU memory: the file stays claimed and queued; others may go first."""
+        """Too little GPU memory (or the engine unavailable: `_wait_for_engine`): the file stays
+        claimed and queued; others may go first."""
         job, now = outcome.job, time.monotonic()
+        if outcome.defer_reason == "engine_unavailable":
+            self._wait_for_engine(outcome, now)
+            return
         free = outcome.gpu_info_after.get("free_mb")
         if job.deferred_since is None:
             job.deferred_since = now
@@ -384,8 +394,30 @@ class Service:
         job.deferrals += 1
         self.backlog.defer(job, backoff)
 
+    def _wait_for_engine(self, outcome: Outcome, now: float) -> None:
+        """The engine's server is down or busy: the file waits, however long that takes (nothing
+        is wrong with the file); logged once per file, retried with backoff."""
+        job = outcome.job
+        detail = (outcome.detail or "unavailable")[:500]
+        if self.engine_unavailable is None:
+            self.engine_unavailable = {"since": outputs.now_iso(), "detail": detail}
+        if job.deferred_since is None:
+            job.deferred_since = now
+            logs.event(
+                "deferred",
+                f"{job.rel}: waiting for the OCR engine, retried with backoff ({detail})",
+                level=logging.WARNING,
+                source=job.rel,
+            )
+        backoff = min(MAX_DEFER_BACKOFF_S, 2.0**job.deferrals * 0.5)
+        job.deferrals += 1
+        self.backlog.defer(job, backoff)
+
     def _finish(self, outcome: Outcome) -> None:
         job = outcome.job
+        if self.engine_unavailable is not None and (outcome.ok or outcome.code == "engine_error"):
+            log.info("The OCR engine answers again (unavailable since %s)", self.engine_unavailable["since"])
+            self.engine_unavailable = None
         if self._read_something_else(outcome):
             return
         if outcome.ok and self._changed_since_claim(job):
@@ -619,7 +651,9 @@ class Service:
             f"queue {queue}",
             f"{engine} on {where}",
         ]
-        if counts["waiting_for_memory"]:
+        if self.engine_unavailable is not None:
+            parts.insert(-1, f"OCR engine unavailable since {self.engine_unavailable['since'][11:19]}, files wait")
+        elif counts["waiting_for_memory"]:
             parts.insert(-1, f"{counts['waiting_for_memory']} waiting for GPU memory")
         return " · ".join(parts)
 
@@ -707,6 +741,7 @@ class Service:
                 "last_success_at": self.metrics.last_success_at,
             },
             "handoff": self.handoff.status(),  # hook and webhook backlog and outcomes
+            "engine_unavailable": self.engine_unavailable,
             "gpu": self.last_gpu,
             "version": __version__,
         }

@@ -28,6 +28,7 @@ EX_TEMPFAIL = 75  # a condition a restart may clear (another daemon holds the in
 
 FileMode = NewType("FileMode", int)  # permission bits, written in YAML as 0640 or "0640"
 Secret = NewType("Secret", str)  # a string never shown: not in messages, not in repr
+WorkerCount = NewType("WorkerCount", object)  # ocr.workers: a whole number >= 1, or "auto"
 
 # Names that scanners, NAS boxes, browsers and office suites leave beside real files.
 BUILTIN_IGNORE = (
@@ -100,6 +101,7 @@ class OcrSettings:
     auto_rotate: bool = True  # turn pages scanned at 90/180/270 degrees upright before OCR
     batch_pages: int = 1  # pages per engine call, for engines with ocr_batch (GPU models: 8-16)
     turn_pages: int = 16  # a longer file is read this many pages at a time, other files between; 0: whole
+    workers: WorkerCount = WorkerCount(1)  # CPU hosts: children OCRing at once (watcherd/workers.py)
 
 
 @dataclass(frozen=True)
@@ -377,6 +379,12 @@ def _check_ranges(s: Settings) -> None:
         )
     if s.ocr.devices is not None and (not s.ocr.devices or len(set(s.ocr.devices)) != len(s.ocr.devices)):
         raise ConfigError("must be null or a list of distinct GPU indices", key="ocr.devices", source=s.source)
+    if s.ocr.devices and s.ocr.workers not in (1, "auto"):  # auto with GPUs: one child per device
+        raise ConfigError(
+            "must be 1 or auto with ocr.devices (one child per GPU); more are for CPU hosts (ocr.devices: null)",
+            key="ocr.workers",
+            source=s.source,
+        )
     _check_hand_off(s)
 
 
@@ -534,6 +542,12 @@ def _convert(hint: Any, value: Any, key: str, source: str | None) -> Any:
                 f"expected permission bits such as 0640 (at most 0666), got {_describe(value)}", key=key, source=source
             )
         return FileMode(bits)
+    if hint is WorkerCount:
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return WorkerCount(value)
+        raise ConfigError(
+            f"expected a whole number of at least 1 or auto, got {_describe(value)}", key=key, source=source
+        )
     if hint is Path:
         if not isinstance(value, str) or not value:
             raise ConfigError(f"expected a folder path, got {_describe(value)}", key=key, source=source)

@@ -64,6 +64,7 @@ EXIT_GRACE_S = 5.0  # an idle child asked to exit: then SIGKILL
 DEATH_GRACE_S = 1.0  # a child whose pipe closed: time to finish dying before SIGKILL
 POLL_DYING_S = 0.05  # how often a child on its way out is polled
 UNKILLABLE_S = 10.0  # SIGKILLed this long ago and still there: D state (hung NFS/GPU); say so once
+MAX_UNAVAILABLE_PAUSE_S = 30.0  # the engine's server is down: the longest pause before the next try
 
 
 def _probe_command(ocr: OcrSettings) -> list[str]:
@@ -182,6 +183,7 @@ class Outcome:
     partial: bool = False  # a turn of a long file went well: its next turn waits behind other files
     rendered: tuple[str, ...] = ()  # PDF/hOCR/ALTO the child wrote to their scratch files
     render_errors: dict[str, str] = field(default_factory=dict)  # and those it could not write, why
+    defer_reason: str = "vram"  # or "engine_unavailable": the engine's server is down or busy
 
 
 def describe_exit(returncode: int | None) -> str:
@@ -278,12 +280,14 @@ class Worker:
         ocr: OcrSettings,
         gpu: GpuSettings,
         device: int | None = None,
+        threads: int | None = None,
         on_event: Callable[..., None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
         self.ocr = ocr
         self.gpu = gpu
         self.device = device
+        self.threads = threads  # intra-op threads for the child (ocr.workers); None: the libraries' default
         self.on_event = on_event or (lambda *a, **k: None)
         self.clock = clock
         self.proc: subprocess.Popen[bytes] | None = None
@@ -306,6 +310,10 @@ class Worker:
         self._stack_until: float | None = None  # timed out: the child's stacks are awaited until then
         self._timed_out_after = 0.0
         self._lost: tuple[State, InFlight | None, str | None, float] | None = None  # state, job, why, SIGKILL at
+        # The engine said its server is unavailable: no file is handed over before this time, so a
+        # down server costs one request per pause, not one per queued file.
+        self.paused_until = 0.0
+        self.unavailable_in_a_row = 0
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -319,7 +327,7 @@ class Worker:
 
     @property
     def ready(self) -> bool:
-        return self.state == State.IDLE
+        return self.state == State.IDLE and self.clock() >= self.paused_until
 
     @property
     def gone(self) -> bool:
@@ -350,8 +358,11 @@ class Worker:
             "auto_rotate": self.ocr.auto_rotate,
             "batch_pages": self.ocr.batch_pages,
             "stack_fd": stacks_w,
+            "threads": self.threads,
         }
         env = dict(os.environ)
+        if self.threads:  # read as the child's libraries start: OpenMP (torch), our rapidocr engine
+            env["OMP_NUM_THREADS"] = env["WATCHERD_OCR_THREADS"] = str(self.threads)
         if self.device is not None:
             env["CUDA_VISIBLE_DEVICES"] = str(self.device)
         python = _absolute_program(self.ocr.python) if self.ocr.python else sys.executable
@@ -604,14 +615,20 @@ class Worker:
                 flight.pages.append(page)
             case protocol.Deferred():
                 job, self.flight = flight.job, None
-                job.attempts -= 1  # waiting for memory is not an attempt
+                job.attempts -= 1  # waiting for memory (or a server) is not an attempt
                 self.state = State.IDLE
                 self.deadline = None
                 self.dirty = True
+                if message.reason == "engine_unavailable":
+                    self.unavailable_in_a_row += 1
+                    pause = min(MAX_UNAVAILABLE_PAUSE_S, 0.5 * 2 ** (self.unavailable_in_a_row - 1))
+                    self.paused_until = now + pause
                 return Outcome(
                     job=job,
                     ok=False,
                     deferred=True,
+                    defer_reason=message.reason,
+                    detail=message.detail,
                     sha256=message.sha256,
                     gpu_info_after=message.gpu_info,
                     engine=self.engine_name,
@@ -620,6 +637,7 @@ class Worker:
             case protocol.Finished():
                 self.dirty = True
                 self.crashes_in_a_row = 0
+                self.unavailable_in_a_row = 0
                 job, self.flight = flight.job, None
                 self.state = State.IDLE
                 self.deadline = None
@@ -840,6 +858,8 @@ class Worker:
             times.append(self._stack_until)
         elif self.deadline is not None:
             times.append(self.deadline)
+        elif self.state == State.IDLE and self.paused_until > now:
+            times.append(self.paused_until)
         return min(times, default=None)
 
 

@@ -5,6 +5,11 @@
                                                           # or its lines with boxes (below)
     engine.clear_cache() / engine.close()          # optional
     engine.gpu_info() -> dict                      # optional: the engine's own memory figures
+    engine.ocr_batch(images) -> list               # optional: several pages at once, results in order
+
+An engine that depends on something outside the child (a server) raises `EngineUnavailable` for
+"this file cannot be done now, try it later": the file is deferred, not failed. One whose options
+are wrong raises `EngineConfigError` (or TypeError): the daemon exits 78 instead of retrying.
 
 `ocr.engine` is a built-in name or "package.module:Class". Resolving imports the engine's module,
 so it happens in the child (or a throw-away probe process): the parent never imports torch.
@@ -20,11 +25,23 @@ BUILTIN = {
     "rapidocr": "watcherd.engines.rapidocr:RapidOcrEngine",
     "transformers": "watcherd.engines.transformers:TransformersEngine",
     "deepseek-ocr": "watcherd.engines.deepseek_ocr:DeepseekOcrEngine",
+    "openai": "watcherd.engines.openai:OpenAiEngine",
 }
 
 
 class EngineNotFound(Exception):
     """`ocr.engine` names nothing importable: a configuration error, not worth retrying."""
+
+
+class EngineConfigError(ValueError):
+    """`ocr.options` (or `ocr.model`/`ocr.prompt`) are wrong for this engine: the message names the
+    key; retrying cannot help, so the daemon exits 78."""
+
+
+class EngineUnavailable(Exception):
+    """Something the engine needs is not there now (its server is down, overloaded, or answers
+    5xx/429): the file is deferred and retried later, never failed for it. The message says why,
+    for the log; it must not contain secrets."""
 
 
 def resolve(spec: str) -> Any:

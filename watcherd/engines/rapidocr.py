@@ -12,12 +12,16 @@ positions existed.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from . import Box, Line, PageText, Word, box_from_points
+
+# onnxruntime's threads within one operator; read when the sessions start (on the first page).
+THREADS_PARAM = "EngineConfig.onnxruntime.intra_op_num_threads"
 
 
 class RapidOcrEngine:
@@ -29,7 +33,11 @@ class RapidOcrEngine:
         from rapidocr import RapidOCR
 
         # `options` go to RapidOCR's params, e.g. {"Global.text_score": 0.5}.
-        self._ocr = RapidOCR(params=options or None)
+        params = dict(options)
+        threads = os.environ.get("WATCHERD_OCR_THREADS")  # ocr.workers: this child's share of the cores
+        if threads:
+            params.setdefault(THREADS_PARAM, int(threads))
+        self._ocr = RapidOCR(params=params or None)
         self.model = model or "PP-OCR (rapidocr built-in)"
 
     def ocr(self, image: Image.Image) -> PageText:
