@@ -129,6 +129,19 @@ def format_status(status: dict[str, Any]) -> str:
             f"  child pid {e(child.get('pid'))} on {device}: {e(child.get('state'))}, "
             f"{e(child.get('files_done'))} files"
         )
+    cluster = status.get("cluster")
+    if isinstance(cluster, dict):
+        lines.append(
+            f"  broker {e(cluster.get('broker'))} ({'connected' if cluster.get('connected') else 'NOT connected'}), "
+            f"queue {e(cluster.get('queue'))}, {e(cluster.get('submitting'))} waiting to be sent"
+        )
+        for worker in _dicts(cluster.get("workers")):
+            files = ", ".join(e(f) for f in worker.get("in_flight") or []) or "nothing"
+            lines.append(
+                f"  worker {e(worker.get('host'))} (device {e(worker.get('device'))}): {e(worker.get('state'))}, "
+                f"{e(worker.get('files_done'))} files, last heard {e(worker.get('last_heartbeat_s'))} s ago; "
+                f"in flight: {files}"
+            )
     error = status.get("last_error")
     if isinstance(error, dict):
         lines.append(

@@ -65,8 +65,11 @@ class Service:
         self.started: int | None = None
         self._status_written = 0.0
 
-    @staticmethod
-    def _make_workers(settings: Settings) -> list[Worker]:
+    def _make_workers(self, settings: Settings) -> list[Worker]:
+        if settings.cluster.role == "dispatcher":  # remote slots with Worker's interface (README "Many hosts")
+            from .cluster.dispatcher import make_slots
+
+            return make_slots(settings, wake=self._wake)  # type: ignore[return-value]
         devices = settings.ocr.devices or (None,)
         return [Worker(ocr=settings.ocr, gpu=settings.gpu, device=d, on_event=logs.event) for d in devices]
 
@@ -579,6 +582,7 @@ class Service:
             ],
             "last_error": self.last_error,
             "gpu": self.last_gpu,
+            **({"cluster": self.workers[0].hub.status()} if hasattr(self.workers[0], "hub") else {}),
             "version": __version__,
         }
         admin.write_status(self.settings, status)

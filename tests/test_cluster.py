@@ -1,0 +1,391 @@
+"""Many hosts (issue #15): a dispatcher and two workers as real processes, on a private RabbitMQ
+node started from Debian's `rabbitmq-server`, with the fake engines of tests/engines.py.
+
+Each test gets its own queue names on the shared node, so a message left over by one test never
+reaches another. Skipped, naming the binary, where `rabbitmq-server` is not installed
+(`scripts/setup --test` installs it). CLUSTER_CHAOS_ITERATIONS sets the dispatcher kill -9 loop's
+length (default 20).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import yaml
+
+from tests.cluster_engines import KILL_WORKER_WIDTH
+from tests.conftest import REPO, Daemon, gone_or_zombie, make_image, run_watcherd, wait_until
+from tests.engines import HANG_WIDTH
+from tests.test_chaos import audit, record, wait_all
+
+RABBITMQ = shutil.which("rabbitmq-server") or (
+    "/usr/sbin/rabbitmq-server" if os.path.exists("/usr/sbin/rabbitmq-server") else None
+)
+pytestmark = [
+    pytest.mark.cluster,
+    pytest.mark.skipif(RABBITMQ is None, reason="rabbitmq-server is not installed (scripts/setup --test)"),
+    pytest.mark.skipif(os.geteuid() != 0, reason="rabbitmq-server must start as root to switch to its user"),
+]
+
+CHAOS_ITERATIONS = int(os.environ.get("CLUSTER_CHAOS_ITERATIONS", "20"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+class Rabbit:
+    """A private RabbitMQ node (RECIPES.md): own node name, ports and folder, owned by `rabbitmq`."""
+
+    def __init__(self) -> None:
+        # Not under pytest's 0700 temp folder: the node runs as the rabbitmq user and must reach it.
+        self.dir = Path(tempfile.mkdtemp(prefix="watcherd-rabbit-"))
+        self.dir.chmod(0o755)
+        self.port, self.dist_port, self.epmd_port = free_port(), free_port(), free_port()
+        self.node = f"wdtest{self.port}@localhost"
+        (self.dir / "enabled_plugins").write_text("[].\n")
+        (self.dir / "rabbitmq.conf").write_text(
+            f"listeners.tcp.default = 127.0.0.1:{self.port}\n"
+            "consumer_timeout = 3600000\n"  # above the longest file (README: raise it in production)
+            "log.console = false\n"
+        )
+        shutil.chown(self.dir, "rabbitmq", "rabbitmq")
+        for path in self.dir.iterdir():
+            shutil.chown(path, "rabbitmq", "rabbitmq")
+        self.env = {
+            **os.environ,
+            "RABBITMQ_NODENAME": self.node,
+            "RABBITMQ_NODE_PORT": str(self.port),
+            "RABBITMQ_DIST_PORT": str(self.dist_port),
+            "ERL_EPMD_PORT": str(self.epmd_port),
+            "RABBITMQ_MNESIA_BASE": str(self.dir / "mnesia"),
+            "RABBITMQ_FEATURE_FLAGS_FILE": str(self.dir / "feature_flags"),
+            "RABBITMQ_PLUGINS_EXPAND_DIR": str(self.dir / "plugins-expand"),
+            "RABBITMQ_LOG_BASE": str(self.dir / "log"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.dir / "enabled_plugins"),
+            "RABBITMQ_CONFIG_FILE": str(self.dir / "rabbitmq"),
+        }
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.port}//"
+
+    def start(self) -> None:
+        log = open(self.dir / "server.out", "ab")
+        assert RABBITMQ is not None
+        self.proc = subprocess.Popen(
+            [RABBITMQ], env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.dir
+        )
+        wait_until(lambda: port_open(self.port) or self.proc.poll() is not None, 120, "RabbitMQ to listen")
+        assert self.proc.poll() is None, (self.dir / "server.out").read_text()
+
+    def _ours(self, name: str, var: str, value: str) -> list[psutil.Process]:
+        found = []
+        for p in psutil.process_iter(["name"]):
+            try:
+                if p.info["name"] == name and p.environ().get(var) == value:
+                    found.append(p)
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        return found
+
+    def stop(self) -> None:
+        """Stop the node (SIGTERM to beam.smp: Erlang shuts down cleanly), wait for it."""
+        for p in self._ours("beam.smp", "RABBITMQ_NODENAME", self.node):
+            p.terminate()
+        wait_until(lambda: not self._ours("beam.smp", "RABBITMQ_NODENAME", self.node), 60, "RabbitMQ to stop")
+        if self.proc is not None:
+            self.proc.wait(timeout=30)
+        wait_until(lambda: not port_open(self.port), 30, "the AMQP port to close")
+
+    def close(self) -> None:
+        for p in self._ours("beam.smp", "RABBITMQ_NODENAME", self.node):
+            p.kill()
+        for p in self._ours("epmd", "ERL_EPMD_PORT", str(self.epmd_port)):
+            p.kill()
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def rabbit() -> Iterator[Rabbit]:
+    node = Rabbit()
+    try:
+        node.start()
+        yield node
+    finally:
+        node.close()
+
+
+class WorkerProcess:
+    """One `watcherd worker` (a Celery worker) in its own process group."""
+
+    def __init__(self, root: Path, name: str, config: dict[str, Any]):
+        self.name = name
+        self.config_path = root / f"{name}.yaml"
+        self.config_path.write_text(yaml.safe_dump(config))
+        self.log_path = root / f"{name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> WorkerProcess:
+        self._log = open(self.log_path, "ab")
+        self._log_start = self.log_path.stat().st_size
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "watcherd", "worker", "--config", str(self.config_path), "--name", self.name],
+            cwd=REPO,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_bytes()[self._log_start :].decode("utf-8", "replace")
+
+    def wait_ready(self) -> None:
+        wait_until(lambda: " ready: " in self.log() or self.proc.poll() is not None, 90, f"{self.name} to load")
+        assert self.proc is not None and self.proc.poll() is None, self.log()
+
+    def started(self, name: str) -> bool:
+        return f"{name}: attempt " in self.log()
+
+    def pool_pids(self) -> list[int]:
+        assert self.proc is not None
+        return [c.pid for c in psutil.Process(self.proc.pid).children()]
+
+    def all_pids(self) -> list[int]:
+        assert self.proc is not None
+        try:
+            return [self.proc.pid] + [c.pid for c in psutil.Process(self.proc.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
+    def kill_group(self) -> None:
+        assert self.proc is not None
+        pids = self.all_pids()
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=10)
+        wait_until(lambda: all(gone_or_zombie(p) for p in pids), 15, f"{self.name}'s processes to die")
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        pids = self.all_pids()
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(timeout=10)
+        self._log.close()
+        wait_until(lambda: all(gone_or_zombie(p) for p in pids), 15, f"{self.name}'s OCR child to die")
+
+
+class Cluster:
+    def __init__(self, root: Path, rabbit: Rabbit):
+        self.root = root
+        self.rabbit = rabbit
+        self.queue = f"t{uuid.uuid4().hex[:12]}"
+        self.workers: list[WorkerProcess] = []
+        self.daemon: Daemon | None = None
+
+    def cluster_keys(self, role: str, **extra: Any) -> dict[str, Any]:
+        return {"role": role, "broker_url": self.rabbit.url, "queue": self.queue, "max_deliveries": 3, **extra}
+
+    def start(
+        self,
+        *,
+        engine: str = "tests.engines:Echo",
+        options: dict[str, Any] | None = None,
+        workers: int = 2,
+        timeout_s: float = 20,
+        **cluster: Any,
+    ) -> Cluster:
+        ocr = {"engine": engine, "options": options or {}, "timeout_s": timeout_s}
+        shared = {k: v for k, v in cluster.items() if k == "max_deliveries"}
+        for i in range(workers):
+            config = {"ocr": ocr, "cluster": self.cluster_keys("worker", **shared), "logging": {"level": "info"}}
+            self.workers.append(WorkerProcess(self.root, f"w{i + 1}", config).start())
+        dispatcher = {"max_in_flight": 2, "progress_grace_s": 30, **cluster}
+        self.daemon = Daemon(
+            self.root, ocr=ocr, cluster=self.cluster_keys("dispatcher", **dispatcher), watch={"settle_s": 0.1}
+        )
+        for w in self.workers:
+            w.wait_ready()
+        self.daemon.start()
+        return self
+
+    def stop(self) -> None:
+        if self.daemon is not None and self.daemon.alive():
+            self.daemon.stop(signal.SIGKILL)
+        for w in self.workers:
+            w.stop()
+
+    def worker_with(self, name: str) -> WorkerProcess:
+        return wait_until(lambda: next((w for w in self.workers if w.started(name)), None), 30, f"{name} to start")
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, rabbit: Rabbit) -> Iterator[Callable[..., Cluster]]:
+    made: list[Cluster] = []
+
+    def make(**kwargs: Any) -> Cluster:
+        c = Cluster(tmp_path, rabbit)
+        made.append(c)
+        return c.start(**kwargs)
+
+    yield make
+    for c in made:
+        c.stop()
+
+
+def drop(daemon: Daemon, name: str, width: int = 40) -> str:
+    make_image(daemon.inbox / name, width, 30)
+    return name
+
+
+def test_files_spread_over_two_workers_each_published_once(cluster) -> None:
+    c = cluster(options={"delay_s": 0.3}, max_in_flight=2)
+    d = c.daemon
+    names = [drop(d, f"f{i}.png", 30 + i) for i in range(6)]
+    docs = [d.wait_json(n, d.outbox, timeout=60) for n in names]
+    assert [doc["text"] for doc in docs] == [f"echo {30 + i}x30" for i in range(6)]
+    assert all(doc["attempts"] == 1 for doc in docs)
+    assert audit(d, names) == (0, 0)
+    assert all(any(w.started(n) for n in names) for w in c.workers), "both workers served files"
+
+    def status() -> dict[str, Any] | None:  # written once a second
+        doc = json.loads(run_watcherd("status", "--json", "--config", str(d.config_path)).stdout)
+        workers = doc["cluster"]["workers"]
+        return doc if sum(w["files_done"] for w in workers) == 6 else None
+
+    doc = wait_until(status, 10, "the status file to count six files")
+    assert {w["host"] for w in doc["cluster"]["workers"]} == {"w1", "w2"}
+    assert "guest:***@" in doc["cluster"]["broker"]
+    shown = run_watcherd("status", "--config", str(d.config_path)).stdout
+    assert "worker w1" in shown and "worker w2" in shown, shown
+    assert ":guest@" not in d.log(), "the broker password is never logged"
+
+
+def test_worker_group_killed_mid_file_is_finished_by_the_other(cluster) -> None:
+    c = cluster(options={"delay_s": 4})
+    d = c.daemon
+    name = drop(d, "long.png")
+    victim = c.worker_with(name)
+    victim.kill_group()
+    doc = d.wait_json(name, d.outbox, timeout=60)
+    assert doc["status"] == "ok"
+    assert [w for w in c.workers if w is not victim][0].started(name)
+    assert audit(d, [name]) == (0, 0)
+    assert "started again on" in d.log()
+
+
+def test_pool_process_killed_is_requeued_not_lost(cluster) -> None:
+    c = cluster(options={"delay_s": 4}, workers=1)
+    d = c.daemon
+    name = drop(d, "oom.png")
+    worker = c.worker_with(name)
+    (pool,) = worker.pool_pids()
+    os.kill(pool, signal.SIGKILL)  # the OOM killer's choice: the process holding the model
+    doc = d.wait_json(name, d.outbox, timeout=90)
+    assert doc["status"] == "ok"
+    assert worker.proc is not None and worker.proc.poll() is None, "the worker itself lives on"
+    assert worker.log().count(f"{name}: attempt ") == 2
+    assert audit(d, [name]) == (0, 0)
+
+
+def test_a_file_that_kills_every_worker_ends_as_child_crashed(cluster) -> None:
+    c = cluster(engine="tests.cluster_engines:KillsItsWorker", max_deliveries=2)
+    d = c.daemon
+    poison = drop(d, "poison.png", KILL_WORKER_WIDTH)
+    doc = d.wait_json(poison, d.failed, timeout=120)
+    assert doc["error_code"] == "child_crashed"
+    assert "max_deliveries" in doc["detail"] and ("w1" in doc["detail"] or "w2" in doc["detail"]), doc["detail"]
+    after = [drop(d, f"after{i}.png", 40 + i) for i in range(2)]
+    for n in after:
+        assert d.wait_json(n, d.outbox, timeout=60)["status"] == "ok"
+    assert all(w.proc is not None and w.proc.poll() is None for w in c.workers), "workers keep serving"
+    assert audit(d, [poison, *after]) == (0, 0)
+
+
+def test_native_hang_in_a_worker_is_a_timeout_and_the_worker_serves_on(cluster) -> None:
+    c = cluster(engine="tests.engines:Hang", workers=1, timeout_s=2)
+    d = c.daemon
+    hang = drop(d, "hang.png", HANG_WIDTH)
+    doc = d.wait_json(hang, d.failed, timeout=60)
+    assert doc["error_code"] == "timeout"
+    good = drop(d, "next.png")
+    assert d.wait_json(good, d.outbox, timeout=60)["status"] == "ok"
+    assert audit(d, [hang, good]) == (0, 0)
+
+
+def test_broker_restart_during_a_long_file_loses_and_duplicates_nothing(cluster, rabbit: Rabbit) -> None:
+    c = cluster(options={"delay_s": 6}, max_deliveries=4)
+    d = c.daemon
+    names = [drop(d, "long1.png", 41), drop(d, "long2.png", 42)]
+    c.worker_with(names[0])
+    rabbit.stop()
+    rabbit.start()
+    for n in names:
+        assert d.wait_json(n, d.outbox, timeout=120)["status"] == "ok"
+    assert audit(d, names) == (0, 0)
+    assert d.alive() and all(w.proc is not None and w.proc.poll() is None for w in c.workers)
+
+
+def test_dispatcher_kill9_at_random_moments(cluster, request) -> None:
+    seed = int(os.environ.get("CHAOS_SEED", random.randrange(1 << 30)))
+    rng = random.Random(seed)
+    c = cluster(options={"delay_s": 0.2}, max_in_flight=2)
+    d = c.daemon
+    assert d is not None
+    d.stop(signal.SIGKILL)
+    names: list[str] = []
+    for i in range(CHAOS_ITERATIONS):
+        for j in range(3):
+            names.append(drop(d, f"k{i:03}_{j}.png", 20 + j))
+        d.start(wait_ready=rng.random() < 0.7)
+        time.sleep(rng.uniform(0, 1.5))  # the random moment of the kill is the point of this test
+        d.stop(signal.SIGKILL)
+    d.start()
+    wait_all(d, names, timeout=180)
+    wait_until(lambda: not any((d.inbox / ".watcherd" / "processing").iterdir()), 30, "the work area to empty")
+    lost, duplicated = audit(d, names)
+    record(
+        request,
+        f"dispatcher kill -9 at random moments, two workers busy (seed {seed})",
+        CHAOS_ITERATIONS,
+        len(names),
+        lost,
+        duplicated,
+        "restarted each time",
+    )
+    assert (lost, duplicated) == (0, 0), f"seed {seed}"
