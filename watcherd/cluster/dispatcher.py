@@ -166,7 +166,7 @@ class Hub:
             if slot is None:
                 self.dropped += 1
                 log.info(
-                    "Dropping a %s for %s (attempt %s): not in flight any more (already published, "
+                    "Dropping the %s for %s (attempt %s): not in flight any more (already published, "
                     "resubmitted, or from before a restart)",
                     "dead-lettered task" if kind == "dead" else f"{body.get('kind')} reply",
                     logs_safe(body.get("job")),
