@@ -12,12 +12,9 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -31,11 +28,9 @@ import yaml
 from tests.cluster_engines import KILL_WORKER_WIDTH
 from tests.conftest import REPO, Daemon, gone_or_zombie, make_image, run_watcherd, wait_until
 from tests.engines import HANG_WIDTH
+from tests.rabbit import RABBITMQ, Rabbit
 from tests.test_chaos import audit, record, wait_all
 
-RABBITMQ = shutil.which("rabbitmq-server") or (
-    "/usr/sbin/rabbitmq-server" if os.path.exists("/usr/sbin/rabbitmq-server") else None
-)
 pytestmark = [
     pytest.mark.cluster,
     pytest.mark.skipif(RABBITMQ is None, reason="rabbitmq-server is not installed (scripts/setup --test)"),
@@ -43,98 +38,6 @@ pytestmark = [
 ]
 
 CHAOS_ITERATIONS = int(os.environ.get("CLUSTER_CHAOS_ITERATIONS", "20"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def port_open(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
-class Rabbit:
-    """A private RabbitMQ node (RECIPES.md): own node name, ports and folder, owned by `rabbitmq`."""
-
-    def __init__(self) -> None:
-        # Not under pytest's 0700 temp folder: the node runs as the rabbitmq user and must reach it.
-        self.dir = Path(tempfile.mkdtemp(prefix="watcherd-rabbit-"))
-        self.dir.chmod(0o755)
-        self.port, self.dist_port, self.epmd_port = free_port(), free_port(), free_port()
-        self.node = f"wdtest{self.port}@localhost"
-        (self.dir / "enabled_plugins").write_text("[].\n")
-        (self.dir / "rabbitmq.conf").write_text(
-            f"listeners.tcp.default = 127.0.0.1:{self.port}\n"
-            "consumer_timeout = 3600000\n"  # above the longest file (README: raise it in production)
-            "log.console = false\n"
-        )
-        shutil.chown(self.dir, "rabbitmq", "rabbitmq")
-        for path in self.dir.iterdir():
-            shutil.chown(path, "rabbitmq", "rabbitmq")
-        self.env = {
-            **os.environ,
-            "RABBITMQ_NODENAME": self.node,
-            "RABBITMQ_NODE_PORT": str(self.port),
-            "RABBITMQ_DIST_PORT": str(self.dist_port),
-            "ERL_EPMD_PORT": str(self.epmd_port),
-            "RABBITMQ_MNESIA_BASE": str(self.dir / "mnesia"),
-            "RABBITMQ_FEATURE_FLAGS_FILE": str(self.dir / "feature_flags"),
-            "RABBITMQ_PLUGINS_EXPAND_DIR": str(self.dir / "plugins-expand"),
-            "RABBITMQ_LOG_BASE": str(self.dir / "log"),
-            "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.dir / "enabled_plugins"),
-            "RABBITMQ_CONFIG_FILE": str(self.dir / "rabbitmq"),
-        }
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"amqp://guest:guest@127.0.0.1:{self.port}//"
-
-    def start(self) -> None:
-        log = open(self.dir / "server.out", "ab")
-        assert RABBITMQ is not None
-        self.proc = subprocess.Popen(
-            [RABBITMQ], env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.dir
-        )
-        wait_until(lambda: port_open(self.port) or self.proc.poll() is not None, 120, "RabbitMQ to listen")
-        assert self.proc.poll() is None, (self.dir / "server.out").read_text()
-
-    def _ours(self, name: str, var: str, value: str) -> list[psutil.Process]:
-        found = []
-        for p in psutil.process_iter(["name"]):
-            try:
-                if p.info["name"] == name and p.environ().get(var) == value:
-                    found.append(p)
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                continue
-        return found
-
-    def stop(self) -> None:
-        """Stop the node (SIGTERM to beam.smp: Erlang shuts down cleanly), wait for it."""
-        for p in self._ours("beam.smp", "RABBITMQ_NODENAME", self.node):
-            p.terminate()
-        wait_until(lambda: not self._ours("beam.smp", "RABBITMQ_NODENAME", self.node), 60, "RabbitMQ to stop")
-        if self.proc is not None:
-            self.proc.wait(timeout=30)
-        wait_until(lambda: not port_open(self.port), 30, "the AMQP port to close")
-
-    def close(self) -> None:
-        for p in self._ours("beam.smp", "RABBITMQ_NODENAME", self.node):
-            p.kill()
-        for p in self._ours("epmd", "ERL_EPMD_PORT", str(self.epmd_port)):
-            p.kill()
-        if self.proc is not None:
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                pass
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -346,6 +249,20 @@ def test_native_hang_in_a_worker_is_a_timeout_and_the_worker_serves_on(cluster) 
     good = drop(d, "next.png")
     assert d.wait_json(good, d.outbox, timeout=60)["status"] == "ok"
     assert audit(d, [hang, good]) == (0, 0)
+
+
+def test_a_worker_short_of_gpu_memory_defers_to_the_dispatcher_s_backoff(cluster, tmp_path: Path) -> None:
+    memory = tmp_path / "free_mb"
+    memory.write_text("200")  # below gpu.min_free_mb (500) on the worker
+    c = cluster(engine="tests.engines:ScriptedMemory", options={"memory_file": str(memory)}, workers=1)
+    d = c.daemon
+    name = drop(d, "big.png")
+    wait_until(lambda: "big.png: waiting for GPU memory (200 MB free" in d.log(), 30, "the deferral")
+    wait_until(lambda: c.workers[0].log().count("big.png: attempt ") >= 2, 30, "a retry after the backoff")
+    memory.write_text("8000")
+    doc = d.wait_json(name, d.outbox, timeout=60)
+    assert doc["status"] == "ok" and doc["attempts"] == 1  # waiting for memory is not an attempt
+    assert doc["gpu_info_before"]["free_mb"] == 8000
 
 
 def test_broker_restart_during_a_long_file_loses_and_duplicates_nothing(cluster, rabbit: Rabbit) -> None:

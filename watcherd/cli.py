@@ -86,6 +86,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     logs.setup(settings.logging.level, settings.logging.target)
     if settings.cluster.role == "worker":
         raise ConfigError("is 'worker': start it with `watcherd worker`", key="cluster.role", source=settings.source)
+    if settings.cluster.role == "dispatcher":
+        _need_celery(settings)
     settings.require_paths()
     _prepare_folders(settings)
     missing = [c for c in check.folders(settings) if not c.ok]
@@ -116,11 +118,21 @@ def cmd_worker(args: argparse.Namespace) -> int:
         )
     if args.device is not None:
         settings = dataclasses.replace(settings, ocr=dataclasses.replace(settings.ocr, devices=(args.device,)))
-    try:
-        from .cluster import worker
-    except ImportError as exc:  # the `cluster` extra is not installed
-        raise ConfigError(f"needs Celery ({exc}); install watcherd[cluster]", key="cluster.role") from None
+    _need_celery(settings)
+    from .cluster import worker
+
     return worker.run(settings, name=args.name)
+
+
+def _need_celery(settings: Settings) -> None:
+    try:
+        import celery  # noqa: F401
+    except ImportError as exc:  # the `cluster` extra is not installed
+        raise ConfigError(
+            f"{settings.cluster.role!r} needs Celery ({exc}); install watcherd[cluster]",
+            key="cluster.role",
+            source=settings.source,
+        ) from None
 
 
 def _prepare_folders(settings: Settings) -> None:
