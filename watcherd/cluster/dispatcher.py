@@ -327,6 +327,12 @@ class RemoteSlot:
         detail = raw.get("detail")
         if raw.get("code") == "child_crashed":
             detail = f"{detail} on {', '.join(hosts) or self.host}"
+        pages = raw.get("pages") or []
+        if not _readable(pages):
+            # Only a holder of the attempt id (a random 128 bits, sent only in the task) can
+            # reply; still, a reply this loop cannot read must cost the file, never the loop.
+            log.error("%s: malformed outcome from %s; failing the file", job.rel, self.host)
+            return Outcome(job=job, ok=False, code="engine_error", detail=f"malformed reply from worker {self.host}")
         deferred = bool(raw.get("deferred"))
         if deferred:
             job.attempts -= 1  # waiting for memory is not an attempt
@@ -334,15 +340,15 @@ class RemoteSlot:
         return Outcome(
             job=job,
             ok=bool(raw.get("ok")),
-            code=raw.get("code"),
-            detail=detail,
-            sha256=raw.get("sha256"),
-            pages=list(raw.get("pages") or []),
-            processing_time=float(raw.get("processing_time") or 0.0),
-            gpu_info_before=raw.get("gpu_info_before") or {"available": False},
-            gpu_info_after=raw.get("gpu_info_after") or {"available": False},
-            engine=raw.get("engine"),
-            model=raw.get("model"),
+            code=_text(raw.get("code")),
+            detail=_text(detail),
+            sha256=_text(raw.get("sha256")),
+            pages=pages,
+            processing_time=_number(raw.get("processing_time")),
+            gpu_info_before=_mapping(raw.get("gpu_info_before")),
+            gpu_info_after=_mapping(raw.get("gpu_info_after")),
+            engine=_text(raw.get("engine")),
+            model=_text(raw.get("model")),
             deferred=deferred,
         )
 
@@ -401,6 +407,22 @@ class RemoteSlot:
         self.retired = True
         self.gone = True
         self.hub.release(self)
+
+
+def _readable(pages: Any) -> bool:
+    return isinstance(pages, list) and all(isinstance(p, dict) and isinstance(p.get("text"), str) for p in pages)
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _number(value: Any) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
+
+
+def _mapping(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {"available": False}
 
 
 def make_slots(settings: Settings, *, wake: Callable[[], None]) -> list[RemoteSlot]:
