@@ -38,7 +38,9 @@ BROKER_HEARTBEAT_S = 10
 def task_queue(cluster: ClusterSettings) -> Queue:
     return Queue(
         cluster.queue,
-        Exchange(cluster.queue, type="direct", durable=True),
+        # topic, not direct: Celery's quorum-queue support warns that ETA tasks would block on a
+        # direct exchange. watcherd sends none (deferrals are the dispatcher's); this keeps it quiet.
+        Exchange(cluster.queue, type="topic", durable=True),
         routing_key=cluster.queue,
         durable=True,
         queue_arguments={
