@@ -13,8 +13,10 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -53,8 +55,9 @@ def rabbit() -> Iterator[Rabbit]:
 class WorkerProcess:
     """One `watcherd worker` (a Celery worker) in its own process group."""
 
-    def __init__(self, root: Path, name: str, config: dict[str, Any]):
+    def __init__(self, root: Path, name: str, config: dict[str, Any], prefix: tuple[str, ...] = ()):
         self.name = name
+        self.prefix = prefix  # e.g. `ip netns exec NS`
         self.config_path = root / f"{name}.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
         self.log_path = root / f"{name}.log"
@@ -64,7 +67,8 @@ class WorkerProcess:
         self._log = open(self.log_path, "ab")
         self._log_start = self.log_path.stat().st_size
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "watcherd", "worker", "--config", str(self.config_path), "--name", self.name],
+            [*self.prefix, sys.executable, "-m", "watcherd", "worker", "--config", str(self.config_path)]
+            + ["--name", self.name],
             cwd=REPO,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -133,11 +137,11 @@ class Cluster:
         timeout_s: float = 20,
         **cluster: Any,
     ) -> Cluster:
-        ocr = {"engine": engine, "options": options or {}, "timeout_s": timeout_s}
-        shared = {k: v for k, v in cluster.items() if k == "max_deliveries"}
+        self.ocr = {"engine": engine, "options": options or {}, "timeout_s": timeout_s}
+        self.shared = {k: v for k, v in cluster.items() if k == "max_deliveries"}
         for i in range(workers):
-            config = {"ocr": ocr, "cluster": self.cluster_keys("worker", **shared), "logging": {"level": "info"}}
-            self.workers.append(WorkerProcess(self.root, f"w{i + 1}", config).start())
+            self.add_worker(f"w{i + 1}")
+        ocr = self.ocr
         dispatcher = {"max_in_flight": 2, "progress_grace_s": 30, **cluster}
         self.daemon = Daemon(
             self.root, ocr=ocr, cluster=self.cluster_keys("dispatcher", **dispatcher), watch={"settle_s": 0.1}
@@ -146,6 +150,13 @@ class Cluster:
             w.wait_ready()
         self.daemon.start()
         return self
+
+    def add_worker(self, name: str, *, url: str | None = None, prefix: tuple[str, ...] = ()) -> WorkerProcess:
+        keys = self.cluster_keys("worker", **self.shared) | ({"broker_url": url} if url else {})
+        config = {"ocr": self.ocr, "cluster": keys, "logging": {"level": "info"}}
+        worker = WorkerProcess(self.root, name, config, prefix).start()
+        self.workers.append(worker)
+        return worker
 
     def stop(self) -> None:
         if self.daemon is not None and self.daemon.alive():
@@ -282,8 +293,7 @@ def test_a_frozen_worker_s_file_is_resubmitted_after_the_progress_grace(cluster)
     """A host frozen on a dead NFS mount: its processes are stopped, its TCP connection stays up
     (the kernel still answers), so the broker redelivers nothing for a while. The dispatcher
     hears no progress for cluster.progress_grace_s and submits the file again; the frozen
-    worker's late result, once it thaws, is dropped. (A worker cut off in its own network
-    namespace was not tried here: see the README.)"""
+    worker's late result, once it thaws, is dropped."""
     c = cluster(options={"delay_s": 3}, progress_grace_s=2)
     d = c.daemon
     name = drop(d, "frozen.png")
@@ -297,6 +307,108 @@ def test_a_frozen_worker_s_file_is_resubmitted_after_the_progress_grace(cluster)
     finally:
         os.killpg(frozen.proc.pid, signal.SIGCONT)
     wait_until(lambda: "Dropping the outcome reply for frozen.png" in d.log(), 30, "the late result to be dropped")
+    assert audit(d, [name]) == (0, 0)
+
+
+class Netns:
+    """A network namespace joined to ours by a veth pair, and a TCP relay on our side of it to
+    the broker on 127.0.0.1 (the test node listens on loopback only). `cut()` takes the link
+    down: packets vanish both ways, no RST, no FIN — a worker host cut off by the network."""
+
+    def __init__(self) -> None:
+        tag = uuid.uuid4().hex[:6]
+        self.name, self.host_if, self.peer_if = f"wd{tag}", f"wdh{tag}", f"wdp{tag}"
+        net = random.randrange(1, 250)
+        self.host_ip, self.peer_ip = f"10.213.{net}.1", f"10.213.{net}.2"
+        self.relay: socket.socket | None = None
+
+    def ip(self, *args: str) -> None:
+        subprocess.run(["ip", *args], check=True, capture_output=True, timeout=10)
+
+    def create(self) -> None:
+        self.ip("netns", "add", self.name)
+        self.ip("link", "add", self.host_if, "type", "veth", "peer", "name", self.peer_if)
+        self.ip("link", "set", self.peer_if, "netns", self.name)
+        self.ip("addr", "add", f"{self.host_ip}/30", "dev", self.host_if)
+        self.ip("link", "set", self.host_if, "up")
+        for args in (("addr", "add", f"{self.peer_ip}/30", "dev", self.peer_if), ("link", "set", self.peer_if, "up")):
+            self.ip("netns", "exec", self.name, "ip", *args)
+        self.ip("netns", "exec", self.name, "ip", "link", "set", "lo", "up")
+
+    def relay_to(self, port: int) -> int:
+        self.relay = socket.create_server((self.host_ip, 0))
+        threading.Thread(target=self._accept, args=(port,), daemon=True).start()
+        return int(self.relay.getsockname()[1])
+
+    def _accept(self, port: int) -> None:
+        assert self.relay is not None
+        while True:
+            try:
+                inner, _ = self.relay.accept()
+            except OSError:
+                return
+            outer = socket.create_connection(("127.0.0.1", port))
+            for a, b in ((inner, outer), (outer, inner)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(a: socket.socket, b: socket.socket) -> None:
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (a, b):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def cut(self) -> None:
+        self.ip("link", "set", self.host_if, "down")
+
+    def delete(self) -> None:
+        if self.relay is not None:
+            self.relay.close()
+        subprocess.run(["ip", "netns", "del", self.name], capture_output=True, timeout=10)
+        subprocess.run(["ip", "link", "del", self.host_if], capture_output=True, timeout=10)
+
+
+@pytest.fixture
+def netns() -> Iterator[Netns]:
+    ns = Netns()
+    try:
+        ns.create()
+    except (OSError, subprocess.CalledProcessError) as exc:
+        ns.delete()
+        pytest.skip(f"cannot make a network namespace with a veth pair here: {exc}")
+    yield ns
+    ns.delete()
+
+
+def test_a_worker_cut_off_in_its_own_network_namespace_is_resubmitted(cluster, rabbit: Rabbit, netns: Netns) -> None:
+    c = cluster(options={"delay_s": 3}, workers=0, progress_grace_s=3)
+    d = c.daemon
+    relay = netns.relay_to(rabbit.port)
+    url = f"amqp://guest:guest@{netns.host_ip}:{relay}//"
+    cut_off = c.add_worker("island", url=url, prefix=("ip", "netns", "exec", netns.name))
+    cut_off.wait_ready()
+    name = drop(d, "island.png")
+
+    def heard_from_island() -> bool:  # the dispatcher knows where the file runs (status: once a second)
+        doc = json.loads(run_watcherd("status", "--json", "--config", str(d.config_path)).stdout or "{}")
+        workers = doc.get("cluster", {}).get("workers", [])
+        return any(w["host"] == "island" and w["in_flight"] == [name] for w in workers)
+
+    wait_until(heard_from_island, 30, "the file to start on the worker in the namespace")
+    netns.cut()
+    other = c.add_worker("mainland")
+    other.wait_ready()
+    doc = d.wait_json(name, d.outbox, timeout=60)
+    assert doc["status"] == "ok"
+    assert other.started(name)
+    assert "no word from island" in d.log()
     assert audit(d, [name]) == (0, 0)
 
 
