@@ -65,6 +65,14 @@ def test_roles_and_commands_must_agree(tmp_path: Path) -> None:
     assert result.returncode == 78 and "cluster.role" in result.stderr, result.stderr
 
 
+def test_a_worker_with_an_engine_it_cannot_import_exits_78_before_the_broker(tmp_path: Path) -> None:
+    config = write(
+        tmp_path, "ocr: {engine: 'tests.engines:NoSuchEngine'}\ncluster: {role: worker, broker_url: 'amqp://h:1//'}"
+    )
+    result = run_watcherd("worker", "--config", str(config))
+    assert result.returncode == 78 and "ocr.engine" in result.stderr and "NoSuchEngine" in result.stderr
+
+
 def test_defaults_are_standalone() -> None:
     c = settings.from_dict({}).cluster
     assert (c.role, c.queue, c.max_deliveries, c.path_map) == ("standalone", "watcherd", 3, {})

@@ -27,7 +27,7 @@ from .documents import document_for, precheck
 from .outputs import now_iso, public_path
 from .settings import EX_CONFIG, EX_TEMPFAIL, ConfigError, Settings
 from .spool import Job, LockHeld
-from .supervisor import EngineLoadError, Outcome, Worker
+from .supervisor import EngineLoadError, Outcome, Worker, probe_engine
 
 log = logging.getLogger("watcherd")
 
@@ -119,6 +119,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if args.device is not None:
         settings = dataclasses.replace(settings, ocr=dataclasses.replace(settings.ocr, devices=(args.device,)))
     _need_celery(settings)
+    problem = probe_engine(settings.ocr)  # a bad ocr.engine is exit 78 before any broker traffic
+    if problem is not None:
+        raise ConfigError(problem, key="ocr.engine", source=settings.source)
     from .cluster import worker
 
     return worker.run(settings, name=args.name)

@@ -46,6 +46,16 @@ class _Process:
     settings: Settings | None = None
     name: str = ""
     supervised: Worker | None = None
+    exit_code: Any = None  # a multiprocessing.Value shared with the main process: why the worker stops
+
+
+def _give_up(exc: EngineLoadError) -> None:
+    """The engine cannot load in this pool process: stop the whole worker (warm shutdown) with an
+    exit code systemd understands: 78 for a configuration error (no restart loop), else 1."""
+    log.critical("Cannot load the OCR engine on %s, stopping this worker: %s", _Process.name, exc)
+    if _Process.exit_code is not None:
+        _Process.exit_code.value = 78 if exc.config_error else 1
+    os.kill(os.getppid(), signal.SIGTERM)
 
 
 def _supervised() -> Worker:
@@ -175,12 +185,10 @@ def _ocr(job: Job, replies: Replies, *, heartbeat_s: float) -> Outcome:
             timeout = max(0.0, min(wakeups) - time.monotonic())
             wait([worker.fileno()] if worker.conn_in is not None else [], min(timeout, 1.0))
     except EngineLoadError as exc:
-        # Not the file's fault: put it back for another worker, and stop this one (systemd
-        # restarts it; exit 78 stops that loop for a bad ocr.engine).
-        log.error("OCR engine failed to load on %s: %s; stopping this worker", _Process.name, exc)
+        # Not the file's fault: put it back for another worker, and stop this one.
         from celery.exceptions import Reject
 
-        os.kill(os.getppid(), signal.SIGTERM)
+        _give_up(exc)
         raise Reject(str(exc), requeue=True) from None
 
 
@@ -195,9 +203,12 @@ def _loaded(worker: Worker) -> None:
 
 
 def run(settings: Settings, *, name: str | None = None) -> int:
+    import multiprocessing
+
     from celery import signals
 
     _Process.settings = settings
+    _Process.exit_code = multiprocessing.Value("i", 0)
     device = settings.ocr.devices[0] if settings.ocr.devices else None
     _Process.name = name or (socket.gethostname() + ("" if device is None else f"/gpu{device}"))
     app = app_mod.make_app(settings.cluster)
@@ -209,9 +220,7 @@ def run(settings: Settings, *, name: str | None = None) -> int:
         try:
             _loaded(_supervised())
         except EngineLoadError as exc:
-            log.critical("Cannot load the OCR engine on %s: %s", _Process.name, exc)
-            os.kill(os.getppid(), signal.SIGTERM)
-            raise
+            _give_up(exc)
 
     @signals.worker_process_shutdown.connect(weak=False)
     def _unload(**_: Any) -> None:
@@ -236,4 +245,4 @@ def run(settings: Settings, *, name: str | None = None) -> int:
         quiet=True,
     )
     worker.start()
-    return int(worker.exitcode or 0)
+    return int(_Process.exit_code.value or worker.exitcode or 0)
