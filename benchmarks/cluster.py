@@ -25,6 +25,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import psutil
 import yaml
 from harness import REPO, BenchDaemon, iso, machine, table, wait_for
 from PIL import Image
@@ -148,6 +149,11 @@ def main() -> None:
         rows.append(["speed-up, 2 workers over 1", "", f"{rates[2] / rates[1]:.2f}x (target >= 1.9x)"])
         sequential = max(10, args.files // 4)
         wall, daemon, workers = run(rabbit, 1, sequential, in_flight=1)
+        assert daemon.proc is not None
+        dispatcher = psutil.Process(daemon.proc.pid)
+        dispatcher.cpu_percent()
+        time.sleep(10)  # idle: what the broker thread's polling costs
+        idle_cpu = dispatcher.cpu_percent()
         finish(daemon, workers)
         cluster_ms = (wall / sequential - ENGINE_S) * 1000
         wall, daemon, _ = run(None, 0, sequential, in_flight=1)
@@ -156,6 +162,7 @@ def main() -> None:
         rows.append(["per-file overhead, one at a time, through the broker", sequential, f"{cluster_ms:.0f} ms"])
         rows.append(["per-file overhead, one at a time, single host", sequential, f"{single_ms:.0f} ms"])
         rows.append(["what the broker adds per file", "", f"{cluster_ms - single_ms:.0f} ms"])
+        rows.append(["dispatcher idle CPU over 10 s (one core = 100 %)", "", f"{idle_cpu:.1f} %"])
         rows.append(
             ["worker SIGKILLed -> its file started on the other worker", 1, f"{restart_elsewhere(rabbit):.2f} s"]
         )

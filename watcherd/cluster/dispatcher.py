@@ -6,9 +6,9 @@ dispatcher` it gets `RemoteSlot`s instead, `cluster.max_in_flight` of them, so i
 the pending records and publication stay exactly as on one host and the dispatcher stays the only
 writer of outbox/failed/archive.
 
-Everything that talks to RabbitMQ runs on the `Link` thread: the main loop only appends
-submissions to a deque and reads replies from another, and the thread wakes it (`Service._wake`)
-when a reply arrives. A broker that is down or slow therefore never stalls the loop (or its
+Everything that talks to RabbitMQ runs on the `Link`'s two threads: the main loop only appends
+submissions to a deque and reads replies from another, and the consuming thread wakes it
+(`Service._wake`) when a reply arrives. A broker that is down or slow therefore never stalls the loop (or its
 systemd watchdog ping); submissions wait in the deque until the broker confirms them.
 
 Every submission carries a fresh attempt id. A reply is taken only for the attempt a slot has in
@@ -40,11 +40,14 @@ from . import app as app_mod
 log = logging.getLogger("watcherd")
 
 RECONNECT_MAX_S = 10.0
-DRAIN_S = 0.05  # the link thread looks at its submissions this often while waiting for replies
+IDLE_WAIT_S = 1.0  # each link thread looks at its heartbeats this often when nothing happens
 
 
 class Link:
-    """The dispatcher's connection to RabbitMQ, on its own thread (kombu is not thread-safe)."""
+    """The dispatcher's connections to RabbitMQ, each on its own thread (kombu connections are
+    not thread-safe): one consumes replies (it sleeps in the socket until a message comes), one
+    publishes submissions (it sleeps on a condition until the loop hands it one). Neither polls,
+    so a submission leaves at once and an idle dispatcher costs nothing."""
 
     def __init__(self, settings: Settings, *, wake: Callable[[], None]):
         assert settings.paths.inbox is not None
@@ -56,64 +59,86 @@ class Link:
         self.wake = wake
         self.outgoing: collections.deque[dict[str, Any]] = collections.deque()
         self.incoming: collections.deque[tuple[str, dict[str, Any]]] = collections.deque()
-        self.connected = False
+        self._up = {"consume": False, "publish": False}
         self.ever_connected = False
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._submitted = threading.Condition()
+        self._threads: list[threading.Thread] = []
+
+    @property
+    def connected(self) -> bool:
+        return all(self._up.values())
 
     def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="broker-link", daemon=True)
-            self._thread.start()
+        if not self._threads:
+            for role, session in (("consume", self._consuming), ("publish", self._publishing)):
+                thread = threading.Thread(target=self._run, args=(role, session), name=f"broker-{role}", daemon=True)
+                self._threads.append(thread)
+                thread.start()
 
     def stop(self) -> None:
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5.0)
+        with self._submitted:
+            self._submitted.notify_all()
+        for thread in self._threads:
+            thread.join(timeout=5.0)
 
     def submit(self, task: dict[str, Any]) -> None:
-        self.outgoing.append(task)
+        with self._submitted:
+            self.outgoing.append(task)
+            self._submitted.notify()
 
-    def _run(self) -> None:
+    def _run(self, role: str, session: Callable[[Any], None]) -> None:
         where = mask_url(self.cluster.broker_url or "")
         backoff = 0.5
         while not self._stop.is_set():
             try:
-                self._session()
+                with self.app.connection_for_write() as conn:
+                    conn.ensure_connection(max_retries=1)
+                    session(conn)
                 backoff = 0.5
             except Exception as exc:  # any broker or socket failure: reconnect (kombu raises many kinds)
-                if self.connected or backoff == 0.5:
-                    log.warning("Broker %s unreachable (%s); retrying", where, exc)
-                self.connected = False
+                if self._up[role] or backoff == 0.5:
+                    log.warning("Broker %s unreachable (%s: %s); retrying", where, role, exc)
+                self._up[role] = False
                 self._stop.wait(backoff)
                 backoff = min(RECONNECT_MAX_S, backoff * 2)
 
-    def _session(self) -> None:
-        with self.app.connection_for_write() as conn:
-            conn.ensure_connection(max_retries=1)
-            channel = conn.default_channel
-            for queue in (self.queue, self.replies, self.dead):
-                queue(channel).declare()
-            producer = conn.Producer(channel)
-            with conn.Consumer(
-                [self.replies, self.dead], callbacks=[self._on_message], accept=["json"], channel=conn.channel()
-            ):
-                self.connected = self.ever_connected = True
-                log.info(
-                    "Connected to the broker %s (queue %s)", mask_url(self.cluster.broker_url or ""), self.queue.name
-                )
-                self.wake()
-                while not self._stop.is_set():
-                    while self.outgoing:
-                        task = self.outgoing[0]
-                        self.app.send_task(
-                            app_mod.TASK_NAME, kwargs=task, queue=self.queue, producer=producer, retry=False
-                        )
-                        self.outgoing.popleft()  # only once the broker confirmed it
-                    try:
-                        conn.drain_events(timeout=DRAIN_S)
-                    except TimeoutError:
-                        conn.heartbeat_check()
+    def _connected(self, role: str) -> None:
+        self._up[role] = True
+        if self.connected:
+            self.ever_connected = True
+            log.info("Connected to the broker %s (queue %s)", mask_url(self.cluster.broker_url or ""), self.queue.name)
+            self.wake()
+
+    def _consuming(self, conn: Any) -> None:
+        channel = conn.default_channel
+        for queue in (self.queue, self.replies, self.dead):
+            queue(channel).declare()
+        with conn.Consumer([self.replies, self.dead], callbacks=[self._on_message], accept=["json"], channel=channel):
+            self._connected("consume")
+            while not self._stop.is_set():
+                try:
+                    conn.drain_events(timeout=IDLE_WAIT_S)
+                except TimeoutError:
+                    conn.heartbeat_check()
+
+    def _publishing(self, conn: Any) -> None:
+        producer = conn.Producer(conn.default_channel)
+        self._connected("publish")
+        while not self._stop.is_set():
+            with self._submitted:
+                if not self.outgoing:
+                    self._submitted.wait(IDLE_WAIT_S)
+            while self.outgoing:
+                task = self.outgoing[0]
+                self.app.send_task(app_mod.TASK_NAME, kwargs=task, queue=self.queue, producer=producer, retry=False)
+                self.outgoing.popleft()  # only once the broker confirmed it
+            try:
+                conn.drain_events(timeout=0.001)  # the broker's heartbeats (nothing else comes here)
+            except TimeoutError:
+                pass
+            conn.heartbeat_check()
 
     def _on_message(self, body: Any, message: Any) -> None:
         queue = message.delivery_info.get("routing_key")
