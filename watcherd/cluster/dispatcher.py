@@ -400,7 +400,7 @@ class RemoteSlot:
             if silent >= self.settings.cluster.progress_grace_s:
                 job = self.flight.job
                 logs.event(
-                    "deferred",
+                    "resubmitted",
                     f"{job.rel}: no word from {self.host or 'any worker'} for {silent:.0f} s "
                     f"(cluster.progress_grace_s); submitting it again",
                     level=logging.WARNING,
