@@ -122,12 +122,19 @@ def format_status(status: dict[str, Any]) -> str:
         f"{e(get('queue', 'waiting_for_memory'))} waiting for GPU memory, "
         f"{e(get('queue', 'settling'))} still being written",
     ]
+    cluster = status.get("cluster")
     for item in _dicts(status.get("in_flight")):
+        where = f"child {e(item.get('child_pid'))}"
+        if isinstance(cluster, dict):  # a dispatcher: files run on workers (listed below)
+            hosts = [
+                w.get("host") for w in _dicts(cluster.get("workers")) if item.get("source") in w.get("in_flight", [])
+            ]
+            where = f"worker {e(hosts[0])}" if hosts else "waiting for a worker"
         lines.append(
             f"  in flight: {e(item.get('source'))} page {e(item.get('page') or 1)}/{e(item.get('pages') or '?')}, "
-            f"{e(item.get('elapsed_s'))} s (child {e(item.get('child_pid'))})"
+            f"{e(item.get('elapsed_s'))} s ({where})"
         )
-    for child in _dicts(status.get("children")):
+    for child in _dicts(status.get("children") if not isinstance(cluster, dict) else []):
         device = "default device" if child.get("device") is None else f"GPU {e(child.get('device'))}"
         lines.append(
             f"  child pid {e(child.get('pid'))} on {device}: {e(child.get('state'))}, "
@@ -139,6 +146,18 @@ def format_status(status: dict[str, Any]) -> str:
             f"  oldest file not yet finished: {e(figures.get('oldest_unfinished_age_s'))} s; "
             f"{e(figures.get('pages'))} pages read; last success {e(figures.get('last_success_at') or 'none yet')}"
         )
+    if isinstance(cluster, dict):
+        lines.append(
+            f"  broker {e(cluster.get('broker'))} ({'connected' if cluster.get('connected') else 'NOT connected'}), "
+            f"queue {e(cluster.get('queue'))}, {e(cluster.get('submitting'))} waiting to be sent"
+        )
+        for worker in _dicts(cluster.get("workers")):
+            files = ", ".join(e(f) for f in _list(worker.get("in_flight"))) or "nothing"
+            lines.append(
+                f"  worker {e(worker.get('host'))} ({_device(worker.get('device'))}): {e(worker.get('state'))}, "
+                f"{e(worker.get('files_done'))} files, last heard {e(worker.get('last_heartbeat_s'))} s ago; "
+                f"in flight: {files}"
+            )
     error = status.get("last_error")
     if isinstance(error, dict):
         lines.append(
@@ -159,6 +178,14 @@ def format_status(status: dict[str, Any]) -> str:
             f"({e(gpu.get('usage_percent'))}% used)"
         )
     return "\n".join(lines)
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def _device(device: Any) -> str:
+    return "default device" if device is None else f"GPU {escape(device)}"
 
 
 def _dicts(value: Any) -> list[dict[str, Any]]:

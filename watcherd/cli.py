@@ -27,7 +27,7 @@ from .documents import document_for, precheck
 from .outputs import now_iso, public_path
 from .settings import EX_CONFIG, EX_TEMPFAIL, ConfigError, Settings
 from .spool import Job, LockHeld
-from .supervisor import EngineLoadError, Outcome, Worker
+from .supervisor import EngineLoadError, Outcome, Worker, probe_engine
 
 log = logging.getLogger("watcherd")
 
@@ -42,6 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     ):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--config", help="config file (default: $WATCHERD_CONFIG or /etc/watcherd/watcherd.yaml)")
+    p = sub.add_parser("worker", help="a GPU worker for a dispatcher (cluster.role: worker)")
+    p.add_argument("--config", help="config file (default: $WATCHERD_CONFIG or /etc/watcherd/watcherd.yaml)")
+    p.add_argument("--device", type=int, help="the GPU this worker uses (overrides ocr.devices)")
+    p.add_argument("--name", help="how the dispatcher names this worker (default: host name, /gpuN)")
     p = sub.add_parser("status", help="what the running daemon is doing")
     p.add_argument("--config", help="config file (to find the daemon's work area)")
     p.add_argument("--json", action="store_true", help="print the status file as JSON")
@@ -64,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_check(args)
         if args.command == "status":
             return cmd_status(args)
+        if args.command == "worker":
+            return cmd_worker(args)
         if args.command == "retry":
             return cmd_retry(args)
         return cmd_ocr(args)
@@ -78,6 +84,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     faulthandler.enable()  # systemd's watchdog SIGABRT then shows where the main loop was stuck
     settings = settings_mod.load(args.config)
     logs.setup(settings.logging.level, settings.logging.target)
+    if settings.cluster.role == "worker":
+        raise ConfigError("is 'worker': start it with `watcherd worker`", key="cluster.role", source=settings.source)
+    if settings.cluster.role == "dispatcher":
+        _need_celery(settings)
     settings.require_paths()
     _prepare_folders(settings)
     missing = [c for c in check.folders(settings) if not c.ok]
@@ -94,6 +104,38 @@ def cmd_run(args: argparse.Namespace) -> int:
             return EX_CONFIG
         log.critical("The OCR engine keeps failing to load, giving up: %s", exc)
         return 1
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """A Celery worker on this host's GPU (README "Many hosts"); it needs no folders of its own."""
+    settings = settings_mod.load(args.config)
+    logs.setup(settings.logging.level, settings.logging.target)
+    if settings.cluster.role != "worker":
+        raise ConfigError(
+            f"must be 'worker' for `watcherd worker`, got {settings.cluster.role!r}",
+            key="cluster.role",
+            source=settings.source,
+        )
+    if args.device is not None:
+        settings = dataclasses.replace(settings, ocr=dataclasses.replace(settings.ocr, devices=(args.device,)))
+    _need_celery(settings)
+    problem = probe_engine(settings.ocr)  # a bad ocr.engine is exit 78 before any broker traffic
+    if problem is not None:
+        raise ConfigError(problem, key="ocr.engine", source=settings.source)
+    from .cluster import worker
+
+    return worker.run(settings, name=args.name)
+
+
+def _need_celery(settings: Settings) -> None:
+    try:
+        import celery  # noqa: F401
+    except ImportError as exc:  # the `cluster` extra is not installed
+        raise ConfigError(
+            f"{settings.cluster.role!r} needs Celery ({exc}); install watcherd[cluster]",
+            key="cluster.role",
+            source=settings.source,
+        ) from None
 
 
 def _prepare_folders(settings: Settings) -> None:

@@ -79,6 +79,10 @@ class Service:
         self._status_written = 0.0
 
     def _make_workers(self, settings: Settings) -> list[Worker]:
+        if settings.cluster.role == "dispatcher":  # remote slots with Worker's interface (README "Many hosts")
+            from .cluster.dispatcher import make_slots
+
+            return make_slots(settings, wake=self._wake)  # type: ignore[return-value]
         on_event = self.metrics.counting(logs.event)
         if settings.ocr.devices:
             return [
@@ -743,6 +747,7 @@ class Service:
             "handoff": self.handoff.status(),  # hook and webhook backlog and outcomes
             "engine_unavailable": self.engine_unavailable,
             "gpu": self.last_gpu,
+            **({"cluster": self.workers[0].hub.status()} if hasattr(self.workers[0], "hub") else {}),
             "version": __version__,
         }
         admin.write_status(self.settings, status)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import string
 import types
 import typing
@@ -198,6 +199,20 @@ class RetentionSettings:
 
 
 @dataclass(frozen=True)
+class ClusterSettings:
+    """Many hosts (README "Many hosts"): a dispatcher sends claimed files to GPU workers through
+    Celery on RabbitMQ. `standalone` is the single-host daemon."""
+
+    role: Literal["standalone", "dispatcher", "worker"] = "standalone"
+    broker_url: str | None = None  # amqp://user:password@host:5672/vhost; the password is never logged
+    queue: str = "watcherd"
+    path_map: dict[str, Any] = field(default_factory=dict)  # dispatcher prefix -> worker prefix
+    progress_grace_s: float = 120.0  # no word from a file's worker this long: submit it again
+    max_deliveries: int = 3  # a file whose worker dies this many times ends as child_crashed
+    max_in_flight: int = 4  # files the dispatcher has out at once
+
+
+@dataclass(frozen=True)
 class Settings:
     paths: PathsSettings = field(default_factory=PathsSettings)
     watch: WatchSettings = field(default_factory=WatchSettings)
@@ -210,6 +225,7 @@ class Settings:
     retention: RetentionSettings = field(default_factory=RetentionSettings)
     hooks: HooksSettings = field(default_factory=HooksSettings)
     webhook: WebhookSettings = field(default_factory=WebhookSettings)
+    cluster: ClusterSettings = field(default_factory=ClusterSettings)
     source: str | None = None  # the file these came from, for messages
 
     @property
@@ -377,6 +393,7 @@ def _check_ranges(s: Settings) -> None:
             key="metrics.textfile",
             source=s.source,
         )
+    _check_cluster(s)
     if s.ocr.devices is not None and (not s.ocr.devices or len(set(s.ocr.devices)) != len(s.ocr.devices)):
         raise ConfigError("must be null or a list of distinct GPU indices", key="ocr.devices", source=s.source)
     if s.ocr.devices and s.ocr.workers not in (1, "auto"):  # auto with GPUs: one child per device
@@ -452,6 +469,41 @@ def parse_listen(value: str, *, source: str | None = None) -> tuple[str, int]:
             source=source,
         )
     return host, int(port)
+
+
+def _check_cluster(s: Settings) -> None:
+    c = s.cluster
+    for key, value in {
+        "cluster.progress_grace_s": c.progress_grace_s,
+        "cluster.max_deliveries": c.max_deliveries,
+        "cluster.max_in_flight": c.max_in_flight,
+    }.items():
+        if value <= 0:
+            raise ConfigError(f"must be greater than 0, got {value}", key=key, source=s.source)
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,100}", c.queue):
+        raise ConfigError("must be 1-100 letters, digits, '_', '.' or '-'", key="cluster.queue", source=s.source)
+    for prefix, target in c.path_map.items():
+        if not os.path.isabs(prefix) or not isinstance(target, str) or not os.path.isabs(target):
+            raise ConfigError(
+                f"must map absolute folders to absolute folders, got {prefix!r}: {target!r}",
+                key="cluster.path_map",
+                source=s.source,
+            )
+    if c.role == "standalone":
+        return
+    if not c.broker_url:
+        raise ConfigError(f"is required when cluster.role is {c.role!r}", key="cluster.broker_url", source=s.source)
+    if not re.match(r"(amqp|amqps|pyamqp)://", c.broker_url):
+        raise ConfigError(
+            f"must be an amqp:// or amqps:// URL (RabbitMQ), got {mask_url(c.broker_url)!r}",
+            key="cluster.broker_url",
+            source=s.source,
+        )
+
+
+def mask_url(url: str) -> str:
+    """A broker URL fit for logs: the password replaced by ***."""
+    return re.sub(r"^([a-z]+://[^:/@]*):[^@]*@", r"\1:***@", url)
 
 
 def _build(cls: type, raw: Any, prefix: str, source: str | None) -> Any:

@@ -1,0 +1,460 @@
+"""The dispatcher's side: remote slots in place of OCR children, and its one broker connection.
+
+`Service` drives children through a small interface (`supervisor.Worker`'s: state, ready,
+assign, pump, tick, next_wakeup, drained, stop, kill, flight, ...). For `cluster.role:
+dispatcher` it gets `RemoteSlot`s instead, `cluster.max_in_flight` of them, so intake, claiming,
+the pending records and publication stay exactly as on one host and the dispatcher stays the only
+writer of outbox/failed/archive.
+
+Everything that talks to RabbitMQ runs on the `Link`'s two threads: the main loop only appends
+submissions to a deque and reads replies from another, and the consuming thread wakes it
+(`Service._wake`) when a reply arrives. A broker that is down or slow therefore never stalls the loop (or its
+systemd watchdog ping); submissions wait in the deque until the broker confirms them.
+
+Every submission carries a fresh attempt id. A reply is taken only for the attempt a slot has in
+flight; anything else (a redelivered copy that finished late, a reply meant for the dispatcher
+before its restart, a file resubmitted after `cluster.progress_grace_s`) is logged and dropped, so
+a file executed twice is published once. The service then checks, as on one host, that the
+claimed file still has the signature it had when it was read.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .. import logs
+from ..settings import ClusterSettings, Settings, mask_url
+from ..spool import Job, inbox_id
+from ..supervisor import InFlight, Outcome, State
+from . import app as app_mod
+
+log = logging.getLogger("watcherd")
+
+RECONNECT_MAX_S = 10.0
+IDLE_WAIT_S = 1.0  # each link thread looks at its heartbeats this often when nothing happens
+
+
+class Link:
+    """The dispatcher's connections to RabbitMQ, each on its own thread (kombu connections are
+    not thread-safe): one consumes replies (it sleeps in the socket until a message comes), one
+    publishes submissions (it sleeps on a condition until the loop hands it one). Neither polls,
+    so a submission leaves at once and an idle dispatcher costs nothing."""
+
+    def __init__(self, settings: Settings, *, wake: Callable[[], None]):
+        assert settings.paths.inbox is not None
+        self.cluster = settings.cluster
+        self.app = app_mod.make_app(settings.cluster)
+        self.queue = app_mod.task_queue(settings.cluster)
+        self.replies = app_mod.reply_queue(settings.cluster, inbox_id(settings.paths.inbox))
+        self.dead = app_mod.dead_queue(settings.cluster)
+        self.wake = wake
+        self.outgoing: collections.deque[dict[str, Any]] = collections.deque()
+        self.incoming: collections.deque[tuple[str, dict[str, Any]]] = collections.deque()
+        self._up = {"consume": False, "publish": False}
+        self.ever_connected = False
+        self._stop = threading.Event()
+        self._submitted = threading.Condition()
+        self._threads: list[threading.Thread] = []
+
+    @property
+    def connected(self) -> bool:
+        return all(self._up.values())
+
+    def start(self) -> None:
+        if not self._threads:
+            for role, session in (("consume", self._consuming), ("publish", self._publishing)):
+                thread = threading.Thread(target=self._run, args=(role, session), name=f"broker-{role}", daemon=True)
+                self._threads.append(thread)
+                thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        with self._submitted:
+            self._submitted.notify_all()
+        for thread in self._threads:
+            thread.join(timeout=5.0)
+
+    def submit(self, task: dict[str, Any]) -> None:
+        with self._submitted:
+            self.outgoing.append(task)
+            self._submitted.notify()
+
+    def _run(self, role: str, session: Callable[[Any], None]) -> None:
+        where = mask_url(self.cluster.broker_url or "")
+        backoff = 0.5
+        while not self._stop.is_set():
+            try:
+                with self.app.connection_for_write() as conn:
+                    conn.ensure_connection(max_retries=1)
+                    session(conn)
+                backoff = 0.5
+            except Exception as exc:  # any broker or socket failure: reconnect (kombu raises many kinds)
+                if self._up[role] or backoff == 0.5:
+                    log.warning("Broker %s unreachable (%s: %s); retrying", where, role, exc)
+                self._up[role] = False
+                self._stop.wait(backoff)
+                backoff = min(RECONNECT_MAX_S, backoff * 2)
+
+    def _connected(self, role: str) -> None:
+        self._up[role] = True
+        if self.connected:
+            self.ever_connected = True
+            log.info("Connected to the broker %s (queue %s)", mask_url(self.cluster.broker_url or ""), self.queue.name)
+            self.wake()
+
+    def _consuming(self, conn: Any) -> None:
+        channel = conn.default_channel
+        for queue in (self.queue, self.replies, self.dead):
+            queue(channel).declare()
+        with conn.Consumer([self.replies, self.dead], callbacks=[self._on_message], accept=["json"], channel=channel):
+            self._connected("consume")
+            while not self._stop.is_set():
+                try:
+                    conn.drain_events(timeout=IDLE_WAIT_S)
+                except TimeoutError:
+                    conn.heartbeat_check()
+
+    def _publishing(self, conn: Any) -> None:
+        producer = conn.Producer(conn.default_channel)
+        self._connected("publish")
+        while not self._stop.is_set():
+            with self._submitted:
+                if not self.outgoing:
+                    self._submitted.wait(IDLE_WAIT_S)
+            while self.outgoing:
+                task = self.outgoing[0]
+                self.app.send_task(app_mod.TASK_NAME, kwargs=task, queue=self.queue, producer=producer, retry=False)
+                self.outgoing.popleft()  # only once the broker confirmed it
+            try:
+                conn.drain_events(timeout=0.001)  # the broker's heartbeats (nothing else comes here)
+            except TimeoutError:
+                pass
+            conn.heartbeat_check()
+
+    def _on_message(self, body: Any, message: Any) -> None:
+        queue = message.delivery_info.get("routing_key")
+        if queue == self.dead.name or "x-death" in (message.headers or {}):
+            kwargs = body[1] if isinstance(body, list) and len(body) > 1 and isinstance(body[1], dict) else {}
+            self.incoming.append(("dead", kwargs))
+        elif isinstance(body, dict):
+            self.incoming.append(("reply", body))
+        message.ack()
+        self.wake()
+
+
+@dataclass
+class HostInfo:
+    """A worker as the dispatcher knows it: from its replies (a worker never sent a file is not listed)."""
+
+    host: str
+    device: Any = None
+    files_done: int = 0
+    last_heard: float = 0.0
+    busy_with: str | None = None
+
+
+class Hub:
+    """What the slots share: the link, routing of replies by attempt id, and what is known of workers."""
+
+    def __init__(self, settings: Settings, *, wake: Callable[[], None]):
+        self.cluster: ClusterSettings = settings.cluster
+        self.link = Link(settings, wake=wake)
+        self.slots: list[RemoteSlot] = []
+        self.hosts: dict[str, HostInfo] = {}
+        self.tried: dict[str, list[str]] = {}  # job rel -> hosts it was started on (poison files)
+        self.dropped = 0
+
+    def start(self) -> None:
+        self.link.start()
+
+    def release(self, slot: RemoteSlot) -> None:
+        if all(s.gone for s in self.slots):
+            self.link.stop()
+
+    def route(self) -> None:
+        """Hand every reply that arrived to the slot whose attempt it is; drop the rest."""
+        while self.link.incoming:
+            kind, body = self.link.incoming.popleft()
+            attempt = body.get("attempt")
+            slot = next((s for s in self.slots if s.attempt is not None and s.attempt == attempt), None)
+            if kind == "reply":
+                self._note_host(body)
+            if slot is None:
+                self.dropped += 1
+                log.info(
+                    "Dropping the %s for %s (attempt %s): not in flight any more (already published, "
+                    "resubmitted, or from before a restart)",
+                    "dead-lettered task" if kind == "dead" else f"{body.get('kind')} reply",
+                    logs_safe(body.get("job")),
+                    logs_safe(attempt),
+                )
+                continue
+            slot.handle(kind, body)
+
+    def _note_host(self, body: dict[str, Any]) -> None:
+        host = str(body.get("host") or "?")
+        info = self.hosts.setdefault(host, HostInfo(host))
+        info.last_heard = time.time()
+        if body.get("kind") == "started":
+            info.device = body.get("device")
+            info.busy_with = str(body.get("job"))
+        elif body.get("kind") == "outcome":
+            info.busy_with = None
+            info.files_done += 1
+
+    def status(self) -> dict[str, Any]:
+        now = time.time()
+        return {
+            "role": "dispatcher",
+            "broker": mask_url(self.cluster.broker_url or ""),
+            "connected": self.link.connected,
+            "queue": self.cluster.queue,
+            "submitting": len(self.link.outgoing),
+            "dropped_replies": self.dropped,
+            "workers": [
+                {
+                    "host": h.host,
+                    "device": h.device,
+                    "state": "busy" if h.busy_with else "idle",
+                    "files_done": h.files_done,
+                    "last_heartbeat_s": round(now - h.last_heard, 1),
+                    "in_flight": [s.flight.job.rel for s in self.slots if s.flight is not None and s.host == h.host],
+                }
+                for h in sorted(self.hosts.values(), key=lambda h: h.host)
+            ],
+        }
+
+
+def logs_safe(value: Any) -> str:
+    return repr(value) if not isinstance(value, str) else value
+
+
+class RemoteSlot:
+    """One file in flight on some worker: `supervisor.Worker`'s interface, backed by the broker.
+
+    LOADING until the link first reaches the broker (READY=1 then), IDLE when free, BUSY with a
+    file. `conn_in` is None: replies wake the loop through the service's own pipe."""
+
+    conn_in = None
+    pid = None
+    retired = False
+
+    def __init__(self, hub: Hub, index: int, *, settings: Settings, clock: Callable[[], float] = time.monotonic):
+        self.hub = hub
+        self.index = index
+        self.settings = settings
+        self.clock = clock
+        self.state = State.LOADING
+        self.flight: InFlight | None = None
+        self.attempt: str | None = None
+        self.host: str | None = None
+        self.last_word = 0.0
+        self.files_done = 0
+        self.engine_name: str | None = None
+        self.device: str | None = None
+        self.gone = False
+        self._outcomes: list[Outcome] = []
+
+    @property
+    def ready(self) -> bool:
+        return self.state == State.IDLE
+
+    @property
+    def job(self) -> Job | None:
+        return self.flight.job if self.flight else None
+
+    def spawn(self) -> None:
+        self.hub.start()
+
+    def assign(self, job: Job) -> bool:
+        assert self.state == State.IDLE
+        job.attempts += 1
+        self.flight = InFlight(job=job, request_id=0, started_at=self.clock())
+        self.state = State.BUSY
+        self.hub.tried.setdefault(job.rel, [])
+        self._submit()
+        return True
+
+    def _submit(self) -> None:
+        """Send the flight's file with a new attempt id (a resubmission makes the old one stale)."""
+        assert self.flight is not None
+        job = self.flight.job
+        self.attempt = uuid.uuid4().hex
+        self.host = None
+        self.last_word = self.clock()
+        try:
+            st = os.lstat(job.path)  # the processing area is ours; nothing here is followed
+            signature: list[int] | None = [st.st_size, st.st_mtime_ns, st.st_ino]
+        except OSError:
+            signature = None
+        ocr = self.settings.ocr
+        self.hub.link.submit(
+            {
+                "job": job.rel,
+                "attempt": self.attempt,
+                "path": app_mod.map_path(str(job.path), self.settings.cluster.path_map),
+                "signature": signature,
+                "received_at": job.received_at,
+                "reply_to": self.hub.link.replies.name,
+                "heartbeat_s": self.settings.cluster.progress_grace_s / 4,
+                "ocr": {"engine": ocr.engine, "model": ocr.model, "prompt": ocr.prompt},
+            }
+        )
+
+    def handle(self, kind: str, body: dict[str, Any]) -> None:
+        flight = self.flight
+        assert flight is not None
+        job = flight.job
+        self.last_word = self.clock()
+        if kind == "dead":
+            hosts = self.hub.tried.pop(job.rel, [])
+            self._done(
+                Outcome(
+                    job=job,
+                    ok=False,
+                    code="child_crashed",
+                    detail=f"the worker died on it {self.settings.cluster.max_deliveries} time(s) "
+                    f"(cluster.max_deliveries) on {', '.join(hosts) or 'unknown hosts'}",
+                    processing_time=round(self.clock() - flight.started_at, 3),
+                )
+            )
+            return
+        what = body.get("kind")
+        if what == "started":
+            self.host = str(body.get("host"))
+            self.device = body.get("device")
+            self.engine_name = body.get("engine") or self.engine_name
+            self.hub.tried.setdefault(job.rel, []).append(self.host)
+            if len(self.hub.tried[job.rel]) > 1:
+                log.warning(
+                    "%s started again on %s (after %s)", job.rel, self.host, ", ".join(self.hub.tried[job.rel][:-1])
+                )
+        elif what == "progress":
+            flight.current_page = int(body.get("page") or 0)
+            flight.page_count = int(body.get("pages") or 0)
+        elif what == "outcome":
+            self._done(self._outcome(job, body.get("outcome") or {}))
+
+    def _outcome(self, job: Job, raw: dict[str, Any]) -> Outcome:
+        hosts = self.hub.tried.pop(job.rel, [])
+        ino = raw.get("opened_ino")
+        if isinstance(ino, int) and job.identity is not None:
+            job.opened = (job.identity[0], ino)  # the service's tamper check compares inodes
+        detail = raw.get("detail")
+        if raw.get("code") == "child_crashed":
+            detail = f"{detail} on {', '.join(hosts) or self.host}"
+        pages = raw.get("pages") or []
+        if not _readable(pages):
+            # Only a holder of the attempt id (a random 128 bits, sent only in the task) can
+            # reply; still, a reply this loop cannot read must cost the file, never the loop.
+            log.error("%s: malformed outcome from %s; failing the file", job.rel, self.host)
+            return Outcome(job=job, ok=False, code="engine_error", detail=f"malformed reply from worker {self.host}")
+        deferred = bool(raw.get("deferred"))
+        if deferred:
+            job.attempts -= 1  # waiting for memory is not an attempt
+            self.hub.tried[job.rel] = hosts
+        return Outcome(
+            job=job,
+            ok=bool(raw.get("ok")),
+            code=_text(raw.get("code")),
+            detail=_text(detail),
+            sha256=_text(raw.get("sha256")),
+            pages=pages,
+            processing_time=_number(raw.get("processing_time")),
+            gpu_info_before=_mapping(raw.get("gpu_info_before")),
+            gpu_info_after=_mapping(raw.get("gpu_info_after")),
+            engine=_text(raw.get("engine")),
+            model=_text(raw.get("model")),
+            deferred=deferred,
+        )
+
+    def _done(self, outcome: Outcome) -> None:
+        self._outcomes.append(outcome)
+        self.flight = None
+        self.attempt = None
+        self.state = State.IDLE
+        if not outcome.deferred:
+            self.files_done += 1
+
+    def pump(self) -> list[Outcome]:
+        self.hub.route()
+        outcomes, self._outcomes = self._outcomes, []
+        return outcomes
+
+    def tick(self) -> list[Outcome]:
+        now = self.clock()
+        if self.state == State.LOADING and self.hub.link.ever_connected:
+            self.state = State.IDLE
+            self.engine_name = f"{self.settings.ocr.engine} via {self.settings.cluster.queue}"
+        if self.state == State.BUSY and self.flight is not None:
+            silent = now - self.last_word
+            if silent >= self.settings.cluster.progress_grace_s:
+                job = self.flight.job
+                logs.event(
+                    "resubmitted",
+                    f"{job.rel}: no word from {self.host or 'any worker'} for {silent:.0f} s "
+                    f"(cluster.progress_grace_s); submitting it again",
+                    level=logging.WARNING,
+                    source=job.rel,
+                )
+                self._submit()
+        return []
+
+    def next_wakeup(self) -> float | None:
+        if self.state == State.LOADING:
+            return self.clock() + 0.2
+        if self.state == State.BUSY:
+            return self.last_word + self.settings.cluster.progress_grace_s
+        return None
+
+    def drained(self) -> None:
+        pass  # the workers clear their GPU caches themselves
+
+    def kill(self, reason: str = "stopping") -> None:
+        """Forget the file (the service puts it back); a copy still running somewhere is stale."""
+        self.flight = None
+        self.attempt = None
+        if self.state == State.BUSY:
+            self.state = State.IDLE
+
+    def stop(self, wait_s: float | None = None) -> None:
+        self.kill()
+        self.state = State.STOPPED
+        self.retired = True
+        self.gone = True
+        self.hub.release(self)
+
+
+def _readable(pages: Any) -> bool:
+    return isinstance(pages, list) and all(isinstance(p, dict) and isinstance(p.get("text"), str) for p in pages)
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _number(value: Any) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
+
+
+def _mapping(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {"available": False}
+
+
+def make_slots(settings: Settings, *, wake: Callable[[], None]) -> list[RemoteSlot]:
+    hub = Hub(settings, wake=wake)
+    hub.slots = [RemoteSlot(hub, i, settings=settings) for i in range(settings.cluster.max_in_flight)]
+    return hub.slots
+
+
+def host_name() -> str:
+    return socket.gethostname()
