@@ -127,6 +127,54 @@ def through_daemon(ocr: dict[str, Any], files: int, workers: int, source: Path) 
     return max(iso(d["finished_at"]) for d in docs) - min(iso(d["received_at"]) for d in docs)
 
 
+def through_daemon_one_file(ocr: dict[str, Any], pages: int, batch: int, source: Path) -> float:
+    """Seconds from claim to result for one `pages`-page TIFF, `batch` pages per engine call."""
+    from PIL import Image
+
+    daemon = BenchDaemon(ocr={**ocr, "batch_pages": batch, "timeout_s": 120}).start()
+    try:
+        image = Image.open(source).convert("RGB")
+        tiff = Path(daemon.tmp.name) / "long.tif"
+        image.save(tiff, save_all=True, append_images=[image] * (pages - 1))
+        tiff.rename(daemon.inbox / "long.tif")
+        wait_for(lambda: len(daemon.results()) == 1, 900, "the result")
+        (doc,) = daemon.documents()
+    finally:
+        daemon.stop()
+    assert doc["status"] == "ok" and len(doc["pages"]) == pages, doc.get("detail")
+    return iso(doc["finished_at"]) - iso(doc["received_at"])
+
+
+def bench_batches(pages: int, rounds: int) -> str:
+    """One multi-page file through one child: pages in flight via ocr.batch_pages (the batch feed)."""
+    server, url = start_server()
+    tmp = tempfile.TemporaryDirectory(prefix="watcherd-bench-")
+    png = Path(tmp.name) / "page.png"
+    page_image().save(png)
+    runs: dict[str, Callable[[], float]] = {}
+    for c in (1, 8):
+        ocr = {"engine": "openai", "model": "test-ocr", "options": {"base_url": url, "concurrency": c}}
+        runs[f"daemon, one {pages}-page file, concurrency {c}, batch_pages {c}, workers 1"] = partial(
+            through_daemon_one_file, ocr, pages, c, png
+        )
+    try:
+        rates = interleaved({k: (lambda f=f: pages / f()) for k, f in runs.items()}, rounds)
+    finally:
+        server.kill()
+        server.wait()
+        tmp.cleanup()
+    first = statistics.median(next(iter(rates.values())))
+    rows = [
+        [label, pages, f"{statistics.median(v):.2f}", spread(v), f"{statistics.median(v) / first:.2f}"]
+        for label, v in rates.items()
+    ]
+    title = (
+        f"openai engine through the daemon, one multi-page file, loopback server {LATENCY_S * 1000:.0f} ms a "
+        f"request, capacity {CAPACITY}; median of {rounds} interleaved rounds; {machine()}"
+    )
+    return table(title, ["path", "pages", "pages/s", "range", "vs concurrency 1"], rows)
+
+
 def bench_openai(pages: int, rounds: int) -> str:
     server, url = start_server()
     tmp = tempfile.TemporaryDirectory(prefix="watcherd-bench-")
@@ -293,10 +341,13 @@ def main() -> None:
     parser.add_argument("--pages", type=int, default=48, help="openai: pages per measurement")
     parser.add_argument("--copies", type=int, default=5, help="embedded: copies of the 3 samples (4 pages)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions; the table shows medians")
-    parser.add_argument("--only", choices=["openai", "embedded"])
+    parser.add_argument("--only", choices=["openai", "embedded", "batches"])
     args = parser.parse_args()
     if args.only in (None, "openai"):
         print(bench_openai(args.pages, args.rounds), flush=True)
+        print()
+    if args.only in (None, "batches"):
+        print(bench_batches(args.pages, args.rounds), flush=True)
         print()
     if args.only in (None, "embedded"):
         print(bench_embedded(args.copies, args.rounds), flush=True)
