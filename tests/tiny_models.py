@@ -270,7 +270,7 @@ def build_qwen2_vl(folder: Path, *, seed: int = 0) -> Path:
     )
 
     torch.manual_seed(seed)
-    tokenizer = char_tokenizer()
+    tokenizer = char_tokenizer(model_max_length=16384)  # gpu-check decodes up to 8192 tokens a page
     tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE, *QWEN_VISION]})
     vocab = len(tokenizer)
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN_VISION}
@@ -282,7 +282,7 @@ def build_qwen2_vl(folder: Path, *, seed: int = 0) -> Path:
             "num_hidden_layers": 2,
             "num_attention_heads": 2,
             "num_key_value_heads": 2,
-            "max_position_embeddings": 4096,
+            "max_position_embeddings": 16384,
             "rope_scaling": {"type": "mrope", "mrope_section": [8, 12, 12]},
             "bos_token_id": 2,
             "eos_token_id": 3,

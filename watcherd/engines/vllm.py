@@ -154,6 +154,7 @@ class VllmEngine:
     enforce_eager           skip CUDA-graph capture (faster load, slower decode; default false)
     image_placeholder       the model's image token, put before a prompt that lacks it (default
                             DeepSeek-OCR's "<image>")
+    ignore_eos              decode max_tokens on every page (benchmarks and scripts/gpu-check only)
     """
 
     name = "vllm"
@@ -176,6 +177,7 @@ class VllmEngine:
         multiprocessing: bool = False,
         enforce_eager: bool = False,
         image_placeholder: str = "<image>",
+        ignore_eos: bool = False,
     ):
         check_options(
             model=model,
@@ -232,7 +234,11 @@ class VllmEngine:
             **extra,
         )
         self.sampling = vllm.SamplingParams(
-            temperature=0.0, max_tokens=max_tokens, extra_args=extra_args, skip_special_tokens=False
+            temperature=0.0,
+            max_tokens=max_tokens,
+            extra_args=extra_args,
+            skip_special_tokens=False,
+            ignore_eos=ignore_eos,
         )
         self._device = f"cuda:{torch.cuda.current_device()} ({torch.cuda.get_device_name()})"
         self._total_mb = round(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / MB)
