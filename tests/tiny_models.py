@@ -247,3 +247,83 @@ def build_fake_deepseek_ocr(folder: Path, *, calls_log: Path | None = None) -> P
     save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
     tokenizer.save_pretrained(folder)
     return folder
+
+
+QWEN_VISION = ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>"]
+
+
+def build_qwen2_vl(folder: Path, *, seed: int = 0) -> Path:
+    """A tiny random Qwen2-VL (model_type `qwen2_vl`), for the `vllm` engine on a GPU host.
+
+    vLLM's DeepSeek-OCR model builds its vision encoders (SAM ViT-B, CLIP-L) at their real, fixed
+    sizes whatever the config says, so no tiny DeepSeek-OCR exists for it; Qwen2-VL is the smallest
+    multimodal architecture vLLM loads whose every size comes from the config. head_dim 64 in both
+    towers (what vLLM's attention kernels take), mrope_section summing to head_dim / 2.
+    """
+    import torch
+    from transformers import (
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    torch.manual_seed(seed)
+    tokenizer = char_tokenizer(model_max_length=16384)  # gpu-check decodes up to 8192 tokens a page
+    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE, *QWEN_VISION]})
+    vocab = len(tokenizer)
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN_VISION}
+    config = Qwen2VLConfig(
+        text_config={
+            "vocab_size": vocab,
+            "hidden_size": 128,
+            "intermediate_size": 256,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 16384,
+            "rope_scaling": {"type": "mrope", "mrope_section": [8, 12, 12]},
+            "bos_token_id": 2,
+            "eos_token_id": 3,
+            "pad_token_id": 0,
+        },
+        vision_config={
+            "depth": 2,
+            "embed_dim": 64,
+            "hidden_size": 128,
+            "num_heads": 1,
+            "mlp_ratio": 2,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+        },
+        image_token_id=ids["<|image_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        video_token_id=ids["<|image_pad|>"],
+        bos_token_id=2,
+        eos_token_id=3,
+        pad_token_id=0,
+    )
+    model = Qwen2VLForConditionalGeneration(config).eval()
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = 3
+    # pages become at most 256 patches of 14 px (64 image tokens after the 2×2 merge)
+    image_processor = Qwen2VLImageProcessor(min_pixels=28 * 28, max_pixels=256 * 14 * 14)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    try:
+        video_processor = Qwen2VLVideoProcessor()  # needs torchvision, which vLLM's venv has
+    except ImportError:
+        image_processor.save_pretrained(folder)  # enough for this machine's CPU check
+        tokenizer.save_pretrained(folder)
+        return folder
+    processor = Qwen2VLProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=video_processor,
+        chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}",
+    )
+    processor.save_pretrained(folder)
+    return folder

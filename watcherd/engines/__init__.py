@@ -26,6 +26,7 @@ BUILTIN = {
     "transformers": "watcherd.engines.transformers:TransformersEngine",
     "deepseek-ocr": "watcherd.engines.deepseek_ocr:DeepseekOcrEngine",
     "openai": "watcherd.engines.openai:OpenAiEngine",
+    "vllm": "watcherd.engines.vllm:VllmEngine",
 }
 
 
