@@ -153,10 +153,17 @@ def bench_batches(pages: int, rounds: int) -> str:
     page_image().save(png)
     runs: dict[str, Callable[[], float]] = {}
     for c in (1, 8):
-        ocr = {"engine": "openai", "model": "test-ocr", "options": {"base_url": url, "concurrency": c}}
-        runs[f"daemon, one {pages}-page file, concurrency {c}, batch_pages {c}, workers 1"] = partial(
-            through_daemon_one_file, ocr, pages, c, png
-        )
+        for rotate in (False, True):
+            ocr = {
+                "engine": "openai",
+                "model": "test-ocr",
+                "auto_rotate": rotate,
+                "options": {"base_url": url, "concurrency": c},
+            }
+            label = (
+                f"daemon, one {pages}-page file, concurrency {c}, batch_pages {c}, auto_rotate {str(rotate).lower()}"
+            )
+            runs[label] = partial(through_daemon_one_file, ocr, pages, c, png)
     try:
         rates = interleaved({k: (lambda f=f: pages / f()) for k, f in runs.items()}, rounds)
     finally:
