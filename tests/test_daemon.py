@@ -196,7 +196,8 @@ def test_names_survive_the_round_trip(daemon_factory) -> None:
     document = json.loads(json_path.read_bytes().decode("utf-8"))  # strict UTF-8: valid JSON
     assert document["source"] == "caf\\xe9.png"
     assert document["source_b64"] == "Y2Fm6S5wbmc="
-    assert os.path.exists(os.fsdecode(os.fsencode(daemon.archive) + b"/caf\xe9.png"))
+    archived = os.fsdecode(os.fsencode(daemon.archive) + b"/caf\xe9.png")
+    wait_until(lambda: os.path.exists(archived), 10, "the non-UTF-8 original archived")  # it moves after its JSON
 
 
 def test_the_same_name_twice_overwrites_nothing(daemon_factory) -> None:
@@ -210,7 +211,9 @@ def test_the_same_name_twice_overwrites_nothing(daemon_factory) -> None:
     assert second["image_path"] == str(daemon.archive / "a_1.png")
     assert second["text_path"] == str(daemon.outbox / "a_1.png.md")
     assert json.loads((daemon.outbox / "a.png.json").read_bytes()) == first
-    assert sorted(p.name for p in daemon.archive.iterdir()) == ["a.png", "a_1.png"]
+    # The JSON is published first, then the original moves (its claimed name is a.png, so
+    # wait_json's "left the work area" check cannot see it): wait for the move.
+    wait_until(lambda: sorted(p.name for p in daemon.archive.iterdir()) == ["a.png", "a_1.png"], 10, "a_1.png archived")
 
 
 def test_files_present_at_startup_and_repeated_events_are_queued_once(daemon_factory) -> None:
