@@ -136,6 +136,7 @@ class Cluster:
         workers: int = 2,
         timeout_s: float = 20,
         turn_pages: int = 16,
+        metrics: dict[str, Any] | None = None,
         **cluster: Any,
     ) -> Cluster:
         self.ocr = {"engine": engine, "options": options or {}, "timeout_s": timeout_s, "turn_pages": turn_pages}
@@ -145,7 +146,11 @@ class Cluster:
         ocr = self.ocr
         dispatcher = {"max_in_flight": 2, "progress_grace_s": 30, **cluster}
         self.daemon = Daemon(
-            self.root, ocr=ocr, cluster=self.cluster_keys("dispatcher", **dispatcher), watch={"settle_s": 0.1}
+            self.root,
+            ocr=ocr,
+            cluster=self.cluster_keys("dispatcher", **dispatcher),
+            watch={"settle_s": 0.1},
+            **({"metrics": metrics} if metrics else {}),
         )
         for w in self.workers:
             w.wait_ready()
@@ -189,7 +194,10 @@ def drop(daemon: Daemon, name: str, width: int = 40) -> str:
 
 
 def test_files_spread_over_two_workers_each_published_once(cluster) -> None:
-    c = cluster(options={"delay_s": 0.3}, max_in_flight=2)
+    from tests.test_metrics import free_port, scrape, value
+
+    port = free_port()
+    c = cluster(options={"delay_s": 0.3}, max_in_flight=2, metrics={"listen": f"127.0.0.1:{port}"})
     d = c.daemon
     names = [drop(d, f"f{i}.png", 30 + i) for i in range(6)]
     docs = [d.wait_json(n, d.outbox, timeout=60) for n in names]
@@ -209,6 +217,17 @@ def test_files_spread_over_two_workers_each_published_once(cluster) -> None:
     shown = run_watcherd("status", "--config", str(d.config_path)).stdout
     assert "worker w1" in shown and "worker w2" in shown, shown
     assert ":guest@" not in d.log(), "the broker password is never logged"
+    # Per-worker series on the dispatcher's /metrics: files each worker finished, six in all.
+    found = wait_until(
+        lambda: (
+            (f := scrape(port))
+            and sum(value(f, "watcherd_cluster_worker_files_total", worker=w) or 0 for w in ("w1", "w2")) == 6
+            and f
+        ),
+        15,
+        "per-worker metrics",
+    )
+    assert all(value(found, "watcherd_cluster_worker_last_heard_timestamp_seconds", worker=w) for w in ("w1", "w2"))
 
 
 def test_a_long_file_read_in_turns_on_a_worker_is_one_result(cluster) -> None:

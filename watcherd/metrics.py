@@ -63,6 +63,8 @@ class Snapshot:
     gpu: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)  # device → gpu_info
     handoffs: Mapping[str, Mapping[str, int]] = dataclasses.field(default_factory=dict)
     handoff_backlog: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    # cluster.role: dispatcher: worker host → {"files_done", "busy", "last_heard" (epoch s)}
+    workers: Mapping[str, Mapping[str, float]] = dataclasses.field(default_factory=dict)
 
     def oldest_age_s(self, now: float | None = None) -> float:
         if self.oldest_since is None:
@@ -141,6 +143,28 @@ class _StateCollector(Collector):
         for kind, count in sorted(snap.handoff_backlog.items()):
             backlog.add_metric([kind], count)
         yield backlog
+        yield from self._workers(snap)
+
+    @staticmethod
+    def _workers(snap: Snapshot) -> Iterable[Any]:
+        """A dispatcher's per-worker series (README "Many hosts"): files each finished, whether it is
+        busy, and when it was last heard from (an alert on time() minus that finds a silent host)."""
+        done = CounterMetricFamily(
+            "watcherd_cluster_worker_files", "Files a worker host finished (from its replies)", labels=["worker"]
+        )
+        busy = GaugeMetricFamily("watcherd_cluster_worker_busy", "1 while a worker host has a file", labels=["worker"])
+        heard = GaugeMetricFamily(
+            "watcherd_cluster_worker_last_heard_timestamp_seconds",
+            "When the dispatcher last heard from a worker host (epoch seconds)",
+            labels=["worker"],
+        )
+        for host, info in sorted(snap.workers.items()):
+            done.add_metric([host], info["files_done"])
+            busy.add_metric([host], info["busy"])
+            heard.add_metric([host], info["last_heard"])
+        yield done
+        yield busy
+        yield heard
 
 
 class Metrics:

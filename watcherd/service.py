@@ -681,7 +681,18 @@ class Service:
             oldest_since=min(arrivals, default=None),
             gpu=dict(self.gpu_by_device),
             **self._handoff_figures(),
+            workers=self._remote_workers(),
         )
+
+    def _remote_workers(self) -> dict[str, dict[str, float]]:
+        """A dispatcher's worker hosts, as its replies described them (empty on one host)."""
+        hub = getattr(self.workers[0], "hub", None) if self.workers else None
+        if hub is None:
+            return {}
+        return {
+            h.host: {"files_done": h.files_done, "busy": 1.0 if h.busy_with else 0.0, "last_heard": h.last_heard}
+            for h in hub.hosts.values()
+        }
 
     def _handoff_figures(self) -> dict[str, Any]:
         """Hook runs and webhook deliveries for the metrics: outcomes since start, and backlog."""
