@@ -200,9 +200,12 @@ def test_webhook_delivers_each_file_once_through_503s_a_hang_and_a_redirect(
     assert any(p["code"] == 302 for p in receiver.posts)
     assert receiver.elsewhere == []  # the redirect was not followed
     assert "HTTP 503" in d.log()  # the first refusal of a file is a warning; its retries are quiet
-    wait_until(lambda: json.loads(d.status_path.read_text())["handoff"]["webhook"]["backlog"] == 0, 10, "no backlog")
-    status = json.loads(d.status_path.read_text())["handoff"]["webhook"]
-    assert status["delivered"] == 4 and status["failed"] == 1
+
+    def webhook() -> tuple[int, int, int]:  # the status file is rewritten once a second: wait for it
+        status = json.loads(d.status_path.read_text())["handoff"]["webhook"]
+        return status["backlog"], status["delivered"], status["failed"]
+
+    wait_until(lambda: webhook() == (0, 4, 1), 10, "no backlog, 4 delivered, 1 failed")
     # The secret appears nowhere an operator looks.
     check = run_watcherd("check", "--config", str(d.config_path))
     shown = run_watcherd("status", "--config", str(d.config_path))
@@ -336,15 +339,16 @@ def test_a_hanging_hook_is_killed_with_its_group_and_others_go_on(daemon_factory
     wait_until(lambda: "exit code 3" in d.log() and "next.png: hook ended" in d.log(), 30, "the other hooks")
     assert "broken.png: hook failed (exit code 3" in d.log() and "boom on broken.png" in d.log()
     assert d.alive()
-    status = json.loads(d.status_path.read_text())
-    assert status["counts"] == {"ok": 2, "failed": 1, "duplicate": 0}
-    wait_until(lambda: json.loads(d.status_path.read_text())["handoff"]["hooks"]["failed"] == 2, 10, "status")
-    assert json.loads(d.status_path.read_text())["handoff"]["hooks"] == {
-        "queued": 0,
-        "running": 0,
-        "done": 1,
-        "failed": 2,
+    wanted = {
+        "counts": {"ok": 2, "failed": 1, "duplicate": 0},
+        "hooks": {"queued": 0, "running": 0, "done": 1, "failed": 2},
     }
+
+    def status() -> dict[str, Any]:  # the status file is rewritten once a second: wait for it
+        doc = json.loads(d.status_path.read_text())
+        return {"counts": doc["counts"], "hooks": doc["handoff"]["hooks"]}
+
+    wait_until(lambda: status() == wanted, 10, "the status file to count files and hooks")
     assert d.stop() == 0
 
 
@@ -518,8 +522,12 @@ def test_webhook_refusals_retry_after_and_giving_up(daemon_factory: Any, receive
     delivered = {json.loads(p[0]["body"])["source"] for p in receiver.delivered().values()}
     assert delivered == {"r429.png", "fine.png"}
     wait_until(lambda: not list((handoff_dir(d) / "webhook").glob("*.json")), 10, "an empty queue")
-    status = json.loads(d.status_path.read_text())["handoff"]["webhook"]
-    assert (status["delivered"], status["failed"], status["gave_up"]) == (2, 1, 1)
+
+    def counts() -> tuple[int, int, int]:  # the status file is rewritten once a second: wait for it
+        status = json.loads(d.status_path.read_text())["handoff"]["webhook"]
+        return status["delivered"], status["failed"], status["gave_up"]
+
+    wait_until(lambda: counts() == (2, 1, 1), 10, "the status file to count the outcomes")
     assert d.stop() == 0
 
 
