@@ -24,7 +24,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import hashlib
-import hmac
 import json
 import logging
 import os
@@ -37,7 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import safefs
+from . import safefs, sealed
 from .settings import ConfigError, Settings
 from .spool import inbox_id
 
@@ -95,7 +94,7 @@ class Mailbox:
         if safefs.lstat_at(self.fd, name) is not None:
             return False
         body = json.dumps({"v": ENTRY_VERSION, "kind": self.kind, **payload}, ensure_ascii=True)
-        envelope = json.dumps({"body": body, "mac": self._mac(body)}).encode()
+        envelope = sealed.seal(body, key=self._key, purpose=self._purpose)
         safefs.write_private(self.fd, name, envelope, durable=True)
         return True
 
@@ -106,23 +105,10 @@ class Mailbox:
         st = safefs.lstat_at(self.fd, name)
         if st is None:
             raise FileNotFoundError(name)
-        if not stat.S_ISREG(st.st_mode):
-            raise BadEntry("not a regular file")
-        if st.st_size > ENTRY_MAX_BYTES:
-            raise BadEntry(f"{st.st_size} bytes, too large")
-        data = safefs.read_regular(self.fd, name, ENTRY_MAX_BYTES)
-        if data is None:
-            raise BadEntry("cannot be read as a regular file")
         try:
-            envelope = json.loads(data)
-            body, mac = envelope["body"], envelope["mac"]
-            if not isinstance(body, str) or not isinstance(mac, str):
-                raise TypeError
-        except (ValueError, TypeError, KeyError):
-            raise BadEntry("not an entry envelope") from None
-        if not hmac.compare_digest(mac, self._mac(body)):
-            raise BadEntry("its MAC does not match: forged or altered")
-        payload = json.loads(body)
+            payload = sealed.unseal(self.fd, name, st, key=self._key, purpose=self._purpose, limit=ENTRY_MAX_BYTES)
+        except sealed.NotOurs as exc:
+            raise BadEntry(str(exc)) from None
         if not isinstance(payload, dict) or payload.get("v") != ENTRY_VERSION or payload.get("kind") != self.kind:
             raise BadEntry(f"not a version-{ENTRY_VERSION} {self.kind} entry")
         return payload  # type: ignore[no-any-return]
@@ -172,29 +158,9 @@ class Mailbox:
                 "Set aside %s from %s (%s): never run or posted; it is in %s", name, self.folder, why, aside_dir / new
             )
 
-    def _mac(self, body: str) -> str:
-        data = f"watcherd-{self.kind}-v{ENTRY_VERSION}\0".encode() + body.encode("utf-8", "surrogatepass")
-        return hmac.new(self._key, data, hashlib.sha256).hexdigest()
-
-
-def handoff_key(state_fd: int) -> bytes:
-    """The HMAC key for queue entries: 32 random bytes, created once, owner-only."""
-    name = "handoff.key"
-    try:
-        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=state_fd)
-    except FileExistsError:
-        key = safefs.read_regular(state_fd, name, 64)
-        if key is None or len(key) != 32:
-            raise OSError(f"{name} is not a 32-byte key file") from None
-        return key
-    key = secrets.token_bytes(32)
-    try:
-        os.write(fd, key)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.fsync(state_fd)
-    return key
+    @property
+    def _purpose(self) -> str:  # the MAC's domain: a hook entry is no webhook entry, nor a record
+        return f"watcherd-{self.kind}-v{ENTRY_VERSION}"
 
 
 class Handoff:
@@ -228,7 +194,7 @@ class Handoff:
         try:
             self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
             with safefs.folder(s.state_dir, []) as fd:
-                key = handoff_key(fd)
+                key = safefs.key_file(fd, "handoff.key")
                 with safefs.folder(fd, [self.root.name]) as root:  # never a link planted in its place
                     if stat.S_IMODE(os.fstat(root).st_mode) & 0o077:
                         os.fchmod(root, 0o700)

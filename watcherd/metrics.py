@@ -33,20 +33,11 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, writ
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from .protocol import ERROR_CODES  # every error JSON carries one of these
 from .settings import ConfigError, MetricsSettings, parse_listen
 
 log = logging.getLogger("watcherd")
 
-ERROR_CODES = (
-    "timeout",
-    "vram_insufficient",
-    "engine_error",
-    "child_crashed",
-    "unreadable",
-    "unsupported_type",
-    "too_large",
-    "not_regular_file",
-)
 # Seconds per page: from a fast CPU engine (0.1 s) to a large model on a long page (minutes).
 PAGE_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600)
 QUEUE_STATES = ("settling", "ready", "claimed", "waiting_for_memory", "in_flight")

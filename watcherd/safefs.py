@@ -400,3 +400,23 @@ def prune(root_fd: int, components: list[str]) -> None:
                 os.rmdir(components[depth - 1], dir_fd=parent)
         except OSError:
             return
+
+
+def key_file(dir_fd: int, name: str) -> bytes:
+    """A 32-byte secret kept as `name` in `dir_fd` (the state folder): created once, owner-only,
+    fsync'ed with its folder; never read through a link or from anything but a 32-byte file."""
+    try:
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+    except FileExistsError:
+        key = read_regular(dir_fd, name, 64)
+        if key is None or len(key) != 32:
+            raise OSError(f"{name} is not a 32-byte key file") from None
+        return key
+    key = secrets.token_bytes(32)
+    try:
+        _write_all(fd, key)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.fsync(dir_fd)
+    return key

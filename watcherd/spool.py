@@ -36,7 +36,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import hmac
 import json
 import logging
 import os
@@ -49,7 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import outputs, safefs
+from . import outputs, safefs, sealed
 from .intake import appledouble_companion, matches_include
 from .outputs import dumps, now_iso, public_path
 from .settings import RENDERED, ConfigError, Settings
@@ -57,6 +56,7 @@ from .settings import RENDERED, ConfigError, Settings
 log = logging.getLogger("watcherd")
 
 RECORD_VERSION = 1
+RECORD_PURPOSE = "watcherd-record-v1"  # the MAC's domain: a record is no other sealed file
 RECORD_MAX_BYTES = 256 << 20  # 500 pages of dense text fit many times over
 RECORD_NAME = re.compile(r"[0-9a-f]{40}\.json")
 OUR_TEMP = re.compile(r"\..*\.[0-9a-f]{8}\.tmp")  # safefs' temp names: a record being written at a kill
@@ -289,7 +289,7 @@ class Spool:
         try:
             state.mkdir(parents=True, exist_ok=True, mode=0o700)
             with safefs.folder(state, []) as fd:
-                self._key = _record_key(fd)
+                self._key = safefs.key_file(fd, "record.key")
                 render = f"{inbox_id(self.inbox)}.render"
                 with contextlib.suppress(FileExistsError):
                     os.mkdir(render, 0o700, dir_fd=fd)
@@ -486,35 +486,18 @@ class Spool:
     def _read_record(self, name: str, st: os.stat_result) -> dict[str, Any]:
         if not RECORD_NAME.fullmatch(name):
             raise BadRecord("unexpected name")
-        if not stat.S_ISREG(st.st_mode):
-            raise BadRecord("not a regular file")
-        if st.st_size > RECORD_MAX_BYTES:
-            raise BadRecord(f"{st.st_size} bytes, too large")
-        data = safefs.read_regular(self.area.fd("pending"), name, RECORD_MAX_BYTES)
-        if data is None:
-            raise BadRecord("cannot be read as a regular file")
+        assert self._key is not None, "prepare() first"
         try:
-            envelope = json.loads(data)
-            body, mac = envelope["body"], envelope["mac"]
-            if not isinstance(body, str) or not isinstance(mac, str):
-                raise TypeError
-        except (ValueError, TypeError, KeyError):
-            raise BadRecord("not a record envelope") from None
-        if not hmac.compare_digest(mac, self._mac(body.encode("utf-8", "surrogatepass"))):
-            raise BadRecord("its MAC does not match: forged or altered")
-        try:
-            record = json.loads(body)
-        except ValueError:
-            raise BadRecord("its body is not JSON") from None
+            record = sealed.unseal(
+                self.area.fd("pending"), name, st, key=self._key, purpose=RECORD_PURPOSE, limit=RECORD_MAX_BYTES
+            )
+        except sealed.NotOurs as exc:
+            raise BadRecord(str(exc)) from None
         _validate(record, name)
         roots = self._roots()
         if any(root not in roots for root, _ in record["names"].values()):
             raise BadRecord("names an output folder that is not configured")
         return record
-
-    def _mac(self, body: bytes) -> str:
-        assert self._key is not None, "prepare() first"
-        return hmac.new(self._key, b"watcherd-record-v1\0" + body, hashlib.sha256).hexdigest()
 
     # -- publication -------------------------------------------------------------------------
 
@@ -590,7 +573,8 @@ class Spool:
         record = {"v": RECORD_VERSION, "rel": job.rel, "names": rel_names, "document": document, "text": text}
         # ensure_ascii keeps surrogate-escaped (non-UTF-8) names exact across the round trip.
         body = json.dumps(record, ensure_ascii=True)
-        envelope = json.dumps({"body": body, "mac": self._mac(body.encode("utf-8", "surrogatepass"))}).encode()
+        assert self._key is not None, "prepare() first"
+        envelope = sealed.seal(body, key=self._key, purpose=RECORD_PURPOSE)
         safefs.write_private(self.area.fd("pending"), record_name, envelope, durable=True)
         try:
             self._publish(record, record_name)
@@ -716,26 +700,6 @@ def _set_mode(dir_fd: int, name: str, mode: int) -> None:
         os.fchmod(fd, mode)
     finally:
         os.close(fd)
-
-
-def _record_key(state_fd: int) -> bytes:
-    """The HMAC key for records: 32 random bytes, created once, owner-only, never in the inbox."""
-    name = "record.key"
-    try:
-        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=state_fd)
-    except FileExistsError:
-        key = safefs.read_regular(state_fd, name, 64)
-        if key is None or len(key) != 32:
-            raise OSError(f"{name} is not a 32-byte key file") from None
-        return key
-    key = secrets.token_bytes(32)
-    try:
-        os.write(fd, key)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.fsync(state_fd)
-    return key
 
 
 def _validate(record: Any, name: str) -> None:
