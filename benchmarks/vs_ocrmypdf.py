@@ -40,13 +40,17 @@ import os
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 import unicodedata
 from pathlib import Path
 from typing import Any
 
-from harness import SAMPLES, BenchDaemon, iso, machine, table, wait_for
+from harness import REPO, SAMPLES, BenchDaemon, iso, machine, table, wait_for
+
+sys.path.insert(0, str(REPO))
+from tests.conftest import edit_distance, without_spaces  # noqa: E402  (the tests' CER, exactly)
 
 NAMES = ["memo_en.png", "receipt_zh.jpg", "two_pages.tif"]
 LANGUAGE = "chi_tra"  # the plugin takes one language; all map to the same PP-OCRv6 model here
@@ -78,14 +82,8 @@ def cer_counts(got: str, want: str, nfkc: bool = False) -> tuple[int, int]:
     `nfkc`: both sides NFKC-normalised first (OCRmyPDF's hOCR parser turns a full-width colon into `:`)."""
     if nfkc:
         got, want = unicodedata.normalize("NFKC", got), unicodedata.normalize("NFKC", want)
-    a, b = "".join(got.split()), "".join(want.split())
-    previous = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        current = [i]
-        for j, cb in enumerate(b, 1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb)))
-        previous = current
-    return previous[-1], len(b)
+    a, b = without_spaces(got), without_spaces(want)
+    return edit_distance(a, b), len(b)
 
 
 def pdf_text(path: Path) -> str:

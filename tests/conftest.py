@@ -36,6 +36,28 @@ def wait_until(condition: Callable[[], Any], timeout: float = 30.0, what: str = 
         time.sleep(0.05)
 
 
+def edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance: insertions, deletions and substitutions of one character each."""
+    previous = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        current = [i]
+        for j, cb in enumerate(b, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb)))
+        previous = current
+    return previous[-1]
+
+
+def without_spaces(text: str) -> str:
+    return "".join(text.split())
+
+
+def cer(expected: str, actual: str, *, normalise: Callable[[str], str] = without_spaces) -> float:
+    """Character error rate of `actual` against `expected`, both normalised first (by default:
+    whitespace removed, since layout spaces are not the text)."""
+    want, got = normalise(expected), normalise(actual)
+    return edit_distance(want, got) / max(1, len(want))
+
+
 def run_watcherd(
     *args: str, timeout: float = 60, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
@@ -43,6 +65,23 @@ def run_watcherd(
     return subprocess.run(
         [sys.executable, "-m", "watcherd", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env
     )
+
+
+PATHS = "paths: {inbox: ROOT/inbox, outbox: ROOT/outbox, failed: ROOT/failed, archive: ROOT/archive}\n"
+
+
+def assert_config_error(tmp_path: Path, text: str, key: str, words: str) -> subprocess.CompletedProcess[str]:
+    """`watcherd run` on a config made of `text` (ROOT is `tmp_path`) exits 78 with one line that
+    names the file and `key` and says `words`."""
+    (tmp_path / "inbox").mkdir(exist_ok=True)
+    config = tmp_path / "watcherd.yaml"
+    config.write_text(text.replace("ROOT", str(tmp_path)))
+    result = run_watcherd("run", "--config", str(config))
+    assert result.returncode == 78, result.stderr
+    message = result.stderr.strip()
+    assert len(message.splitlines()) == 1, message
+    assert f"{config}: {key}:" in message and words in message, message
+    return result
 
 
 def make_image(path: Path, width: int = 64, height: int = 48, fmt: str | None = None) -> Path:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, make_image, run_watcherd
+from tests.conftest import REPO, assert_config_error, make_image, run_watcherd
 from watcherd import settings
 
 
@@ -42,12 +42,7 @@ paths: {inbox: ROOT/inbox, outbox: ROOT/outbox, failed: ROOT/failed, archive: RO
     ],
 )
 def test_bad_values_exit_78_naming_the_key_and_file(tmp_path: Path, extra: str, key: str, words: str) -> None:
-    config = write(tmp_path, GOOD + extra)
-    result = run_watcherd("run", "--config", str(config))
-    assert result.returncode == 78
-    message = result.stderr.strip()
-    assert len(message.splitlines()) == 1, message
-    assert f"{config}: {key}:" in message and words in message
+    assert_config_error(tmp_path, GOOD + extra, key, words)
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf", "NaN", "1e999"])

@@ -15,20 +15,8 @@ from pathlib import Path
 
 import psutil
 
-from tests.conftest import Daemon, gone_or_zombie, make_image, run_watcherd, wait_until
+from tests.conftest import Daemon, cer, gone_or_zombie, make_image, run_watcherd, wait_until
 from tests.engines import HANG_WIDTH, SEGFAULT_WIDTH
-
-
-def cer(expected: str, actual: str) -> float:
-    """Character error rate after removing whitespace (Levenshtein distance / length)."""
-    a, b = "".join(expected.split()), "".join(actual.split())
-    previous = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        current = [i]
-        for j, cb in enumerate(b, 1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb)))
-        previous = current
-    return previous[-1] / max(1, len(a))
 
 
 def test_samples_are_read_by_the_embedded_engine(daemon_factory, samples: Path) -> None:

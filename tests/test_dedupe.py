@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Daemon, gone_or_zombie, make_image, run_watcherd, wait_until
+from tests.conftest import PATHS, Daemon, assert_config_error, gone_or_zombie, make_image, run_watcherd, wait_until
 from watcherd import dedupe, settings
 
 
@@ -229,9 +229,6 @@ def test_dedupe_off_ocrs_every_copy_and_keeps_no_index(daemon_factory, tmp_path:
     assert "duplicate" not in json.loads(daemon.status_path.read_text())["summary"]
 
 
-GOOD = "paths: {inbox: ROOT/inbox, outbox: ROOT/outbox, failed: ROOT/failed, archive: ROOT/archive}\n"
-
-
 @pytest.mark.parametrize(
     ("extra", "key", "words"),
     [
@@ -244,13 +241,7 @@ GOOD = "paths: {inbox: ROOT/inbox, outbox: ROOT/outbox, failed: ROOT/failed, arc
     ],
 )
 def test_bad_dedupe_settings_exit_78(tmp_path: Path, extra: str, key: str, words: str) -> None:
-    (tmp_path / "inbox").mkdir()
-    config = tmp_path / "watcherd.yaml"
-    config.write_text((GOOD + extra).replace("ROOT", str(tmp_path)))
-    result = run_watcherd("run", "--config", str(config))
-    assert result.returncode == 78, result.stderr
-    message = result.stderr.strip()
-    assert len(message.splitlines()) == 1 and f"{config}: {key}:" in message and words in message, message
+    assert_config_error(tmp_path, PATHS + extra, key, words)
 
 
 @pytest.mark.parametrize(

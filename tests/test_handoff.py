@@ -21,7 +21,7 @@ from typing import Any
 import psutil
 import pytest
 
-from tests.conftest import Daemon, make_image, run_watcherd, wait_until
+from tests.conftest import Daemon, assert_config_error, make_image, run_watcherd, wait_until
 from watcherd.spool import inbox_id
 
 SECRET = "s3cret-do-not-log-4f1c"
@@ -431,17 +431,11 @@ def test_planted_queue_entries_are_set_aside_never_run_or_posted(
     ],
 )
 def test_bad_hook_and_webhook_settings_exit_78_naming_the_key(tmp_path: Path, extra: str, key: str, words: str) -> None:
-    (tmp_path / "inbox").mkdir()
-    config = tmp_path / "watcherd.yaml"
-    config.write_text(
+    base = (
         "paths: {inbox: ROOT/inbox, outbox: ROOT/outbox, failed: ROOT/failed, archive: ROOT/archive, "
-        "state: ROOT/state}\nocr: {engine: 'tests.engines:Echo'}\n".replace("ROOT", str(tmp_path))
-        + extra.replace("ROOT", str(tmp_path))
+        "state: ROOT/state}\nocr: {engine: 'tests.engines:Echo'}\n"
     )
-    result = run_watcherd("run", "--config", str(config))
-    assert result.returncode == 78, result.stderr
-    message = result.stderr.strip().splitlines()[-1]
-    assert f"{config}: {key}:" in message and words in message, message
+    result = assert_config_error(tmp_path, base + extra, key, words)
     assert "31415926535" not in result.stderr
 
 

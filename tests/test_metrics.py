@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import make_image, run_watcherd, wait_until
+from tests.conftest import PATHS, assert_config_error, make_image, run_watcherd, wait_until
 from tests.engines import HANG_WIDTH, MEMORY_ERROR_WIDTH
 
 
@@ -195,16 +195,7 @@ def test_gpu_memory_and_files_waiting_for_it(daemon_factory, tmp_path: Path) -> 
     ],
 )
 def test_bad_metrics_settings_exit_78_naming_the_key(tmp_path: Path, extra: str, key: str, words: str) -> None:
-    (tmp_path / "inbox").mkdir()
-    config = tmp_path / "watcherd.yaml"
-    config.write_text(
-        (
-            "paths: {inbox: ROOT/inbox, outbox: ROOT/outbox, failed: ROOT/failed, archive: ROOT/archive}\n" + extra
-        ).replace("ROOT", str(tmp_path))
-    )
-    result = run_watcherd("run", "--config", str(config))
-    assert result.returncode == 78, result.stderr
-    assert f"{config}: {key}:" in result.stderr and words in result.stderr
+    assert_config_error(tmp_path, PATHS + extra, key, words)
 
 
 def test_a_port_in_use_exits_78_before_claiming_anything(daemon_factory, tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import make_image
+from tests.conftest import cer, make_image
 
 
 def test_lines_are_published_in_the_original_pages_pixels(daemon_factory: Any, tmp_path: Path) -> None:
@@ -43,18 +43,6 @@ def test_lines_are_published_in_the_original_pages_pixels(daemon_factory: Any, t
 ALL_FORMATS = ["json", "md", "txt", "pdf", "hocr", "alto"]
 
 
-def cer(got: str, want: str) -> float:
-    """Character error rate over non-space characters (layout spaces are not the text)."""
-    a, b = "".join(got.split()), "".join(want.split())
-    previous = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        current = [i]
-        for j, cb in enumerate(b, 1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb)))
-        previous = current
-    return previous[-1] / max(1, len(b))
-
-
 def pdf_text(path: Path) -> list[str]:
     import pypdfium2 as pdfium
 
@@ -89,7 +77,7 @@ def test_every_format_from_the_samples_with_the_embedded_engine(
         extracted = pdf_text(Path(result["pdf_path"]))
         assert len(extracted) == len(pages)
         for got, want in zip(extracted, pages, strict=True):
-            assert cer(got, want) <= 0.02, (name, got, want)
+            assert cer(want, got) <= 0.02, (name, got, want)
         mode = Path(result["pdf_path"]).stat().st_mode & 0o777
         assert mode == 0o640, oct(mode)
     state_render = list((daemon.state).glob("*.render/*"))
@@ -139,7 +127,7 @@ def test_pages_scanned_sideways_come_out_right(daemon_factory: Any, samples: Pat
         assert result["status"] == "ok", result
         (page,) = result["pages"]
         assert page["rotated"] == angle, (turned, page["rotated"])
-        assert cer(page["text"], want) <= 0.02, (turned, page["text"], want)
+        assert cer(want, page["text"]) <= 0.02, (turned, page["text"], want)
         width, height = size
         for line in page["lines"]:
             for x, y in line["box"]:

@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import SAMPLES
-from tests.test_daemon import cer
+from tests.conftest import SAMPLES, cer
 from watcherd.engines import Box, PageText, as_page
 from watcherd.engines.common import grounding_lines, strip_grounding
 from watcherd.orientation import OrientationDetector, box_to_original, upright

@@ -26,6 +26,7 @@ import pytest
 from lxml import etree
 from PIL import Image, ImageOps
 
+from tests import conftest
 from tests.conftest import SAMPLES
 from watcherd import render
 from watcherd.engines import Line, Word, box_from_points, box_from_rect
@@ -99,14 +100,7 @@ def normalise(text: str) -> str:
 
 
 def cer(got: str, want: str) -> float:
-    a, b = normalise(got), normalise(want)
-    previous = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        current = [i]
-        for j, cb in enumerate(b, 1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb)))
-        previous = current
-    return previous[-1] / max(len(b), 1)
+    return conftest.cer(want, got, normalise=normalise)
 
 
 def pdf_texts(pdf_bytes: bytes) -> list[str]:

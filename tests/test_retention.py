@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import make_image, run_watcherd, wait_until
+from tests.conftest import PATHS, assert_config_error, make_image, wait_until
 
 DAY = 86400.0
 
@@ -139,13 +139,4 @@ def test_sighup_turns_retention_on_at_once(daemon_factory) -> None:
     ],
 )
 def test_bad_retention_settings_exit_78_naming_the_key(tmp_path: Path, extra: str, key: str, words: str) -> None:
-    (tmp_path / "inbox").mkdir()
-    config = tmp_path / "watcherd.yaml"
-    config.write_text(
-        (
-            "paths: {inbox: ROOT/inbox, outbox: ROOT/outbox, failed: ROOT/failed, archive: ROOT/archive}\n" + extra
-        ).replace("ROOT", str(tmp_path))
-    )
-    result = run_watcherd("run", "--config", str(config))
-    assert result.returncode == 78, result.stderr
-    assert f"{config}: {key}:" in result.stderr and words in result.stderr
+    assert_config_error(tmp_path, PATHS + extra, key, words)
