@@ -21,6 +21,7 @@ its onnxruntime intra-op threads set (or left at the default), against the daemo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import os
@@ -30,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -145,12 +146,7 @@ def through_daemon_one_file(ocr: dict[str, Any], pages: int, batch: int, source:
     return iso(doc["finished_at"]) - iso(doc["received_at"])
 
 
-def bench_batches(pages: int, rounds: int) -> str:
-    """One multi-page file through one child: pages in flight via ocr.batch_pages (the batch feed)."""
-    server, url = start_server()
-    tmp = tempfile.TemporaryDirectory(prefix="watcherd-bench-")
-    png = Path(tmp.name) / "page.png"
-    page_image().save(png)
+def batch_runs(url: str, png: Path, pages: int) -> dict[str, Callable[[], float]]:
     runs: dict[str, Callable[[], float]] = {}
     for c in (1, 8):
         for rotate in (False, True):
@@ -164,12 +160,28 @@ def bench_batches(pages: int, rounds: int) -> str:
                 f"daemon, one {pages}-page file, concurrency {c}, batch_pages {c}, auto_rotate {str(rotate).lower()}"
             )
             runs[label] = partial(through_daemon_one_file, ocr, pages, c, png)
+    return runs
+
+
+@contextlib.contextmanager
+def server_and_page() -> Iterator[tuple[str, Path]]:
+    """The loopback OpenAI-compatible server's URL and the page as a PNG file, both gone after."""
+    server, url = start_server()
+    tmp = tempfile.TemporaryDirectory(prefix="watcherd-bench-")
+    png = Path(tmp.name) / "page.png"
+    page_image().save(png)
     try:
-        rates = interleaved({k: (lambda f=f: pages / f()) for k, f in runs.items()}, rounds)
+        yield url, png
     finally:
         server.kill()
         server.wait()
         tmp.cleanup()
+
+
+def bench_batches(pages: int, rounds: int) -> str:
+    """One multi-page file through one child: pages in flight via ocr.batch_pages (the batch feed)."""
+    with server_and_page() as (url, png):
+        rates = interleaved({k: (lambda f=f: pages / f()) for k, f in batch_runs(url, png, pages).items()}, rounds)
     first = statistics.median(next(iter(rates.values())))
     rows = [
         [label, pages, f"{statistics.median(v):.2f}", spread(v), f"{statistics.median(v) / first:.2f}"]
@@ -182,29 +194,25 @@ def bench_batches(pages: int, rounds: int) -> str:
     return table(title, ["path", "pages", "pages/s", "range", "vs concurrency 1"], rows)
 
 
-def bench_openai(pages: int, rounds: int) -> str:
-    server, url = start_server()
-    tmp = tempfile.TemporaryDirectory(prefix="watcherd-bench-")
-    png = Path(tmp.name) / "page.png"
-    page_image().save(png)
-    ocr = {"engine": "openai", "model": "test-ocr", "options": {"base_url": url}}
+def openai_runs(url: str, png: Path, pages: int) -> dict[str, Callable[[], float]]:
     runs: dict[str, Callable[[], float]] = {}
+    ocr = {"engine": "openai", "model": "test-ocr", "options": {"base_url": url}}
     for c in (1, 8):
         runs[f"direct httpx, {c} in flight, one prebuilt request"] = partial(direct, url, pages, c)
         runs[f"direct httpx, {c} in flight, encoding each page"] = partial(direct, url, pages, c, encode=True)
         runs[f"engine.ocr_batch(8 pages) called directly, concurrency {c}"] = partial(engine_batches, url, pages, c)
     runs["daemon, concurrency 1, workers 1"] = partial(through_daemon, ocr, pages, 1, png)
     ocr8 = {**ocr, "options": {"base_url": url, "concurrency": 8}}
-    runs["daemon, concurrency 8, workers 1 (the child sends a page at a time)"] = partial(
+    runs["daemon, concurrency 8, workers 1 (one-page files: a page per call)"] = partial(
         through_daemon, ocr8, pages, 1, png
     )
     runs["daemon, concurrency 1, workers 8"] = partial(through_daemon, ocr, pages, 8, png)
-    try:
-        rates = interleaved({k: (lambda f=f: pages / f()) for k, f in runs.items()}, rounds)
-    finally:
-        server.kill()
-        server.wait()
-        tmp.cleanup()
+    return runs
+
+
+def bench_openai(pages: int, rounds: int) -> str:
+    with server_and_page() as (url, png):
+        rates = interleaved({k: (lambda f=f: pages / f()) for k, f in openai_runs(url, png, pages).items()}, rounds)
     rows = []
     for label, values in rates.items():
         c = 8 if (" 8 in flight" in label or "concurrency 8" in label or "workers 8" in label) else 1

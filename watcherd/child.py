@@ -11,20 +11,27 @@ page that needs more ends as a MemoryError here (or the child's death), never th
 On SIGUSR1 faulthandler writes every thread's Python stack to a pipe the parent reads: on a page
 timeout the parent asks for it before the SIGKILL, so the error says where the model hung.
 
-Every reply carries the request's id. The child never writes outputs or moves files: if it is
-killed at any instant, the parent still holds everything it needs to finish the file.
+Every reply carries the request's id. The child never publishes outputs or moves files: the
+searchable PDF, hOCR and ALTO it writes go to scratch files in the state folder (never the inbox)
+named by the parent, fsync'ed before `done`, and the parent publishes them. If the child is killed
+at any instant, the parent still holds everything it needs to finish the file (it reads it again).
 
 Messages, child → parent:
   ready {engine, model, device, load_time, pid}      | load_failed {detail, config_error}
-  pages {id, count, sha256, kind}                    (the file opened; the clock restarts)
-  page_start {id, page}                              (the parent restarts the page clock)
-  page {id, page, text, processing_time, size, resized_from}
-  done {id, gpu_info_before, gpu_info_after}         | failed {id, code, detail, sha256}
+  pages {id, count, sha256, kind, file}              (the file opened: its page count and inode)
+  page_start {id, page, pages?}                      (a page, or a batch of `pages`: the clock restarts)
+  page {id, page, text, processing_time, size, resized_from, source, rotated?, lines?,
+        batch_pages?, batch_time?}
+  rendering {id}                                     (writing the PDF/hOCR/ALTO: the clock restarts)
+  done {id, gpu_info_before, gpu_info_after, rendered, render_errors, next_page?}
+                                                     (next_page: a turn of a long file is over)
+  failed {id, code, detail, sha256}
   deferred {id, gpu_info, sha256, reason, detail}   (try again later: too little GPU memory even
                                     after clearing, reason "vram"; or the engine raised
                                     EngineUnavailable, reason "engine_unavailable")
   cleared {files_done, before, after}                (the GPU cache was cleared)
-parent → child: ocr {id, path} | idle {} (queue drained: clear the cache) | exit {}
+parent → child: ocr {id, path, render, solo, first_page, turn_pages, earlier}
+                | idle {} (queue drained: clear the cache) | exit {}
 """
 
 from __future__ import annotations
@@ -78,7 +85,6 @@ class Child:
         self.engine: Any = None
         self.orientation: Any = None  # the page-orientation classifier, with ocr.auto_rotate
         self.files_done = 0
-        self._shortage: dict[str, Any] | None = None
         self.batch_pages = 1  # pages per engine call: ocr.batch_pages for engines with ocr_batch
 
     def send(self, op: str, **fields: Any) -> None:
@@ -211,9 +217,9 @@ class Child:
                     rendered.append(self._layer_page(request_id, document, index, layer))
                     index += 1
                     continue
-                self._shortage = self.memory_shortage()  # the VRAM guard, before every batch
-                if self._shortage is not None:
-                    self.send("deferred", id=request_id, gpu_info=self._shortage, sha256=sha256)
+                shortage = self.memory_shortage()  # the VRAM guard, before every batch
+                if shortage is not None:
+                    self.send("deferred", id=request_id, gpu_info=shortage, sha256=sha256)
                     return
                 batch = [index]
                 index += 1
