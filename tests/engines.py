@@ -20,6 +20,7 @@ from PIL import Image
 
 HANG_WIDTH = 17
 SEGFAULT_WIDTH = 13
+ERROR_WIDTH = 19
 
 
 class Echo:
@@ -280,23 +281,37 @@ class Refuse(Echo):
 class Batch(Echo):
     """Takes several pages per call (`ocr_batch`), saying in each page's text how many it got.
     With `slow_batches_s`, a call of more than one page takes that long (a batch too slow for the
-    deadline while each page alone is quick); a page of HANG_WIDTH hangs in either."""
+    deadline while each page alone is quick). In either call a page of HANG_WIDTH hangs, one of
+    SEGFAULT_WIDTH kills the child and one of ERROR_WIDTH raises. With `gate` (a path) it loads
+    once that file exists, so that a test can queue files first."""
 
     def __init__(self, **options: Any):
         super().__init__(**options)
         self.slow_batches_s = float(options.get("slow_batches_s", 0))
+        gate = options.get("gate")
+        deadline = time.monotonic() + 60
+        while gate and not os.path.exists(gate) and time.monotonic() < deadline:
+            time.sleep(0.01)
 
     def ocr_batch(self, images: list[Image.Image]) -> list[str]:
-        if any(image.width == HANG_WIDTH for image in images):
-            time.sleep(3600)
+        for image in images:
+            self._misbehave(image)
         if self.slow_batches_s:
             time.sleep(self.slow_batches_s)
         return [f"{super(Batch, self).ocr(image)} (batch of {len(images)})" for image in images]
 
     def ocr(self, image: Image.Image) -> str:
+        self._misbehave(image)
+        return f"{super().ocr(image)} (alone)"
+
+    @staticmethod
+    def _misbehave(image: Image.Image) -> None:
         if image.width == HANG_WIDTH:
             time.sleep(3600)
-        return f"{super().ocr(image)} (alone)"
+        if image.width == SEGFAULT_WIDTH:
+            ctypes.string_at(0)
+        if image.width == ERROR_WIDTH:
+            raise ValueError(f"the model cannot read a page {ERROR_WIDTH} pixels wide")
 
 
 class Counting(Echo):

@@ -1,16 +1,18 @@
-"""Pages in flight (issue #14): an engine with `ocr_batch` gets up to `ocr.batch_pages` pages of a
-file per call, under one deadline; a batch that runs over time or dies is read again a page at a
-time, so only a page that is too slow on its own fails its file."""
+"""Pages in flight (issue #14): an engine with `ocr_batch` gets up to `ocr.batch_pages` pages per
+call, of one file and of the files queued behind it, under one deadline; a batch that runs over
+time, dies or fails is read again a page at a time (each file alone), so only a page that is too
+slow, deadly or unreadable on its own fails its file, and the others succeed."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
 from tests.conftest import wait_until
-from tests.engines import HANG_WIDTH
+from tests.engines import ERROR_WIDTH, HANG_WIDTH, SEGFAULT_WIDTH
 
 
 def tiff(path: Path, widths: list[int]) -> Path:
@@ -82,3 +84,91 @@ def test_a_scan_dropped_during_a_long_file_waits_for_one_turn_not_the_whole_file
     order = [line.split()[-1] for line in daemon.log().splitlines() if line.startswith("announce ")]
     short_at = order.index("7x10")
     assert short_at < 12, order  # after the turn in progress (pages 1-4 or 5-8), not after page 20
+
+
+def queued_behind_a_loading_child(daemon_factory: Any, tmp_path: Path, files: dict[str, list[int]], **ocr: Any) -> Any:
+    """A daemon whose Batch engine loads only once `files` (name → page widths) are all queued:
+    the child then finds them waiting together, as a GPU does behind a busy queue."""
+    gate = tmp_path / "gate"
+    options = {"gate": str(gate), **ocr.pop("options", {})}
+    daemon = daemon_factory(ocr={"engine": "tests.engines:Batch", "options": options, **ocr}).start(wait_ready=False)
+    for name, widths in files.items():
+        tiff(daemon.inbox / name, widths)
+
+    def queued() -> bool:
+        try:
+            queue = json.loads(daemon.status_path.read_text())["queue"]
+        except (OSError, ValueError):
+            return False
+        return bool(queue["ready"] + queue["claimed"] == len(files))
+
+    wait_until(queued, 30, f"{len(files)} files queued")
+    gate.touch()
+    return daemon
+
+
+def test_one_page_scans_queued_together_share_a_batch(daemon_factory: Any, tmp_path: Path) -> None:
+    files = {"a.tif": [51], "b.tif": [52], "c.tif": [53, 54]}
+    daemon = queued_behind_a_loading_child(daemon_factory, tmp_path, files, batch_pages=4)
+    results = {name: daemon.wait_json(name) for name in files}
+    assert [p["text"] for p in results["a.tif"]["pages"]] == ["echo 51x10 (batch of 4)"]
+    assert [p["text"] for p in results["b.tif"]["pages"]] == ["echo 52x10 (batch of 4)"]
+    assert [p["text"] for p in results["c.tif"]["pages"]] == ["echo 53x10 (batch of 4)", "echo 54x10 (batch of 4)"]
+    for result in results.values():
+        assert result["status"] == "ok" and result["attempts"] == 1, result
+        assert all(p["batch_pages"] == 4 for p in result["pages"])
+
+
+def test_a_batch_fills_from_the_next_files_and_each_file_ends_with_its_last_page(
+    daemon_factory: Any, tmp_path: Path
+) -> None:
+    """Three pages, then two: a batch of 2 takes a file's last page and the next file's first."""
+    files = {"three.tif": [61, 62, 63], "two.tif": [64, 65]}
+    daemon = queued_behind_a_loading_child(daemon_factory, tmp_path, files, batch_pages=2)
+    three, two = daemon.wait_json("three.tif"), daemon.wait_json("two.tif")
+    assert [p["text"] for p in three["pages"]] == [f"echo {w}x10 (batch of 2)" for w in (61, 62, 63)]
+    assert [p["text"] for p in two["pages"]] == ["echo 64x10 (batch of 2)", "echo 65x10 (alone)"]
+    assert [p["page"] for p in three["pages"]] == [1, 2, 3] and [p["page"] for p in two["pages"]] == [1, 2]
+
+
+def test_a_page_that_hangs_in_a_batch_of_several_files_fails_only_its_file(
+    daemon_factory: Any, tmp_path: Path
+) -> None:
+    files = {"before.tif": [71], "hangs.tif": [HANG_WIDTH], "after.tif": [73]}
+    daemon = queued_behind_a_loading_child(daemon_factory, tmp_path, files, batch_pages=4, timeout_s=2)
+    hangs = daemon.wait_json("hangs.tif", timeout=60)
+    assert hangs["status"] == "failed" and hangs["error_code"] == "timeout", hangs
+    assert hangs["detail"].startswith("page 1,"), hangs["detail"]
+    for name, width in (("before.tif", 71), ("after.tif", 73)):
+        result = daemon.wait_json(name, timeout=60)
+        assert result["status"] == "ok" and result["attempts"] == 1, result
+        assert [p["text"] for p in result["pages"]] == [f"echo {width}x10 (alone)"]
+    assert "reading it again a page at a time" in daemon.log()
+
+
+def test_a_page_that_kills_the_child_in_a_batch_of_several_files_fails_only_its_file(
+    daemon_factory: Any, tmp_path: Path
+) -> None:
+    files = {"before.tif": [81], "kills.tif": [SEGFAULT_WIDTH], "after.tif": [83]}
+    daemon = queued_behind_a_loading_child(daemon_factory, tmp_path, files, batch_pages=4)
+    kills = daemon.wait_json("kills.tif", timeout=60)
+    assert kills["status"] == "failed" and kills["error_code"] == "child_crashed", kills
+    assert "SIGSEGV" in kills["detail"], kills["detail"]
+    for name, width in (("before.tif", 81), ("after.tif", 83)):
+        result = daemon.wait_json(name, timeout=60)
+        assert result["status"] == "ok", result
+        assert [p["text"] for p in result["pages"]] == [f"echo {width}x10 (alone)"]
+
+
+def test_an_engine_error_in_a_batch_of_several_files_fails_only_its_file(daemon_factory: Any, tmp_path: Path) -> None:
+    """The child narrows it down itself, a page at a time: no child is lost for it."""
+    files = {"before.tif": [91], "bad.tif": [ERROR_WIDTH], "after.tif": [93]}
+    daemon = queued_behind_a_loading_child(daemon_factory, tmp_path, files, batch_pages=4)
+    bad = daemon.wait_json("bad.tif")
+    assert bad["status"] == "failed" and bad["error_code"] == "engine_error", bad
+    assert f"cannot read a page {ERROR_WIDTH} pixels wide" in bad["detail"]
+    for name, width in (("before.tif", 91), ("after.tif", 93)):
+        result = daemon.wait_json(name)
+        assert result["status"] == "ok" and result["attempts"] == 1, result
+        assert [p["text"] for p in result["pages"]] == [f"echo {width}x10 (alone)"]
+    assert len(daemon.child_pids()) == 1, daemon.log()

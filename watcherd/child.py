@@ -1,4 +1,4 @@
-"""The OCR child: loads the engine once, then OCRs one file per request until told to stop.
+"""The OCR child: loads the engine once, then OCRs the files of each request until told to stop.
 
 It is started as a fresh interpreter (`python -m watcherd.child`), never forked from a process
 that may hold CUDA state, in its own process group so the parent can SIGKILL it and anything it
@@ -17,7 +17,7 @@ named by the parent, fsync'ed before `done`, and the parent publishes them. If t
 at any instant, the parent still holds everything it needs to finish the file (it reads it again).
 
 Messages, child → parent:
-  ready {engine, model, device, load_time, pid}      | load_failed {detail, config_error}
+  ready {engine, model, device, load_time, pid, batch_pages} | load_failed {detail, config_error}
   pages {id, count, sha256, kind, file}              (the file opened: its page count and inode)
   page_start {id, page, pages?}                      (a page, or a batch of `pages`: the clock restarts)
   page {id, page, text, processing_time, size, resized_from, source, rotated?, lines?,
@@ -30,7 +30,8 @@ Messages, child → parent:
                                     after clearing, reason "vram"; or the engine raised
                                     EngineUnavailable, reason "engine_unavailable")
   cleared {files_done, before, after}                (the GPU cache was cleared)
-parent → child: ocr {id, path, render, solo, first_page, turn_pages, earlier}
+parent → child: ocr {files: [{id, path, render, first_page, earlier}], solo, turn_pages}
+                (several files only for an engine with ocr_batch: their pages share engine calls)
                 | idle {} (queue drained: clear the cache) | exit {}
 """
 
@@ -47,6 +48,7 @@ import signal
 import sys
 import time
 import traceback
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -128,6 +130,7 @@ class Child:
             device=self.spec.get("device"),
             load_time=round(time.monotonic() - started, 3),
             pid=os.getpid(),
+            batch_pages=self.batch_pages,
         )
         return True
 
@@ -139,7 +142,7 @@ class Child:
                 return  # the parent closed the pipe: we are done
             op = message["op"]
             if op == "ocr":
-                self.ocr_file(message)
+                self.ocr(message)
             elif op == "idle":
                 self.clear_cache()
             elif op == "exit":
@@ -177,88 +180,135 @@ class Child:
         after = self.gpu_info()
         self.send("cleared", files_done=self.files_done, before=before, after=after)
 
-    def ocr_file(self, request: dict[str, Any]) -> None:
-        """One `ocr` request: read the file, OCR its pages (from `first_page`, at most `turn_pages`
-        of them when it has more), write what `render` asks for at its last page, and report."""
-        request_id, path = request["id"], request["path"]
-        render = request.get("render") or {}
+    def ocr(self, request: dict[str, Any]) -> None:
+        """One `ocr` request: one file, or several when the engine reads pages in batches (the
+        parent then hands over enough files to fill one). Pages of the files share engine calls,
+        `ocr.batch_pages` at a time, in the files' order: a batch may end one file and start the
+        next, so a GPU is fed while one-page scans queue. Each file is read from `first_page`, at
+        most `turn_pages` pages when it has more, and finished (rendered, `done`) as soon as its
+        last page is read; a file that fails costs only itself."""
         per_call = 1 if request.get("solo") else self.batch_pages
-        first, turn = int(request.get("first_page") or 0), int(request.get("turn_pages") or 0)
-        targets: dict[str, str] = render.get("formats") or {}
+        turn = int(request.get("turn_pages") or 0)
+        files = [f for f in (self._open(spec, per_call, turn) for spec in request["files"]) if f is not None]
+        while files:
+            batch = self._next_batch(files, per_call)
+            if batch:
+                shortage = self.memory_shortage()  # the VRAM guard, before every batch
+                if shortage is not None:
+                    for f in files:
+                        self.send("deferred", id=f.id, gpu_info=shortage, sha256=f.sha256)
+                    return
+                try:
+                    self._ocr_pages(batch)
+                except EngineUnavailable as exc:  # its server is down or busy: every file waits
+                    for f in files:
+                        self.send(
+                            "deferred",
+                            id=f.id,
+                            gpu_info=f.before,
+                            sha256=f.sha256,
+                            reason="engine_unavailable",
+                            detail=str(exc),
+                        )
+                    return
+            files = [f for f in files if not self._finished(f)]
+
+    def _open(self, spec: dict[str, Any], per_call: int, turn: int) -> _File | None:
+        """Read a file of the request, hash it and count its pages (`pages`), or say why not (`failed`)."""
         sha256 = None
         try:
-            with open(path, "rb", opener=_open_nofollow) as f:
+            with open(spec["path"], "rb", opener=_open_nofollow) as f:
                 # read(n) allocates n bytes first: ask for what the file holds (plus one, to see
                 # it grow past the limit), not for max_file_bytes, which RLIMIT_DATA may not allow.
                 st = os.fstat(f.fileno())
-                size = st.st_size
-                data = f.read(min(size, self.spec["max_file_bytes"]) + 1)
-            file = [st.st_dev, st.st_ino]
+                data = f.read(min(st.st_size, self.spec["max_file_bytes"]) + 1)
             if len(data) > self.spec["max_file_bytes"]:
                 raise InputError("too_large", f"larger than ocr.max_file_mb ({self.spec['max_file_mb']:g} MB)")
             sha256 = hashlib.sha256(data).hexdigest()
             document = Document(data, max_side_px=self.spec["max_side_px"], max_pages=self.spec["max_pages"])
-            original = data if "pdf" in targets else None  # the searchable PDF is built around it
+            render = spec.get("render") or {}
+            original = data if "pdf" in (render.get("formats") or {}) else None  # the PDF is built around it
             del data
             # The inode read: the parent checks it is the one it claimed (DESIGN §9).
-            self.send("pages", id=request_id, count=len(document), sha256=sha256, kind=document.kind, file=file)
-            before = self.gpu_info()
-            rendered: list[Any] = []
-            layers: dict[int, Any] = {}
-            index, count = first, len(document)
+            file = [st.st_dev, st.st_ino]
+            self.send("pages", id=spec["id"], count=len(document), sha256=sha256, kind=document.kind, file=file)
+            first = int(spec.get("first_page") or 0)
+            stop = min(len(document), first + max(turn, per_call)) if turn else len(document)
+            opened = _File(spec["id"], spec["path"], render, document, sha256, original, first, stop, self.gpu_info())
             if first:  # a later turn: what the earlier ones read, for the PDF/hOCR/ALTO
-                rendered = [_from_report(page, document) for page in request.get("earlier") or []]
-            while index < count:
-                if turn and index - first >= max(turn, per_call):  # other files' turn: come back for the rest
-                    self.send("done", id=request_id, next_page=index, gpu_info_before=before, gpu_info_after={})
-                    return
-                layer = self._text_layer(document, index, layers)
-                if layer is not None:  # born-digital (or OCR'd before): no engine, no GPU
-                    rendered.append(self._layer_page(request_id, document, index, layer))
-                    index += 1
-                    continue
-                shortage = self.memory_shortage()  # the VRAM guard, before every batch
-                if shortage is not None:
-                    self.send("deferred", id=request_id, gpu_info=shortage, sha256=sha256)
-                    return
-                batch = [index]
-                index += 1
-                while index < count and len(batch) < per_call:
-                    if self._text_layer(document, index, layers) is not None:
-                        break
-                    batch.append(index)
-                    index += 1
+                opened.rendered = [_from_report(page, document) for page in spec.get("earlier") or []]
+            return opened
+        except Exception as exc:  # noqa: BLE001 - a hostile file costs itself only (_failure says how)
+            code, detail = self._failure(exc)
+            self.send("failed", id=spec["id"], code=code, detail=detail, sha256=sha256)
+            return None
+
+    def _fail(self, f: _File, exc: BaseException) -> None:
+        if not f.failed:
+            f.failed = True
+            code, detail = self._failure(exc)
+            self.send("failed", id=f.id, code=code, detail=detail, sha256=f.sha256)
+
+    def _failure(self, exc: BaseException) -> tuple[str, str]:
+        """The error code and detail for what went wrong with a file."""
+        if isinstance(exc, InputError):
+            return exc.code, exc.detail
+        if isinstance(exc, _EngineError):
+            return "engine_error", str(exc)
+        if isinstance(exc, OSError):
+            return "unreadable", f"{exc.strerror or exc}"
+        if isinstance(exc, MemoryError):
+            return "too_large", f"out of memory decoding it{self._memory_note()}"
+        traceback.print_exc()  # a decoder bug on a hostile file (bad EXIF...)
+        return "unreadable", f"{type(exc).__name__}: {exc}"
+
+    def _next_batch(self, files: list[_File], per_call: int) -> list[tuple[_File, int]]:
+        """The next pages for the engine, up to `per_call`, in the files' order. Pages with a text
+        layer of their own are reported on the way, without the engine (and never out of their
+        file's order: such a page waits if pages before it are in this batch)."""
+        batch: list[tuple[_File, int]] = []
+        for f in files:
+            while not f.failed and f.next < f.stop and len(batch) < per_call:
                 try:
-                    rendered += self._ocr_pages(request_id, document, batch)
-                except EngineUnavailable as exc:
-                    reason = "engine_unavailable"
-                    self.send("deferred", id=request_id, gpu_info=before, sha256=sha256, reason=reason, detail=str(exc))
-                    return
-            written, errors = self._render(request_id, targets, render, rendered, original, document.kind, path)
-            self.files_done += 1
-            if self.files_done % self.spec["clear_cache_every"] == 0:
-                self.clear_cache()
-            self.send(
-                "done",
-                id=request_id,
-                gpu_info_before=before,
-                gpu_info_after=self.gpu_info(),
-                rendered=written,
-                render_errors=errors,
-            )
-        except InputError as exc:
-            self.send("failed", id=request_id, code=exc.code, detail=exc.detail, sha256=sha256)
-        except _EngineError as exc:
-            self.send("failed", id=request_id, code="engine_error", detail=str(exc), sha256=sha256)
-        except OSError as exc:
-            self.send("failed", id=request_id, code="unreadable", detail=f"{exc.strerror or exc}", sha256=sha256)
-        except MemoryError:
-            detail = f"out of memory decoding it{self._memory_note()}"
-            self.send("failed", id=request_id, code="too_large", detail=detail, sha256=sha256)
-        except Exception as exc:  # noqa: BLE001 - a decoder bug on a hostile file (bad EXIF...) costs the file only
-            traceback.print_exc()
-            detail = f"{type(exc).__name__}: {exc}"
-            self.send("failed", id=request_id, code="unreadable", detail=detail, sha256=sha256)
+                    layer = self._text_layer(f.document, f.next, f.layers)
+                    if layer is None:
+                        batch.append((f, f.next))
+                    elif any(g is f for g, _ in batch):
+                        break
+                    else:  # born-digital (or OCR'd before): no engine, no GPU
+                        f.rendered.append(self._layer_page(f.id, f.document, f.next, layer))
+                except Exception as exc:  # noqa: BLE001 - a hostile PDF's text layer
+                    self._fail(f, exc)
+                    break
+                f.next += 1
+            if len(batch) == per_call:
+                break
+        return batch
+
+    def _finished(self, f: _File) -> bool:
+        """Is the file's part of the request over? Then its turn ends (`done` with `next_page`),
+        or its PDF/hOCR/ALTO are written and it is `done`. The cache is cleared every
+        `clear_cache_every` files, between batches."""
+        if f.failed:
+            return True
+        if f.next < f.stop:
+            return False
+        if f.stop < len(f.document):  # other files' turn: come back for the rest
+            self.send("done", id=f.id, next_page=f.stop, gpu_info_before=f.before, gpu_info_after={})
+            return True
+        try:
+            written, errors = self._render(f)
+        except Exception as exc:  # noqa: BLE001 - costs this file only
+            self._fail(f, exc)
+            return True
+        self.files_done += 1
+        if self.files_done % self.spec["clear_cache_every"] == 0:
+            self.clear_cache()
+        after = self.gpu_info()
+        self.send(
+            "done", id=f.id, gpu_info_before=f.before, gpu_info_after=after, rendered=written, render_errors=errors
+        )
+        return True
 
     def _text_layer(self, document: Document, index: int, seen: dict[int, Any]) -> Any:
         """The text layer of PDF page `index` when it has one and ocr.pdf_text says use it."""
@@ -286,50 +336,66 @@ class Child:
             timing={"processing_time": round(time.monotonic() - started, 3)},
         )
 
-    def _ocr_pages(self, request_id: int, document: Document, indices: list[int]) -> list[tuple[Any, ...]]:
-        """OCR pages `indices` of a file in one engine call: `ocr_batch` for several (an engine
-        that has it and ocr.batch_pages > 1), `ocr` for one. Each page is turned upright first
-        (ocr.auto_rotate) and its boxes mapped back to the original page's pixels. The parent's
-        deadline covers the whole batch (one page_start)."""
-        count = len(indices)
-        self.send("page_start", id=request_id, page=indices[0] + 1, **({"pages": count} if count > 1 else {}))
+    def _ocr_pages(self, batch: list[tuple[_File, int]]) -> None:
+        """OCR a batch of pages in one engine call: `ocr_batch` for several, `ocr` for one. Each
+        page is turned upright first (ocr.auto_rotate) and its boxes mapped back to the original
+        page's pixels. The parent's deadline covers the whole batch: each file in it gets a
+        `page_start` with the batch's size. A page that cannot be decoded fails its file; an
+        engine failure on pages of several files is narrowed down a page at a time, so that only
+        the file at fault fails."""
+        count = len(batch)
+        for f, index in batch:
+            if f.first_in_batch(batch, index):
+                self.send("page_start", id=f.id, page=index + 1, **({"pages": count} if count > 1 else {}))
         started = time.monotonic()
-        pages = [document.page(i) for i in indices]
-        rotations = [self.orientation.detect(p.image) if self.orientation is not None else None for p in pages]
-        images = [upright(p.image, r) if r else p.image for p, r in zip(pages, rotations, strict=True)]
+        prepared: list[tuple[_File, Page, int | None, Any]] = []
+        for f, index in batch:
+            if f.failed:
+                continue
+            try:
+                page = f.document.page(index)
+                rotated = self.orientation.detect(page.image) if self.orientation is not None else None
+                prepared.append((f, page, rotated, upright(page.image, rotated) if rotated else page.image))
+            except Exception as exc:  # noqa: BLE001 - the page's decoder, on a hostile file
+                self._fail(f, exc)
+        prepared = [p for p in prepared if not p[0].failed]
+        if not prepared:
+            return
+        images = [image for _, _, _, image in prepared]
+        results: list[Any]
         try:
-            if count > 1:
-                answers = list(self.engine.ocr_batch(images))
-                if len(answers) != count:
-                    raise _EngineError(f"ocr_batch returned {len(answers)} pages for {count}")
-            else:
-                answers = [self.engine.ocr(images[0])]
-            results = [as_page(answer) for answer in answers]
-        except (_EngineError, EngineUnavailable):
-            raise  # EngineUnavailable: its server is down or busy, the whole file waits (ocr_file)
-        except TypeError as exc:  # as_page: neither str nor PageText
-            raise _EngineError(str(exc)) from None
-        except Exception as exc:  # noqa: BLE001 - MemoryError included: the model's failure
-            traceback.print_exc()
-            note = self._memory_note() if isinstance(exc, MemoryError) else ""
-            raise _EngineError(f"{type(exc).__name__}: {exc}{note}") from None
+            results = self._call(images)
+        except _EngineError as exc:
+            if len({id(f) for f, _, _, _ in prepared}) == 1:
+                self._fail(prepared[0][0], exc)
+                return
+            results = []
+            for f, page, _, image in prepared:  # which file's page was it? Each alone
+                self.send("page_start", id=f.id, page=page.number)
+                try:
+                    results += self._call([image]) if not f.failed else [None]
+                except _EngineError as alone:
+                    self._fail(f, alone)
+                    results.append(None)
         wall = time.monotonic() - started
         # A page's share of its batch, and the batch's wall time: honest per-page figures.
-        timing: dict[str, Any] = {"processing_time": round(wall / count, 3)}
-        if count > 1:
-            timing.update(batch_pages=count, batch_time=round(wall, 3))
-        reports = []
-        for page, rotated, image, result in zip(pages, rotations, images, results, strict=True):
+        timing: dict[str, Any] = {"processing_time": round(wall / len(prepared), 3)}
+        if len(prepared) > 1:
+            timing.update(batch_pages=len(prepared), batch_time=round(wall, 3))
+        for (f, page, rotated, image), result in zip(prepared, results, strict=True):
+            if f.failed or result is None:
+                continue
             try:
                 text = result.full_text
                 lines = tuple(
                     _to_original(line, rotated or 0, image.size, page) for line in result.lines if _finite(line.box)
                 )
             except (TypeError, ValueError, IndexError) as exc:
-                raise _EngineError(f"engine returned positions that are not boxes: {exc}") from None
-            reports.append(
+                self._fail(f, _EngineError(f"engine returned positions that are not boxes: {exc}"))
+                continue
+            f.rendered.append(
                 self._report(
-                    request_id,
+                    f.id,
                     page.number,
                     text,
                     lines,
@@ -342,7 +408,26 @@ class Child:
                     timing=timing,
                 )
             )
-        return reports
+
+    def _call(self, images: list[Any]) -> list[Any]:
+        """The engine on these pages: its answers as PageText, or _EngineError saying what failed.
+        EngineUnavailable (its server is down or busy) passes through: the files wait."""
+        try:
+            if len(images) > 1:
+                answers = list(self.engine.ocr_batch(images))
+                if len(answers) != len(images):
+                    raise _EngineError(f"ocr_batch returned {len(answers)} pages for {len(images)}")
+            else:
+                answers = [self.engine.ocr(images[0])]
+            return [as_page(answer) for answer in answers]
+        except (_EngineError, EngineUnavailable):
+            raise
+        except TypeError as exc:  # as_page: neither str nor PageText
+            raise _EngineError(str(exc)) from None
+        except Exception as exc:  # noqa: BLE001 - MemoryError included: the model's failure
+            traceback.print_exc()
+            note = self._memory_note() if isinstance(exc, MemoryError) else ""
+            raise _EngineError(f"{type(exc).__name__}: {exc}{note}") from None
 
     def _report(
         self,
@@ -379,26 +464,20 @@ class Child:
         )
         return (number, original[0], original[1], dpi, lines, text, source)  # a render.RenderedPage's fields
 
-    def _render(
-        self,
-        request_id: int,
-        targets: dict[str, str],
-        render: dict[str, Any],
-        pages: list[Any],
-        original: bytes | None,
-        kind: str | None,
-        path: str,
-    ) -> tuple[list[str], dict[str, str]]:
+    def _render(self, f: _File) -> tuple[list[str], dict[str, str]]:
         """Write the searchable PDF, hOCR and ALTO asked for to their scratch files in the state
         folder (trusted: never inside the inbox), durably, for the parent to publish. A format
         that cannot be written is reported, not fatal: the text and the JSON are worth having."""
+        render = f.render
+        targets: dict[str, str] = render.get("formats") or {}
         if not targets:
             return [], {}
         from .render import RenderedPage, alto, hocr, write_pdf
 
-        pages = [RenderedPage(*fields) for fields in pages]
-        self.send("rendering", id=request_id)
-        name = os.path.basename(path)
+        pages = [RenderedPage(*fields) for fields in f.rendered]
+        self.send("rendering", id=f.id)
+        name = os.path.basename(f.path)
+        original, kind = f.original, f.document.kind
         written, errors = [], {}
         for fmt, target in targets.items():
             try:
@@ -432,6 +511,27 @@ class Child:
 
 class _EngineError(Exception):
     pass
+
+
+@dataclass(eq=False)
+class _File:
+    """A file of an `ocr` request, open: where its turn stands and what it has read so far."""
+
+    id: int  # its request id: every message about it carries it
+    path: str
+    render: dict[str, Any]  # {formats: {fmt: scratch path}, pdfa}
+    document: Document
+    sha256: str
+    original: bytes | None  # its bytes, when the searchable PDF is built around them
+    next: int  # the next page to read (0-based)
+    stop: int  # where this turn ends (exclusive): the page count, or earlier for a long file
+    before: dict[str, Any]  # GPU figures as it was opened
+    rendered: list[tuple[Any, ...]] = field(default_factory=list)  # its pages, for the renderers
+    layers: dict[int, Any] = field(default_factory=dict)  # text layers looked at
+    failed: bool = False  # `failed` was sent: nothing more about it
+
+    def first_in_batch(self, batch: list[tuple[_File, int]], index: int) -> bool:
+        return next(i for g, i in batch if g is self) == index
 
 
 def upright(image: Any, rotated: int) -> Any:

@@ -68,6 +68,7 @@ class Ready:
     load_time: float
     engine: str | None
     model: str | None
+    batch_pages: int = 1  # pages per engine call (ocr_batch): the parent may hand over this many files at once
 
 
 @dataclass(frozen=True)
@@ -207,7 +208,8 @@ def _typed(op: str, m: dict[str, Any]) -> Message:
     """The dataclass for a checked message; optional fields of the wrong type read as absent."""
     if op == "ready":
         model = m.get("model")
-        return Ready(m["pid"], float(m["load_time"]), m["engine"], model if isinstance(model, str) else None)
+        model = model if isinstance(model, str) else None
+        return Ready(m["pid"], float(m["load_time"]), m["engine"], model, max(1, _count(m.get("batch_pages"))))
     if op == "load_failed":
         return LoadFailed(m["detail"], m.get("config_error") is True)
     if op == "cleared":

@@ -183,10 +183,10 @@ class Service:
     def _shut_down(self) -> None:
         """Files go back to the inbox, never to failed: a page cut short by the grace too."""
         for worker in self.workers + self.retiring:
-            job = worker.job
+            jobs = [f.job for f in worker.flights]
             if worker.state == State.BUSY:
                 worker.kill(f"stopping after the {STOP_GRACE_S:g} s grace")
-                if job is not None:
+                for job in reversed(jobs):
                     self.backlog.put_back(job)
         for job in self._waiting_jobs():
             self._unclaim(job)
@@ -243,32 +243,17 @@ class Service:
             self.backlog.add_claimed(self.dedupe.released())
         for worker in self.workers:
             while worker.ready:
-                job = self._next_job()
-                if job is None:
+                jobs = self._next_jobs(worker.batch_pages)
+                if not jobs:
                     break
-                st = self.spool.lstat(job)
-                if st is None:
-                    log.warning("%s vanished from the work area before OCR", job.rel)
-                    continue
-                early = documents.precheck(job, st, self.settings)
-                if early is None and self.dedupe is not None:
-                    verdict = self.dedupe.screen(job, st)
-                    if verdict == "held":  # being hashed, or the same bytes are in a child: back via released()
-                        continue
-                    if verdict == "later":  # enough files are being hashed already
+                for job in jobs:
+                    logs.event(
+                        "claimed", f"{job.rel}: OCR started (child {worker.pid})", source=job.rel, child_pid=worker.pid
+                    )
+                    job.render = self.spool.render_targets(job)
+                if not worker.assign(*jobs):
+                    for job in reversed(jobs):
                         self.backlog.put_back(job)
-                        break
-                    if isinstance(verdict, Outcome):
-                        early = verdict  # a duplicate: published at once, without OCR
-                if early is not None:
-                    self._finish(early)
-                    continue
-                logs.event(
-                    "claimed", f"{job.rel}: OCR started (child {worker.pid})", source=job.rel, child_pid=worker.pid
-                )
-                job.render = self.spool.render_targets(job)
-                if not worker.assign(job):
-                    self.backlog.put_back(job)
         if self.dedupe is not None:
             self._hash_ahead()
         if self.backlog.empty:
@@ -285,6 +270,43 @@ class Service:
             st = self.spool.lstat(job)
             if st is None or not self.dedupe.prefetch(job, st):
                 self.backlog.add_claimed([job])  # precheck or the child judges it
+
+    def _next_jobs(self, batch_pages: int) -> list[Job]:
+        """The files for an idle child: one, or for an engine that reads pages in batches as many
+        as fill one batch (a one-page scan counts one page, a long file part-way through a turn),
+        so that a GPU is fed pages of several files at once. A file to be read alone goes alone.
+        Files that need no OCR (a precheck's error, a duplicate) are finished on the way."""
+        jobs: list[Job] = []
+        pages = 0
+        while pages < batch_pages:
+            job = self._next_job()
+            if job is None:
+                break
+            if job.solo and jobs:
+                self.backlog.put_back(job)
+                break
+            st = self.spool.lstat(job)
+            if st is None:
+                log.warning("%s vanished from the work area before OCR", job.rel)
+                continue
+            early = documents.precheck(job, st, self.settings)
+            if early is None and self.dedupe is not None:
+                verdict = self.dedupe.screen(job, st)
+                if verdict == "held":  # being hashed, or the same bytes are in a child: back via released()
+                    continue
+                if verdict == "later":  # enough files are being hashed already
+                    self.backlog.put_back(job)
+                    break
+                if isinstance(verdict, Outcome):
+                    early = verdict  # a duplicate: published at once, without OCR
+            if early is not None:
+                self._finish(early)
+                continue
+            jobs.append(job)
+            if job.solo:
+                break
+            pages += self.settings.ocr.turn_pages if job.next_page else 1
+        return jobs
 
     def _next_job(self) -> Job | None:
         job = self.backlog.next_turn() or self.backlog.next_claimed() or self._claim_next()
@@ -349,19 +371,21 @@ class Service:
 
     def _settle(self, outcomes: list[Outcome], device: int | None = None) -> list[Outcome]:
         """Requeue retries and deferrals at once; return the outcomes that need publishing."""
-        finished = []
+        finished, retries = [], []
         for outcome in outcomes:
             if outcome.gpu_info_after.get("available"):
                 self.last_gpu = outcome.gpu_info_after
                 self.gpu_by_device["default" if device is None else str(device)] = outcome.gpu_info_after
             if outcome.retry:
-                self.backlog.put_back(outcome.job)
+                retries.append(outcome.job)
             elif outcome.partial:
                 self.backlog.take_turn(outcome.job)
             elif outcome.deferred:
                 self._defer(outcome)
             else:
                 finished.append(outcome)
+        for job in reversed(retries):  # first, in the order they were in the child
+            self.backlog.put_back(job)
         return finished
 
     def _defer(self, outcome: Outcome) -> None:
@@ -629,7 +653,7 @@ class Service:
 
     def _summary(self) -> str:
         """One line for `systemctl status`: what it is doing, counts, queue, engine."""
-        busy = [w.flight for w in self.workers if w.flight is not None]
+        busy = [f for w in self.workers for f in w.flights]
         if self.stopping_since is not None:
             state = "stopping"
         elif busy:
@@ -666,7 +690,7 @@ class Service:
         and when the oldest file not yet finished arrived (epoch seconds). O(files waiting)."""
         now, mono = time.time(), time.monotonic()
         counts = self.backlog.counts()
-        flights = [w.flight for w in self.workers + self.retiring if w.flight is not None]
+        flights = [f for w in self.workers + self.retiring for f in w.flights]
         seen = (self.tracker.oldest_since(), self.backlog.oldest_ready_since())  # monotonic
         arrivals = [now - (mono - t) for t in seen if t is not None]
         for job in [*self.backlog.claimed_jobs(), *(f.job for f in flights), *(o.job for o in self.publisher.held)]:
@@ -737,14 +761,14 @@ class Service:
             },
             "in_flight": [
                 {
-                    "source": outputs.display_name(w.flight.job.rel)["source"],
+                    "source": outputs.display_name(f.job.rel)["source"],
                     "child_pid": w.pid,
-                    "page": w.flight.current_page,
-                    "pages": w.flight.page_count,
-                    "elapsed_s": round(now - w.flight.started_at, 1),
+                    "page": f.current_page,
+                    "pages": f.page_count,
+                    "elapsed_s": round(now - f.started_at, 1),
                 }
                 for w in self.workers + self.retiring
-                if w.flight is not None
+                for f in w.flights
             ],
             "children": [
                 {"pid": w.pid, "device": w.device, "state": w.state, "files_done": w.files_done} for w in self.workers

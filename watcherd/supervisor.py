@@ -218,11 +218,11 @@ _FRAME = re.compile(r'^\s*File "(?P<file>[^"]*)", line (?P<line>\d+) in (?P<func
 
 def summarise_stack(text: str, frames: int = 4) -> str | None:
     """The top frames of the thread that was running the engine, from faulthandler's dump
-    ("ocr (tests/engines.py:71) ← ocr_file (watcherd/child.py:170)"); None without any."""
+    ("ocr (tests/engines.py:71) ← _call (watcherd/child.py:434)"); None without any."""
     blocks = [b for b in re.split(r"\n\s*\n", text) if "most recent call first" in b]
     if not blocks:
         return None
-    chosen = next((b for b in blocks if " in ocr_file" in b), blocks[0])
+    chosen = next((b for b in blocks if " in _call" in b), blocks[0])
     shown = []
     for line in chosen.splitlines():
         match = _FRAME.match(line)
@@ -248,7 +248,7 @@ class State(enum.StrEnum):
 
 @dataclass
 class InFlight:
-    """The file a child is working on: everything about it lives and dies together."""
+    """A file a child is working on: everything about it lives and dies together."""
 
     job: Job
     request_id: int
@@ -305,11 +305,16 @@ class Worker:
         self.dirty = False  # files done since the cache was last cleared for an empty queue
         self.engine_name: str | None = None
         self.model: str | None = None
-        self.flight: InFlight | None = None  # the file the child is working on
+        # The files the child is working on: one, or with an engine that reads pages in batches
+        # (ocr_batch) up to `batch_pages` files whose pages share engine calls.
+        self.flights: list[InFlight] = []
+        self.batch_pages = 1  # pages per engine call, as the child said when ready
+        self._current: InFlight | None = None  # the file whose page (or opening) the deadline is for
         self._request_id = 0
         self._stack_until: float | None = None  # timed out: the child's stacks are awaited until then
         self._timed_out_after = 0.0
-        self._lost: tuple[State, InFlight | None, str | None, float] | None = None  # state, job, why, SIGKILL at
+        # state, files, grouped (several files or pages in one call), why, SIGKILL at
+        self._lost: tuple[State, list[InFlight], bool, str | None, float] | None = None
         # The engine said its server is unavailable: no file is handed over before this time, so a
         # down server costs one request per pause, not one per queued file.
         self.paused_until = 0.0
@@ -322,8 +327,15 @@ class Worker:
         return self.proc.pid if self.proc else None
 
     @property
-    def job(self) -> Job | None:
-        return self.flight.job if self.flight else None
+    def flight(self) -> InFlight | None:
+        """The first file in the child (the only one, unless pages are read in batches)."""
+        return self.flights[0] if self.flights else None
+
+    @property
+    def grouped(self) -> bool:
+        """Is the child reading pages of several files, or several pages, in one engine call?
+        Then a timeout or a death cannot say which page was at fault."""
+        return len(self.flights) > 1 or any(f.batch > 1 for f in self.flights)
 
     @property
     def ready(self) -> bool:
@@ -428,7 +440,7 @@ class Worker:
         dying = _Dying(proc, reason, kill_at=now + EXIT_GRACE_S if ask_exit else now)
         self.dying.append(dying)
         self.proc = None
-        self.flight = None
+        self.flights = []
         self.state = State.STOPPED
         self.deadline = None
         self._stack_until = None
@@ -488,35 +500,36 @@ class Worker:
 
     # -- work ------------------------------------------------------------------------------
 
-    def assign(self, job: Job) -> bool:
-        """Hand `job` to the idle child. False if the child turned out to be dead (killed while
-        idle, e.g. by the OOM killer): the job was not started and goes back to the queue."""
-        assert self.state == State.IDLE and self.conn_out is not None
-        self._request_id += 1
-        self.flight = InFlight(job=job, request_id=self._request_id, started_at=self.clock())
-        job.attempts += 1
-        self.deadline = self.flight.started_at + self.ocr.timeout_s  # opening the file counts too
-        self.state = State.BUSY
-        try:
-            self.conn_out.send_bytes(
-                json.dumps(
-                    {
-                        "op": "ocr",
-                        "id": self._request_id,
-                        "path": str(job.path),
-                        "render": job.render,
-                        "solo": job.solo,
-                        "first_page": job.next_page,
-                        "turn_pages": self.ocr.turn_pages,
-                        # What earlier turns read: the PDF/hOCR/ALTO are written at the last turn.
-                        "earlier": job.pages_done if job.render else [],
-                    },
-                    ensure_ascii=True,
-                ).encode()
+    def assign(self, *jobs: Job) -> bool:
+        """Hand `jobs` to the idle child: one file, or (an engine that reads pages in batches) up
+        to `batch_pages` files in one request. False if the child turned out to be dead (killed
+        while idle, e.g. by the OOM killer): nothing was started and the jobs go back to the queue."""
+        assert self.state == State.IDLE and self.conn_out is not None and jobs
+        now = self.clock()
+        files = []
+        for job in jobs:
+            self._request_id += 1
+            self.flights.append(InFlight(job=job, request_id=self._request_id, started_at=now))
+            job.attempts += 1
+            files.append(
+                {
+                    "id": self._request_id,
+                    "path": str(job.path),
+                    "render": job.render,
+                    "first_page": job.next_page,
+                    # What earlier turns read: the PDF/hOCR/ALTO are written at the last turn.
+                    "earlier": job.pages_done if job.render else [],
+                }
             )
+        self.deadline = now + self.ocr.timeout_s  # opening the file counts too
+        self.state = State.BUSY
+        request = {"op": "ocr", "files": files, "solo": any(j.solo for j in jobs), "turn_pages": self.ocr.turn_pages}
+        try:
+            self.conn_out.send_bytes(json.dumps(request, ensure_ascii=True).encode())
         except OSError:
-            job.attempts -= 1
-            self.flight = None
+            for job in jobs:
+                job.attempts -= 1
+            self.flights = []
             self.state = State.IDLE
             self._died()  # reaped later; logs how it died, schedules a new child
             return False
@@ -564,6 +577,7 @@ class Worker:
                 self.deadline = None
                 self.load_failures = 0
                 self.engine_name, self.model = message.engine, message.model
+                self.batch_pages = message.batch_pages
                 log.info("OCR child %s ready: %s loaded in %.1f s", message.pid, message.engine, message.load_time)
                 return None
             case protocol.LoadFailed():
@@ -581,20 +595,24 @@ class Worker:
                 else:
                     log.debug("Engine cache cleared after %d file(s)", files)
                 return None
-        flight = self.flight
-        if flight is None or message.id != flight.request_id or self._stack_until is not None:
+        flight = next((f for f in self.flights if f.request_id == message.id), None)
+        if flight is None or self._stack_until is not None:
             return None  # a reply to a request we gave up on: never read it as the next answer
         now = self.clock()
         match message:
-            case protocol.Pages():
+            case protocol.Pages():  # the file is open (in a request of several, the next one is opened next)
                 flight.sha256 = message.sha256
                 flight.page_count = message.count
                 flight.job.opened = message.file
+                self.deadline = now + self.ocr.timeout_s
+                self._current = flight
             case protocol.PageStart():
                 flight.current_page, flight.batch = message.page, message.pages
+                self._current = flight
                 self.deadline = now + self.ocr.timeout_s
             case protocol.Rendering():  # writing the PDF/hOCR/ALTO gets a page's time of its own
                 self.deadline = now + self.ocr.timeout_s
+                self._current = flight
             case protocol.Page():
                 page: dict[str, Any] = {
                     "page": message.page,
@@ -614,12 +632,11 @@ class Worker:
                     page["lines"] = message.lines
                 flight.pages.append(page)
             case protocol.Deferred():
-                job, self.flight = flight.job, None
+                job = flight.job
+                self._landed(flight, now)
                 job.attempts -= 1  # waiting for memory (or a server) is not an attempt
-                self.state = State.IDLE
-                self.deadline = None
                 self.dirty = True
-                if message.reason == "engine_unavailable":
+                if message.reason == "engine_unavailable" and not self.flights:  # one pause per request
                     self.unavailable_in_a_row += 1
                     pause = min(MAX_UNAVAILABLE_PAUSE_S, 0.5 * 2 ** (self.unavailable_in_a_row - 1))
                     self.paused_until = now + pause
@@ -638,9 +655,8 @@ class Worker:
                 self.dirty = True
                 self.crashes_in_a_row = 0
                 self.unavailable_in_a_row = 0
-                job, self.flight = flight.job, None
-                self.state = State.IDLE
-                self.deadline = None
+                job = flight.job
+                self._landed(flight, now)
                 if message.ok and (message.next_page or job.turn_sha256 not in (None, flight.sha256)):
                     return self._turn_done(job, flight, message.next_page, now)
                 outcome = Outcome(
@@ -659,12 +675,22 @@ class Worker:
                     render_errors=message.render_errors,
                 )
                 self.files_done += 1
-                if self.ocr.recycle_after_files and self.files_done >= self.ocr.recycle_after_files:
+                recycle = self.ocr.recycle_after_files
+                if recycle and self.files_done >= recycle and not self.flights:
                     log.info("Recycling the OCR child after %d files (ocr.recycle_after_files)", self.files_done)
                     self._release("recycling", ask_exit=True)
                     self.files_done = 0
                 return outcome
         return None
+
+    def _landed(self, flight: InFlight, now: float) -> None:
+        """A file of the request is over; the child is idle once all are."""
+        self.flights.remove(flight)
+        if self.flights:
+            self.deadline = now + self.ocr.timeout_s  # the child goes on with the others
+        else:
+            self.state = State.IDLE
+            self.deadline = None
 
     def _turn_done(self, job: Job, flight: InFlight, next_page: int | None, now: float) -> Outcome:
         """A turn of a long file is over (ocr.turn_pages): keep its pages, and queue its next turn.
@@ -696,8 +722,8 @@ class Worker:
         once its exit status is known, so that "killed by SIGSEGV" is reported, not a guess."""
         if self.proc is None or self.state == State.EXITING:
             return
-        self._lost = (self.state, self.flight, why, self.clock() + (0.0 if why else DEATH_GRACE_S))
-        self.flight = None
+        self._lost = (self.state, self.flights, self.grouped, why, self.clock() + (0.0 if why else DEATH_GRACE_S))
+        self.flights = []
         self.state = State.EXITING
         self.deadline = None
         self._stack_until = None
@@ -711,7 +737,7 @@ class Worker:
         """`exiting`: once the exit status is known (or the grace is over), decide what the
         death costs: a load failure, nothing (it was idle), a retry, or `child_crashed`."""
         assert self.proc is not None and self._lost is not None
-        was, flight, why, kill_at = self._lost
+        was, flights, grouped, why, kill_at = self._lost
         returncode = self.proc.poll()
         if returncode is None and now < kill_at:
             return []
@@ -726,27 +752,30 @@ class Worker:
             return []
         self.crashes_in_a_row += 1
         self.next_spawn_at = now + min(MAX_BACKOFF_S, 0.5 * (2 ** (self.crashes_in_a_row - 1)) - 0.5)
-        if flight is None:
+        if not flights:
             log.warning("OCR child %s while idle; starting a new one", why)
             return []
+        return [self._death_outcome(flight, grouped, why, now) for flight in flights]
+
+    def _death_outcome(self, flight: InFlight, grouped: bool, why: str, now: float) -> Outcome:
+        """A file the child died on: run again once (a page at a time and alone, when it shared
+        engine calls: which page killed it?), or `child_crashed` the second time."""
         job = flight.job
-        if flight.batch > 1 and not job.solo:
-            job.solo = True  # which page killed it? Run the file again a page at a time
+        if grouped and not job.solo:
+            job.solo = True
         if job.attempts < 2:
             log.warning("OCR child %s on %s; retrying the file once with a new child", why, job.rel)
-            return [Outcome(job=job, ok=False, retry=True, detail=why)]
-        return [
-            Outcome(
-                job=job,
-                ok=False,
-                code="child_crashed",
-                detail=why,
-                sha256=flight.sha256,
-                processing_time=round(now - flight.started_at, 3),
-                engine=self.engine_name,
-                model=self.model,
-            )
-        ]
+            return Outcome(job=job, ok=False, retry=True, detail=why)
+        return Outcome(
+            job=job,
+            ok=False,
+            code="child_crashed",
+            detail=why,
+            sha256=flight.sha256,
+            processing_time=round(now - flight.started_at, 3),
+            engine=self.engine_name,
+            model=self.model,
+        )
 
     def tick(self) -> list[Outcome]:
         """Enforce deadlines, reap children on their way out, respawn when the backoff has passed."""
@@ -770,8 +799,8 @@ class Worker:
             return []
         # The page is over time. Ask for the child's Python stacks first and kill it STACK_GRACE_S
         # later, without waiting here (a child with signals blocked never answers).
-        assert self.proc is not None and self.flight is not None
-        self._timed_out_after = round(now - self.flight.started_at, 3)
+        assert self.proc is not None and self.flights
+        self._timed_out_after = round(now - self.flights[0].started_at, 3)
         self._stack_until = now + STACK_GRACE_S
         try:
             os.kill(self.proc.pid, signal.SIGUSR1)
@@ -796,9 +825,10 @@ class Worker:
         return b"".join(chunks).decode("utf-8", "replace")
 
     def _timed_out(self, now: float) -> list[Outcome]:
-        flight = self.flight
-        assert flight is not None and self.proc is not None
-        self.flight = None
+        assert self.flights and self.proc is not None
+        flights, grouped = self.flights, self.grouped
+        flight = self._current if self._current in flights else flights[0]  # the one the clock ran for
+        self.flights = []
         job = flight.job
         stacks = self._read_stacks()
         where = summarise_stack(stacks)
@@ -818,15 +848,16 @@ class Worker:
             log.warning("Python stacks of OCR child %s at the timeout: %s", pid, line)
         self._release(f"page timeout on {job.rel}", ask_exit=False)
         self.next_spawn_at = now  # respawn at once; the load is not charged to the next file
-        if flight.batch > 1 and not job.solo:
-            # A batch of pages shares one deadline: it may be the batch, not a page, that was
-            # too slow. Read the file again a page at a time; only a page over time alone fails it.
-            job.solo = True
-            job.attempts -= 1
-            log.warning(
-                "%s: a batch of %d pages ran over time; reading it again a page at a time", job.rel, flight.batch
-            )
-            return [Outcome(job=job, ok=False, retry=True, detail="batch timeout")]
+        if grouped and not any(f.job.solo for f in flights):
+            # Pages in one engine call share one deadline: it may be the batch, not a page, that
+            # was too slow. Read each file again alone, a page at a time (not counted as an
+            # attempt): only a page over time by itself fails its file.
+            names = ", ".join(f.job.rel for f in flights)
+            log.warning("%s: a batch of %d pages ran over time; reading it again a page at a time", names, flight.batch)
+            for f in flights:
+                f.job.solo = True
+                f.job.attempts -= 1
+            return [Outcome(job=f.job, ok=False, retry=True, detail="batch timeout") for f in flights]
         detail = f"page {page}, {elapsed:g} s; " + (
             f"hung in {where}" if where else "no Python stack (signals blocked, or stuck in native code)"
         )
