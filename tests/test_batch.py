@@ -131,9 +131,7 @@ def test_a_batch_fills_from_the_next_files_and_each_file_ends_with_its_last_page
     assert [p["page"] for p in three["pages"]] == [1, 2, 3] and [p["page"] for p in two["pages"]] == [1, 2]
 
 
-def test_a_page_that_hangs_in_a_batch_of_several_files_fails_only_its_file(
-    daemon_factory: Any, tmp_path: Path
-) -> None:
+def test_a_page_that_hangs_in_a_batch_of_several_files_fails_only_its_file(daemon_factory: Any, tmp_path: Path) -> None:
     files = {"before.tif": [71], "hangs.tif": [HANG_WIDTH], "after.tif": [73]}
     daemon = queued_behind_a_loading_child(daemon_factory, tmp_path, files, batch_pages=4, timeout_s=2)
     hangs = daemon.wait_json("hangs.tif", timeout=60)
