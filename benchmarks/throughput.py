@@ -11,7 +11,8 @@ openai: tests/openai_server.py in a process of its own, answering each request a
 most 8 at once (a server whose batch holds 8). "direct" posts the same prebuilt request with httpx
 from a thread pool of the same size (the best a client can do); "engine" is OpenAiEngine called in
 this process (`ocr_batch` with 8 pages a call, PNG encoding included); "daemon" is a running
-watcherd given one-page files, timed from the first claim to the last result.
+watcherd given one-page files, timed from the first claim to the last result (auto_rotate off
+unless the row says otherwise: the orientation pass is the CPU's work, not the server's).
 
 embedded: rapidocr on the sample pages, in N processes each running its share of the pages with
 its onnxruntime intra-op threads set (or left at the default), against the daemon with
@@ -196,17 +197,23 @@ def bench_batches(pages: int, rounds: int) -> str:
 
 def openai_runs(url: str, png: Path, pages: int) -> dict[str, Callable[[], float]]:
     runs: dict[str, Callable[[], float]] = {}
-    ocr = {"engine": "openai", "model": "test-ocr", "options": {"base_url": url}}
     for c in (1, 8):
         runs[f"direct httpx, {c} in flight, one prebuilt request"] = partial(direct, url, pages, c)
         runs[f"direct httpx, {c} in flight, encoding each page"] = partial(direct, url, pages, c, encode=True)
         runs[f"engine.ocr_batch(8 pages) called directly, concurrency {c}"] = partial(engine_batches, url, pages, c)
-    runs["daemon, concurrency 1, workers 1"] = partial(through_daemon, ocr, pages, 1, png)
-    ocr8 = {**ocr, "options": {"base_url": url, "concurrency": 8}}
-    runs["daemon, concurrency 8, workers 1 (one-page files: a page per call)"] = partial(
-        through_daemon, ocr8, pages, 1, png
+
+    def ocr(concurrency: int, *, rotate: bool = False) -> dict[str, Any]:
+        options = {"base_url": url, "concurrency": concurrency}
+        return {"engine": "openai", "model": "test-ocr", "auto_rotate": rotate, "options": options}
+
+    runs["daemon, concurrency 1, workers 1"] = partial(through_daemon, ocr(1), pages, 1, png)
+    runs["daemon, concurrency 8, batch_pages 8, workers 1 (one-page files share batches)"] = partial(
+        through_daemon, {**ocr(8), "batch_pages": 8}, pages, 1, png
     )
-    runs["daemon, concurrency 1, workers 8"] = partial(through_daemon, ocr, pages, 8, png)
+    runs["daemon, concurrency 8, batch_pages 8, workers 1, auto_rotate true"] = partial(
+        through_daemon, {**ocr(8, rotate=True), "batch_pages": 8}, pages, 1, png
+    )
+    runs["daemon, concurrency 1, workers 8"] = partial(through_daemon, ocr(1), pages, 8, png)
     return runs
 
 
