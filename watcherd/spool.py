@@ -98,7 +98,7 @@ class Job:
     opened: tuple[int, int] | None = None  # (st_dev, st_ino) of what the child read
     json_path: str | None = None  # where `finish` published its result or error JSON
     render: dict[str, Any] = field(default_factory=dict)  # the child's request to write PDF/hOCR/ALTO
-    solo: bool = False  # a batch it was in timed out or crashed: OCR it a page at a time
+    solo: bool = False  # a batch it was in timed out or crashed: OCR it alone, a page at a time
     # A long file is read in turns of ocr.turn_pages pages, other files going in between:
     next_page: int = 0  # 0-based: where its next turn starts
     pages_done: list[dict[str, Any]] = field(default_factory=list)  # read in earlier turns

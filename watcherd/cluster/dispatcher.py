@@ -247,6 +247,7 @@ class RemoteSlot:
     conn_in = None
     pid = None
     retired = False
+    batch_pages = 1  # one file per task: a worker host batches the pages of its own file
 
     def __init__(self, hub: Hub, index: int, *, settings: Settings, clock: Callable[[], float] = time.monotonic):
         self.hub = hub
@@ -269,8 +270,8 @@ class RemoteSlot:
         return self.state == State.IDLE
 
     @property
-    def job(self) -> Job | None:
-        return self.flight.job if self.flight else None
+    def flights(self) -> list[InFlight]:
+        return [self.flight] if self.flight else []
 
     def spawn(self) -> None:
         self.hub.start()
