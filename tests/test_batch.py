@@ -95,16 +95,18 @@ def queued_behind_a_loading_child(daemon_factory: Any, tmp_path: Path, files: di
     for name, widths in files.items():
         tiff(daemon.inbox / name, widths)
 
-    def queued() -> bool:
-        try:
-            queue = json.loads(daemon.status_path.read_text())["queue"]
-        except (OSError, ValueError):
-            return False
-        return bool(queue["ready"] + queue["claimed"] == len(files))
-
-    wait_until(queued, 30, f"{len(files)} files queued")
+    wait_until(lambda: queued(daemon) == len(files), 30, f"{len(files)} files queued")
     gate.touch()
     return daemon
+
+
+def queued(daemon: Any) -> int:
+    """Files waiting for a child, from the status file (-1 before it is first written)."""
+    try:
+        queue = json.loads(daemon.status_path.read_text())["queue"]
+    except (OSError, ValueError):
+        return -1
+    return int(queue["ready"] + queue["claimed"])
 
 
 def test_one_page_scans_queued_together_share_a_batch(daemon_factory: Any, tmp_path: Path) -> None:
@@ -170,3 +172,43 @@ def test_an_engine_error_in_a_batch_of_several_files_fails_only_its_file(daemon_
         assert result["status"] == "ok" and result["attempts"] == 1, result
         assert [p["text"] for p in result["pages"]] == [f"echo {width}x10 (alone)"]
     assert len(daemon.child_pids()) == 1, daemon.log()
+
+
+def test_typed_pages_between_scanned_ones_keep_their_order_while_batches_are_decoded_ahead(
+    daemon_factory: Any, tmp_path: Path
+) -> None:
+    """A PDF of scanned and typed (text layer) pages, then a one-page scan, in batches of 2: the
+    child decodes each next batch while the engine reads one, and reports typed pages without the
+    engine; every page still lands in its own file, in order, and the searchable PDF has them all."""
+    from fpdf import FPDF
+
+    kinds = ["scan", "scan", "scan", "typed", "scan", "scan", "typed", "scan"]
+    pdf = FPDF()
+    for n, kind in enumerate(kinds, 1):
+        pdf.add_page()
+        if kind == "typed":
+            pdf.set_font("helvetica", size=16)
+            pdf.cell(text=f"Typed page {n}")
+        else:
+            scan = tmp_path / f"scan{n}.png"
+            Image.new("RGB", (300 + n, 200), "white").save(scan)
+            pdf.image(str(scan), x=0, y=0, w=210)
+    pdf.output(str(tmp_path / "mixed.pdf"))
+    gate = tmp_path / "gate"
+    daemon = daemon_factory(
+        ocr={"engine": "tests.engines:Batch", "batch_pages": 2, "options": {"gate": str(gate)}},
+        output={"formats": ["json", "pdf"]},
+    ).start(wait_ready=False)
+    (tmp_path / "mixed.pdf").rename(daemon.inbox / "mixed.pdf")
+    tiff(daemon.inbox / "one.tif", [99])
+    wait_until(lambda: queued(daemon) == 2, 30, "both files queued")
+    gate.touch()
+    mixed, one = daemon.wait_json("mixed.pdf"), daemon.wait_json("one.tif")
+    assert mixed["status"] == "ok" and one["status"] == "ok", (mixed, one)
+    assert [p["page"] for p in mixed["pages"]] == list(range(1, 9))
+    assert [p["source"] for p in mixed["pages"]] == ["pdf_text" if k == "typed" else "ocr" for k in kinds]
+    for n, (page, kind) in enumerate(zip(mixed["pages"], kinds, strict=True), 1):
+        assert page["text"].strip() == f"Typed page {n}" if kind == "typed" else page["text"].startswith("echo "), page
+    assert [p["text"] for p in one["pages"]] == ["echo 99x10 (batch of 2)"]  # beside page 3: page 4 waits
+    with open(mixed["pdf_path"], "rb") as f:
+        assert f.read(5) == b"%PDF-"

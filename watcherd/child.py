@@ -46,6 +46,7 @@ import os
 import resource
 import signal
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -190,17 +191,28 @@ class Child:
         per_call = 1 if request.get("solo") else self.batch_pages
         turn = int(request.get("turn_pages") or 0)
         files = [f for f in (self._open(spec, per_call, turn) for spec in request["files"]) if f is not None]
+        ahead: _Prefetch | None = None  # the next batch, decoded while the engine reads this one
         while files:
-            batch = self._next_batch(files, per_call)
+            if ahead is not None:
+                batch, decoded, ahead = ahead.batch, ahead.decoded, None
+            else:
+                batch, decoded = self._next_batch(files, per_call, []), None
             if batch:
                 shortage = self.memory_shortage()  # the VRAM guard, before every batch
                 if shortage is not None:
                     for f in files:
                         self.send("deferred", id=f.id, gpu_info=shortage, sha256=f.sha256)
                     return
+                started = self._start(batch)
+                prepared = self._prepared(batch, decoded)
+                if len(prepared) > 1:  # a timeout now re-reads every file alone: a hang in the
+                    following = self._next_batch(files, per_call, batch)  # prefetch is found then
+                    ahead = _Prefetch(self, following) if following else None
                 try:
-                    self._ocr_pages(batch)
+                    self._read(prepared, started)
                 except EngineUnavailable as exc:  # its server is down or busy: every file waits
+                    if ahead is not None:
+                        ahead.wait()
                     for f in files:
                         self.send(
                             "deferred",
@@ -211,7 +223,9 @@ class Child:
                             detail=str(exc),
                         )
                     return
-            files = [f for f in files if not self._finished(f)]
+                if ahead is not None:
+                    ahead.wait()  # before anything else touches the documents (pdfium is not thread-safe)
+            files = [f for f in files if not self._finished(f, ahead)]
 
     def _open(self, spec: dict[str, Any], per_call: int, turn: int) -> _File | None:
         """Read a file of the request, hash it and count its pages (`pages`), or say why not (`failed`)."""
@@ -259,13 +273,15 @@ class Child:
             return "unreadable", f"{exc.strerror or exc}"
         if isinstance(exc, MemoryError):
             return "too_large", f"out of memory decoding it{self._memory_note()}"
-        traceback.print_exc()  # a decoder bug on a hostile file (bad EXIF...)
+        traceback.print_exception(exc)  # a decoder bug on a hostile file (bad EXIF...)
         return "unreadable", f"{type(exc).__name__}: {exc}"
 
-    def _next_batch(self, files: list[_File], per_call: int) -> list[tuple[_File, int]]:
+    def _next_batch(
+        self, files: list[_File], per_call: int, unread: list[tuple[_File, int]]
+    ) -> list[tuple[_File, int]]:
         """The next pages for the engine, up to `per_call`, in the files' order. Pages with a text
         layer of their own are reported on the way, without the engine (and never out of their
-        file's order: such a page waits if pages before it are in this batch)."""
+        file's order: such a page waits while pages before it are in this batch or `unread`)."""
         batch: list[tuple[_File, int]] = []
         for f in files:
             while not f.failed and f.next < f.stop and len(batch) < per_call:
@@ -273,7 +289,7 @@ class Child:
                     layer = self._text_layer(f.document, f.next, f.layers)
                     if layer is None:
                         batch.append((f, f.next))
-                    elif any(g is f for g, _ in batch):
+                    elif any(g is f for g, _ in batch + unread):
                         break
                     else:  # born-digital (or OCR'd before): no engine, no GPU
                         f.rendered.append(self._layer_page(f.id, f.document, f.next, layer))
@@ -285,13 +301,13 @@ class Child:
                 break
         return batch
 
-    def _finished(self, f: _File) -> bool:
+    def _finished(self, f: _File, ahead: _Prefetch | None) -> bool:
         """Is the file's part of the request over? Then its turn ends (`done` with `next_page`),
         or its PDF/hOCR/ALTO are written and it is `done`. The cache is cleared every
         `clear_cache_every` files, between batches."""
         if f.failed:
             return True
-        if f.next < f.stop:
+        if f.next < f.stop or (ahead is not None and any(g is f for g, _ in ahead.batch)):
             return False
         if f.stop < len(f.document):  # other files' turn: come back for the rest
             self.send("done", id=f.id, next_page=f.stop, gpu_info_before=f.before, gpu_info_after={})
@@ -336,29 +352,44 @@ class Child:
             timing={"processing_time": round(time.monotonic() - started, 3)},
         )
 
-    def _ocr_pages(self, batch: list[tuple[_File, int]]) -> None:
-        """OCR a batch of pages in one engine call: `ocr_batch` for several, `ocr` for one. Each
-        page is turned upright first (ocr.auto_rotate) and its boxes mapped back to the original
-        page's pixels. The parent's deadline covers the whole batch: each file in it gets a
-        `page_start` with the batch's size. A page that cannot be decoded fails its file; an
-        engine failure on pages of several files is narrowed down a page at a time, so that only
-        the file at fault fails."""
+    def _start(self, batch: list[tuple[_File, int]]) -> float:
+        """Tell the parent a batch starts (its deadline covers the whole call): each file in it
+        gets a `page_start` with its first page here and the batch's size."""
         count = len(batch)
         for f, index in batch:
             if f.first_in_batch(batch, index):
                 self.send("page_start", id=f.id, page=index + 1, **({"pages": count} if count > 1 else {}))
-        started = time.monotonic()
-        prepared: list[tuple[_File, Page, int | None, Any]] = []
-        for f, index in batch:
+        return time.monotonic()
+
+    def _decode(self, f: _File, index: int) -> tuple[Page, int | None, Any] | Exception:
+        """A page as the engine sees it (turned upright with ocr.auto_rotate), or what stopped it.
+        Sends nothing: it also runs on the prefetch thread."""
+        try:
+            page = f.document.page(index)
+            rotated = self.orientation.detect(page.image) if self.orientation is not None else None
+            return page, rotated, upright(page.image, rotated) if rotated else page.image
+        except Exception as exc:  # noqa: BLE001 - the page's decoder, on a hostile file
+            return exc
+
+    def _prepared(self, batch: list[tuple[_File, int]], decoded: list[Any] | None) -> list[tuple[Any, ...]]:
+        """The batch's pages decoded (here, or already by the prefetch thread); a page that
+        cannot be decoded fails its file, and that file's other pages leave the batch."""
+        prepared = []
+        for n, (f, index) in enumerate(batch):
             if f.failed:
                 continue
-            try:
-                page = f.document.page(index)
-                rotated = self.orientation.detect(page.image) if self.orientation is not None else None
-                prepared.append((f, page, rotated, upright(page.image, rotated) if rotated else page.image))
-            except Exception as exc:  # noqa: BLE001 - the page's decoder, on a hostile file
-                self._fail(f, exc)
-        prepared = [p for p in prepared if not p[0].failed]
+            got = decoded[n] if decoded is not None else self._decode(f, index)
+            if isinstance(got, Exception):
+                self._fail(f, got)
+            else:
+                prepared.append((f, *got))
+        return [p for p in prepared if not p[0].failed]
+
+    def _read(self, prepared: list[tuple[Any, ...]], started: float) -> None:
+        """OCR decoded pages in one engine call: `ocr_batch` for several, `ocr` for one, and
+        report each with its boxes mapped back to the original page's pixels. An engine failure
+        on pages of several files is narrowed down a page at a time, so that only the file at
+        fault fails."""
         if not prepared:
             return
         images = [image for _, _, _, image in prepared]
@@ -511,6 +542,25 @@ class Child:
 
 class _EngineError(Exception):
     pass
+
+
+class _Prefetch:
+    """The next batch's pages decoded on a thread of their own while the engine reads the current
+    batch, so that the engine is not kept waiting by the decoder (a PDF page rendered at 200 dpi,
+    a PNG inflated, the orientation model). Only after a batch of several pages: should the
+    decoder hang, the parent's timeout then re-reads every file alone, without prefetching."""
+
+    def __init__(self, child: Child, batch: list[tuple[_File, int]]):
+        self.batch = batch
+        self.decoded: list[Any] = []
+        self._thread = threading.Thread(target=self._run, args=(child,), name="watcherd-prefetch", daemon=True)
+        self._thread.start()
+
+    def _run(self, child: Child) -> None:
+        self.decoded = [child._decode(f, index) for f, index in self.batch]
+
+    def wait(self) -> None:
+        self._thread.join()
 
 
 @dataclass(eq=False)
