@@ -218,7 +218,7 @@ _FRAME = re.compile(r'^\s*File "(?P<file>[^"]*)", line (?P<line>\d+) in (?P<func
 
 def summarise_stack(text: str, frames: int = 4) -> str | None:
     """The top frames of the thread that was running the engine, from faulthandler's dump
-    ("ocr (tests/engines.py:71) ← _call (watcherd/child.py:434)"); None without any."""
+    ("ocr (tests/engines.py:71) ← _call (watcherd/child.py:452)"); None without any."""
     blocks = [b for b in re.split(r"\n\s*\n", text) if "most recent call first" in b]
     if not blocks:
         return None
