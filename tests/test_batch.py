@@ -212,3 +212,30 @@ def test_typed_pages_between_scanned_ones_keep_their_order_while_batches_are_dec
     assert [p["text"] for p in one["pages"]] == ["echo 99x10 (batch of 2)"]  # beside page 3: page 4 waits
     with open(mixed["pdf_path"], "rb") as f:
         assert f.read(5) == b"%PDF-"
+
+
+def test_a_scan_dropped_while_a_batch_engine_reads_a_file_joins_the_request_in_progress(
+    daemon_factory: Any,
+) -> None:
+    """The child is kept fed: a file that arrives while it reads another joins that request, so
+    the odd last page of a 41-page file (read whole, turn_pages 0) shares its batch with the
+    newcomer instead of going alone, and the newcomer does not wait for a request of its own."""
+    daemon = daemon_factory(
+        ocr={"engine": "tests.engines:Batch", "batch_pages": 2, "turn_pages": 0, "options": {"delay_s": 0.2}}
+    ).start()
+    tiff(daemon.inbox / "long.tif", [200 + i for i in range(41)])
+
+    def long_in_flight() -> bool:
+        try:
+            status = json.loads(daemon.status_path.read_text())
+        except (OSError, ValueError):
+            return False
+        return any(f["source"] == "long.tif" for f in status["in_flight"])
+
+    wait_until(long_in_flight, 30, "the long file in the child")
+    tiff(daemon.inbox / "short.tif", [7])
+    short, long = daemon.wait_json("short.tif", timeout=60), daemon.wait_json("long.tif", timeout=60)
+    assert short["status"] == "ok" and long["status"] == "ok", (short, long)
+    assert [p["text"] for p in long["pages"]] == [f"echo {200 + i}x10 (batch of 2)" for i in range(41)]
+    assert [p["text"] for p in short["pages"]] == ["echo 7x10 (batch of 2)"]
+    assert long["attempts"] == 1 and len(daemon.child_pids()) == 1

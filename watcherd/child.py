@@ -31,12 +31,14 @@ Messages, child → parent:
                                     EngineUnavailable, reason "engine_unavailable")
   cleared {files_done, before, after}                (the GPU cache was cleared)
 parent → child: ocr {files: [{id, path, render, first_page, earlier}], solo, turn_pages}
-                (several files only for an engine with ocr_batch: their pages share engine calls)
+                (several files only for an engine with ocr_batch: their pages share engine calls;
+                 another such `ocr` may come while one is read, and joins it)
                 | idle {} (queue drained: clear the cache) | exit {}
 """
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import faulthandler
 import hashlib
@@ -89,6 +91,7 @@ class Child:
         self.orientation: Any = None  # the page-orientation classifier, with ocr.auto_rotate
         self.files_done = 0
         self.batch_pages = 1  # pages per engine call: ocr.batch_pages for engines with ocr_batch
+        self.later: collections.deque[dict[str, Any]] = collections.deque()  # read while busy, not `ocr`
 
     def send(self, op: str, **fields: Any) -> None:
         self.conn_out.send_bytes(json.dumps({"op": op, **fields}).encode())
@@ -137,10 +140,13 @@ class Child:
 
     def serve(self) -> None:
         while True:
-            try:
-                message = json.loads(self.conn_in.recv_bytes())
-            except EOFError:
-                return  # the parent closed the pipe: we are done
+            if self.later:
+                message = self.later.popleft()
+            else:
+                try:
+                    message = json.loads(self.conn_in.recv_bytes())
+                except EOFError:
+                    return  # the parent closed the pipe: we are done
             op = message["op"]
             if op == "ocr":
                 self.ocr(message)
@@ -196,6 +202,7 @@ class Child:
             if ahead is not None:
                 batch, decoded, ahead = ahead.batch, ahead.decoded, None
             else:
+                self._more(files, per_call, turn)
                 batch, decoded = self._next_batch(files, per_call, []), None
             if batch:
                 shortage = self.memory_shortage()  # the VRAM guard, before every batch
@@ -206,7 +213,8 @@ class Child:
                 started = self._start(batch)
                 prepared = self._prepared(batch, decoded)
                 if len(prepared) > 1:  # a timeout now re-reads every file alone: a hang in the
-                    following = self._next_batch(files, per_call, batch)  # prefetch is found then
+                    self._more(files, per_call, turn)  # prefetch is found then
+                    following = self._next_batch(files, per_call, batch)
                     ahead = _Prefetch(self, following) if following else None
                 try:
                     self._read(prepared, started)
@@ -226,6 +234,19 @@ class Child:
                 if ahead is not None:
                     ahead.wait()  # before anything else touches the documents (pdfium is not thread-safe)
             files = [f for f in files if not self._finished(f, ahead)]
+
+    def _more(self, files: list[_File], per_call: int, turn: int) -> None:
+        """Files the parent sent while these were being read (it keeps a batch engine fed: the
+        next files arrive before the last batch ends), opened and added behind the others."""
+        while self.conn_in.poll():
+            try:
+                message = json.loads(self.conn_in.recv_bytes())
+            except EOFError:
+                return  # the parent is gone; serve() finds out next
+            if message["op"] != "ocr":
+                self.later.append(message)
+                continue
+            files += [f for f in (self._open(spec, per_call, turn) for spec in message["files"]) if f is not None]
 
     def _open(self, spec: dict[str, Any], per_call: int, turn: int) -> _File | None:
         """Read a file of the request, hash it and count its pages (`pages`), or say why not (`failed`)."""

@@ -242,9 +242,8 @@ class Service:
         if self.dedupe is not None:
             self.backlog.add_claimed(self.dedupe.released())
         for worker in self.workers:
-            while worker.ready:
-                # Two batches' worth: the child decodes the next batch while the engine reads one.
-                jobs = self._next_jobs(2 * worker.batch_pages if worker.batch_pages > 1 else 1)
+            while worker.ready or worker.hungry:
+                jobs = self._next_jobs(worker.room, alone=worker.ready)
                 if not jobs:
                     break
                 for job in jobs:
@@ -272,18 +271,19 @@ class Service:
             if st is None or not self.dedupe.prefetch(job, st):
                 self.backlog.add_claimed([job])  # precheck or the child judges it
 
-    def _next_jobs(self, wanted: int) -> list[Job]:
-        """The files for an idle child: one, or for an engine that reads pages in batches as many
-        as hold `wanted` pages (a one-page scan counts one, a long file part-way through a turn),
-        so that a GPU is fed pages of several files at once. A file to be read alone goes alone.
-        Files that need no OCR (a precheck's error, a duplicate) are finished on the way."""
+    def _next_jobs(self, wanted: int, *, alone: bool) -> list[Job]:
+        """The files for a child: one, or for an engine that reads pages in batches as many as
+        hold `wanted` pages (a one-page scan counts one, a long file part-way through a turn), so
+        that a GPU is fed pages of several files at once. A file to be read alone goes alone, to
+        an idle child (`alone`). Files that need no OCR (a precheck's error, a duplicate) are
+        finished on the way."""
         jobs: list[Job] = []
         pages = 0
         while pages < wanted:
             job = self._next_job()
             if job is None:
                 break
-            if job.solo and jobs:
+            if job.solo and (jobs or not alone):
                 self.backlog.put_back(job)
                 break
             st = self.spool.lstat(job)

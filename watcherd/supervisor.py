@@ -342,6 +342,25 @@ class Worker:
         return self.state == State.IDLE and self.clock() >= self.paused_until
 
     @property
+    def hungry(self) -> bool:
+        """A busy child of a batch engine with room for another batch's worth of files takes them
+        now: they join the request in progress, and arrive before the child picks the batch it
+        decodes ahead, so the engine never waits between requests. Not while a file is read
+        alone, a timeout is being handled, or a recycle is due."""
+        if self.state != State.BUSY or self.batch_pages < 2 or self._stack_until is not None:
+            return False
+        if self.room < self.batch_pages or any(f.job.solo for f in self.flights):
+            return False
+        recycle = self.ocr.recycle_after_files
+        return not (recycle and self.files_done + len(self.flights) >= recycle)
+
+    @property
+    def room(self) -> int:
+        """Pages to hand over now: three batches' worth (the one read, the one decoded ahead, the
+        one after it) less the files in the child; one file for an engine without batches."""
+        return 3 * self.batch_pages - len(self.flights) if self.batch_pages > 1 else 1
+
+    @property
     def gone(self) -> bool:
         """No child of ours is left, not even one on its way out."""
         return self.proc is None and not self.dying
@@ -501,10 +520,12 @@ class Worker:
     # -- work ------------------------------------------------------------------------------
 
     def assign(self, *jobs: Job) -> bool:
-        """Hand `jobs` to the idle child: one file, or (an engine that reads pages in batches) up
-        to `batch_pages` files in one request. False if the child turned out to be dead (killed
-        while idle, e.g. by the OOM killer): nothing was started and the jobs go back to the queue."""
-        assert self.state == State.IDLE and self.conn_out is not None and jobs
+        """Hand `jobs` to the idle child (or a `hungry` one: they join the files it is reading,
+        and its deadline stands): one file, or for an engine that reads pages in batches as many
+        as `room` says. False if the child turned out to be dead (killed while idle, e.g. by the
+        OOM killer): these jobs were not started and go back to the queue."""
+        idle = self.state == State.IDLE
+        assert (idle or self.hungry) and self.conn_out is not None and jobs
         now = self.clock()
         files = []
         for job in jobs:
@@ -521,17 +542,19 @@ class Worker:
                     "earlier": job.pages_done if job.render else [],
                 }
             )
-        self.deadline = now + self.ocr.timeout_s  # opening the file counts too
-        self.state = State.BUSY
+        if idle:
+            self.deadline = now + self.ocr.timeout_s  # opening the file counts too
+            self.state = State.BUSY
         request = {"op": "ocr", "files": files, "solo": any(j.solo for j in jobs), "turn_pages": self.ocr.turn_pages}
         try:
             self.conn_out.send_bytes(json.dumps(request, ensure_ascii=True).encode())
         except OSError:
             for job in jobs:
                 job.attempts -= 1
-            self.flights = []
-            self.state = State.IDLE
-            self._died()  # reaped later; logs how it died, schedules a new child
+            self.flights = self.flights[: len(self.flights) - len(jobs)]
+            if idle:
+                self.state = State.IDLE
+            self._died()  # reaped later; logs how it died, schedules a new child (and retries its files)
             return False
         return True
 

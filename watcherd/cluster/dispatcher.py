@@ -248,6 +248,8 @@ class RemoteSlot:
     pid = None
     retired = False
     batch_pages = 1  # one file per task: a worker host batches the pages of its own file
+    hungry = False
+    room = 1
 
     def __init__(self, hub: Hub, index: int, *, settings: Settings, clock: Callable[[], float] = time.monotonic):
         self.hub = hub
