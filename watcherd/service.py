@@ -39,6 +39,7 @@ from .supervisor import EngineLoadError, EngineProbe, Outcome, State, Worker
 log = logging.getLogger("watcherd")
 
 STOP_GRACE_S = 30.0  # SIGTERM: how long the page in progress may take to finish
+SUMMARY_FILES = 4  # files in flight named on the systemctl status line
 MAX_DEFER_BACKOFF_S = 30.0
 MAX_CLAIM_TRIES = 1000  # ready files looked at per claim: a pile that vanished costs a tick each
 MAX_REREADS = 3  # how often results that could not be written are tried again
@@ -659,11 +660,12 @@ class Service:
             state = "stopping"
         elif busy:
             now = time.monotonic()
+            shown = SUMMARY_FILES  # a batch engine's child holds dozens: `watcherd status` lists them all
             state = "; ".join(
                 f"working on {outputs.display_name(f.job.rel)['source']} "
                 f"(page {f.current_page or 1}/{f.page_count or '?'}, {now - f.started_at:.0f} s)"
-                for f in busy
-            )
+                for f in busy[:shown]
+            ) + (f"; and {len(busy) - shown} more files" if len(busy) > shown else "")
         elif not self.is_ready:
             state = "loading model"
         else:
