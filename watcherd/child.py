@@ -189,11 +189,11 @@ class Child:
 
     def ocr(self, request: dict[str, Any]) -> None:
         """One `ocr` request: one file, or several when the engine reads pages in batches (the
-        parent then hands over enough files to fill one). Pages of the files share engine calls,
-        `ocr.batch_pages` at a time, in the files' order: a batch may end one file and start the
-        next, so a GPU is fed while one-page scans queue. Each file is read from `first_page`, at
-        most `turn_pages` pages when it has more, and finished (rendered, `done`) as soon as its
-        last page is read; a file that fails costs only itself."""
+        parent keeps about three batches' worth here, and more files join while it runs). Pages
+        of the files share engine calls, `ocr.batch_pages` at a time, in the files' order: a batch
+        may end one file and start the next, so a GPU is fed while one-page scans queue. Each file
+        is read from `first_page`, at most `turn_pages` pages when it has more, and finished
+        (rendered, `done`) as soon as its last page is read; a file that fails costs only itself."""
         per_call = 1 if request.get("solo") else self.batch_pages
         turn = int(request.get("turn_pages") or 0)
         files = [f for f in (self._open(spec, per_call, turn) for spec in request["files"]) if f is not None]
@@ -207,8 +207,7 @@ class Child:
             if batch:
                 shortage = self.memory_shortage()  # the VRAM guard, before every batch
                 if shortage is not None:
-                    for f in files:
-                        self.send("deferred", id=f.id, gpu_info=shortage, sha256=f.sha256)
+                    self._defer(files, gpu_info=shortage)
                     return
                 started = self._start(batch)
                 prepared = self._prepared(batch, decoded)
@@ -221,19 +220,17 @@ class Child:
                 except EngineUnavailable as exc:  # its server is down or busy: every file waits
                     if ahead is not None:
                         ahead.wait()
-                    for f in files:
-                        self.send(
-                            "deferred",
-                            id=f.id,
-                            gpu_info=f.before,
-                            sha256=f.sha256,
-                            reason="engine_unavailable",
-                            detail=str(exc),
-                        )
+                    self._defer(files, gpu_info=self.gpu_info(), reason="engine_unavailable", detail=str(exc))
                     return
                 if ahead is not None:
                     ahead.wait()  # before anything else touches the documents (pdfium is not thread-safe)
             files = [f for f in files if not self._finished(f, ahead)]
+
+    def _defer(self, files: list[_File], **fields: Any) -> None:
+        """Every file of the request waits: too little GPU memory, or the engine's server is unavailable."""
+        for f in files:
+            if not f.failed:
+                self.send("deferred", id=f.id, sha256=f.sha256, **fields)
 
     def _more(self, files: list[_File], per_call: int, turn: int) -> None:
         """Files the parent sent while these were being read (it keeps a batch engine fed: the
