@@ -239,3 +239,16 @@ def test_a_scan_dropped_while_a_batch_engine_reads_a_file_joins_the_request_in_p
     assert [p["text"] for p in long["pages"]] == [f"echo {200 + i}x10 (batch of 2)" for i in range(41)]
     assert [p["text"] for p in short["pages"]] == ["echo 7x10 (batch of 2)"]
     assert long["attempts"] == 1 and len(daemon.child_pids()) == 1
+
+
+def test_a_long_file_alone_in_a_batch_engine_reads_on_past_its_turn(daemon_factory: Any) -> None:
+    """Turns are for files that wait; a batch engine is sent every file queued, so when the long
+    file is all it holds, the next turn follows at once in full batches (with turns of 3 pages and
+    batches of 2, pages 3 and 6 would otherwise go alone)."""
+    daemon = daemon_factory(ocr={"engine": "tests.engines:Batch", "batch_pages": 2, "turn_pages": 3}).start()
+    tiff(daemon.inbox / "nine.tif", [300 + i for i in range(9)])
+    result = daemon.wait_json("nine.tif")
+    assert result["status"] == "ok" and result["attempts"] == 1, result
+    assert [p["text"] for p in result["pages"]] == [f"echo {300 + i}x10 (batch of 2)" for i in range(8)] + [
+        "echo 308x10 (alone)"
+    ]

@@ -266,7 +266,9 @@ class Child:
             self.send("pages", id=spec["id"], count=len(document), sha256=sha256, kind=document.kind, file=file)
             first = int(spec.get("first_page") or 0)
             stop = min(len(document), first + max(turn, per_call)) if turn else len(document)
-            opened = _File(spec["id"], spec["path"], render, document, sha256, original, first, stop, self.gpu_info())
+            opened = _File(
+                spec["id"], spec["path"], render, document, sha256, original, first, first, stop, self.gpu_info()
+            )
             if first:  # a later turn: what the earlier ones read, for the PDF/hOCR/ALTO
                 opened.rendered = [_from_report(page, document) for page in spec.get("earlier") or []]
             return opened
@@ -301,8 +303,11 @@ class Child:
         layer of their own are reported on the way, without the engine (and never out of their
         file's order: such a page waits while pages before it are in this batch or `unread`)."""
         batch: list[tuple[_File, int]] = []
+        alone = per_call > 1 and sum(not f.failed for f in files) == 1
         for f in files:
-            while not f.failed and f.next < f.stop and len(batch) < per_call:
+            while not f.failed and len(batch) < per_call:
+                if f.next >= f.stop and not (alone and f.go_on()):
+                    break
                 try:
                     layer = self._text_layer(f.document, f.next, f.layers)
                     if layer is None:
@@ -591,12 +596,22 @@ class _File:
     document: Document
     sha256: str
     original: bytes | None  # its bytes, when the searchable PDF is built around them
-    next: int  # the next page to read (0-based)
+    first: int  # the first page of this turn (0-based)
+    next: int  # the next page to read
     stop: int  # where this turn ends (exclusive): the page count, or earlier for a long file
     before: dict[str, Any]  # GPU figures as it was opened
     rendered: list[tuple[Any, ...]] = field(default_factory=list)  # its pages, for the renderers
     layers: dict[int, Any] = field(default_factory=dict)  # text layers looked at
     failed: bool = False  # `failed` was sent: nothing more about it
+
+    def go_on(self) -> bool:
+        """Its turn is over but it is alone in a batch engine's request: nothing else waits (the
+        parent sends a batch engine every file it queues), so the next turn follows at once,
+        in full batches, without reopening the file. False if it has no more pages."""
+        if self.stop >= len(self.document):
+            return False
+        self.stop = min(len(self.document), self.stop + (self.stop - self.first))
+        return True
 
     def first_in_batch(self, batch: list[tuple[_File, int]], index: int) -> bool:
         return next(i for g, i in batch if g is self) == index
