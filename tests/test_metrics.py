@@ -77,13 +77,13 @@ def test_counters_equal_the_json_written(daemon_factory, tmp_path: Path) -> None
     def settled(found: dict[Any, float]) -> bool:  # the state gauges follow about once a second
         return (
             value(found, "watcherd_files_total", status="ok", error_code="") == 4
+            and value(found, "watcherd_files_total", status="failed", error_code="engine_error") == 2
             and value(found, "watcherd_oldest_unfinished_age_seconds") == 0
             and value(found, "watcherd_queue_files", state="in_flight") == 0
         )
 
     for read in (lambda: scrape(port), lambda: textfile(prom)):
         found = wait_until(lambda: (f := read()) and settled(f) and f, 30, "the counters")
-        assert value(found, "watcherd_files_total", status="failed", error_code="engine_error") == 2
         assert value(found, "watcherd_files_total", status="failed", error_code="timeout") == 0
         assert value(found, "watcherd_pages_total") == pages
         assert value(found, "watcherd_page_seconds_count") == pages
