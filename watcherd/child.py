@@ -379,9 +379,11 @@ class Child:
         """Tell the parent a batch starts (its deadline covers the whole call): each file in it
         gets a `page_start` with its first page here and the batch's size."""
         count = len(batch)
+        first_pages: dict[_File, int] = {}  # file → its first page in the batch, in the batch's order
         for f, index in batch:
-            if f.first_in_batch(batch, index):
-                self.send("page_start", id=f.id, page=index + 1, **({"pages": count} if count > 1 else {}))
+            first_pages.setdefault(f, index)
+        for f, index in first_pages.items():
+            self.send("page_start", id=f.id, page=index + 1, **({"pages": count} if count > 1 else {}))
         return time.monotonic()
 
     def _decode(self, f: _File, index: int) -> tuple[Page, int | None, Any] | Exception:
@@ -610,11 +612,9 @@ class _File:
         in full batches, without reopening the file. False if it has no more pages."""
         if self.stop >= len(self.document):
             return False
-        self.stop = min(len(self.document), self.stop + (self.stop - self.first))
+        length = self.stop - self.first  # a turn's length, so a newcomer waits one turn at most
+        self.first, self.stop = self.stop, min(len(self.document), self.stop + length)
         return True
-
-    def first_in_batch(self, batch: list[tuple[_File, int]], index: int) -> bool:
-        return next(i for g, i in batch if g is self) == index
 
 
 def upright(image: Any, rotated: int) -> Any:

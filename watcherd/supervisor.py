@@ -218,7 +218,7 @@ _FRAME = re.compile(r'^\s*File "(?P<file>[^"]*)", line (?P<line>\d+) in (?P<func
 
 def summarise_stack(text: str, frames: int = 4) -> str | None:
     """The top frames of the thread that was running the engine, from faulthandler's dump
-    ("ocr (tests/engines.py:71) ← _call (watcherd/child.py:452)"); None without any."""
+    ("ocr (tests/engines.py:71) ← _call (watcherd/child.py:477)"); None without any."""
     blocks = [b for b in re.split(r"\n\s*\n", text) if "most recent call first" in b]
     if not blocks:
         return None
@@ -309,7 +309,6 @@ class Worker:
         # (ocr_batch) up to `batch_pages` files whose pages share engine calls.
         self.flights: list[InFlight] = []
         self.batch_pages = 1  # pages per engine call, as the child said when ready
-        self._current: InFlight | None = None  # the file whose page (or opening) the deadline is for
         self._request_id = 0
         self._stack_until: float | None = None  # timed out: the child's stacks are awaited until then
         self._timed_out_after = 0.0
@@ -628,14 +627,11 @@ class Worker:
                 flight.page_count = message.count
                 flight.job.opened = message.file
                 self.deadline = now + self.ocr.timeout_s
-                self._current = flight
             case protocol.PageStart():
                 flight.current_page, flight.batch = message.page, message.pages
-                self._current = flight
                 self.deadline = now + self.ocr.timeout_s
             case protocol.Rendering():  # writing the PDF/hOCR/ALTO gets a page's time of its own
                 self.deadline = now + self.ocr.timeout_s
-                self._current = flight
             case protocol.Page():
                 page: dict[str, Any] = {
                     "page": message.page,
@@ -850,7 +846,7 @@ class Worker:
     def _timed_out(self, now: float) -> list[Outcome]:
         assert self.flights and self.proc is not None
         flights, grouped = self.flights, self.grouped
-        flight = self._current if self._current in flights else flights[0]  # the one the clock ran for
+        flight = flights[0]  # alone, or the first of a batch (which are all read again, below)
         self.flights = []
         job = flight.job
         stacks = self._read_stacks()
