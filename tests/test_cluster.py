@@ -247,11 +247,19 @@ def test_a_long_file_read_in_turns_on_a_worker_is_one_result(cluster) -> None:
     assert doc["attempts"] == 1
 
 
+def placed(d: Any, host: str, name: str) -> bool:
+    """Has the dispatcher heard that `name` started on `host`? (Its status: about once a second.)"""
+    doc = json.loads(run_watcherd("status", "--json", "--config", str(d.config_path)).stdout or "{}")
+    workers = doc.get("cluster", {}).get("workers", [])
+    return any(w["host"] == host and w["in_flight"] == [name] for w in workers)
+
+
 def test_worker_group_killed_mid_file_is_finished_by_the_other(cluster) -> None:
     c = cluster(options={"delay_s": 4})
     d = c.daemon
     name = drop(d, "long.png")
     victim = c.worker_with(name)
+    wait_until(lambda: placed(d, victim.name, name), 30, "the dispatcher to hear where the file started")
     victim.kill_group()
     doc = d.wait_json(name, d.outbox, timeout=60)
     assert doc["status"] == "ok"
@@ -433,12 +441,7 @@ def test_a_worker_cut_off_in_its_own_network_namespace_is_resubmitted(cluster, r
     cut_off.wait_ready()
     name = drop(d, "island.png")
 
-    def heard_from_island() -> bool:  # the dispatcher knows where the file runs (status: once a second)
-        doc = json.loads(run_watcherd("status", "--json", "--config", str(d.config_path)).stdout or "{}")
-        workers = doc.get("cluster", {}).get("workers", [])
-        return any(w["host"] == "island" and w["in_flight"] == [name] for w in workers)
-
-    wait_until(heard_from_island, 30, "the file to start on the worker in the namespace")
+    wait_until(lambda: placed(d, "island", name), 30, "the file to start on the worker in the namespace")
     netns.cut()
     other = c.add_worker("mainland")
     other.wait_ready()
