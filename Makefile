@@ -1,5 +1,5 @@
 # The two commands (README.md): `make run` and `make test`. Both set up what they need.
-.PHONY: run test chaos fuzz bench setup setup-test check
+.PHONY: run test test-fast lint docs chaos fuzz bench setup setup-test check
 
 run: setup
 	mkdir -p var/inbox
@@ -7,6 +7,17 @@ run: setup
 
 test: setup-test
 	.venv/bin/python -m pytest $(PYTEST_ARGS)
+
+# Layer contracts (pyproject.toml, [tool.importlinter]), ruff, mypy and the docs site, strict.
+lint: setup-test
+	.venv/bin/lint-imports
+	.venv/bin/ruff check watcherd tests benchmarks
+	.venv/bin/ruff format --check watcherd tests benchmarks
+	.venv/bin/mypy watcherd
+	.venv/bin/mkdocs build --strict --quiet --site-dir build/site
+
+docs: setup-test
+	.venv/bin/mkdocs serve
 
 chaos: setup-test
 	.venv/bin/python -m pytest -m chaos -q $(PYTEST_ARGS)

@@ -8,7 +8,7 @@
   of --rounds runs each, off and skip alternating;
 - copies: N copies of one image already OCR'd, dedupe skip: each becomes a duplicate JSON with no
   OCR; copies/s, and how often the engine ran;
-- hashing: `watcherd.dedupe`'s hash of a file of --hash-mb MB (page cache warm), in MB/s: the time
+- hashing: `watcherd.work.dedupe`'s hash of a file of --hash-mb MB (page cache warm), in MB/s: the time
   a big file waits on the dedupe thread before it goes to a child.
 """
 
@@ -25,7 +25,7 @@ from harness import REPO, BenchDaemon, iso, machine, table, wait_for
 from PIL import Image
 
 sys.path.insert(0, str(REPO))
-from watcherd import dedupe  # noqa: E402
+from watcherd.work import dedupe  # noqa: E402
 
 
 def drop_distinct(daemon: BenchDaemon, n: int) -> None:

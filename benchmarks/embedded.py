@@ -16,8 +16,8 @@ import time
 
 from harness import SAMPLES, BenchDaemon, iso, machine, table, wait_for
 
-from watcherd.engines.rapidocr import RapidOcrEngine
-from watcherd.pages import Document
+from watcherd.ocr.child.decode import Document
+from watcherd.ocr.engines.rapidocr import RapidOcrEngine
 
 NAMES = ["memo_en.png", "receipt_zh.jpg", "two_pages.tif"]
 

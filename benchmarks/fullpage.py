@@ -19,7 +19,7 @@ from harness import REPO, machine, table
 sys.path.insert(0, str(REPO))
 from tests.conftest import cer  # noqa: E402
 from tests.pagegen import dense_page, turn_lines  # noqa: E402
-from watcherd.engines.rapidocr import RapidOcrEngine  # noqa: E402
+from watcherd.ocr.engines.rapidocr import RapidOcrEngine  # noqa: E402
 
 MODES = ("on", "off", "check")
 

@@ -91,7 +91,7 @@ def run(n: int, **sections: Any) -> tuple[float, float | None]:
 
 def enqueue_ms(n: int = 200) -> float:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from watcherd.handoff import Mailbox
+    from watcherd.handoff.mailbox import Mailbox
 
     with tempfile.TemporaryDirectory(prefix="watcherd-bench-") as tmp:
         mailbox = Mailbox(Path(tmp) / "q", "hook", b"k" * 32)

@@ -27,14 +27,14 @@ sys.path.insert(0, str(REPO))
 
 from prometheus_client import generate_latest  # noqa: E402
 
-from watcherd import settings as settings_mod  # noqa: E402
-from watcherd.backlog import Backlog  # noqa: E402
-from watcherd.metrics import Metrics  # noqa: E402
-from watcherd.outputs import now_iso  # noqa: E402
-from watcherd.readiness import StabilityTracker  # noqa: E402
-from watcherd.retention import DAY_S, Retention  # noqa: E402
-from watcherd.service import Service  # noqa: E402
-from watcherd.spool import Job  # noqa: E402
+from watcherd.core import settings as settings_mod  # noqa: E402
+from watcherd.core.naming import now_iso  # noqa: E402
+from watcherd.core.records import Job  # noqa: E402
+from watcherd.daemon.service import Service  # noqa: E402
+from watcherd.intake.readiness import StabilityTracker  # noqa: E402
+from watcherd.ops.metrics import Metrics  # noqa: E402
+from watcherd.ops.retention import DAY_S, Retention  # noqa: E402
+from watcherd.work.backlog import Backlog  # noqa: E402
 
 
 def snapshot_ms(n: int) -> float:

@@ -23,9 +23,9 @@ import numpy as np
 from harness import SAMPLES, machine, table
 from PIL import Image
 
-from watcherd.engines.rapidocr import RapidOcrEngine
-from watcherd.orientation import ANGLES, OrientationDetector
-from watcherd.pages import Document
+from watcherd.ocr.child.decode import Document
+from watcherd.ocr.child.orientation import ANGLES, OrientationDetector
+from watcherd.ocr.engines.rapidocr import RapidOcrEngine
 
 
 def pages() -> dict[str, list[Image.Image]]:

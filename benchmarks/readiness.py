@@ -1,11 +1,11 @@
-"""Worst-case cost of the parent's readiness check (`formats.looks_complete`) on crafted files.
+"""Worst-case cost of the parent's readiness check (`sniff.looks_complete`) on crafted files.
 
     .venv/bin/python benchmarks/readiness.py [--runs 20] [--before REV]
 
 The corpus (tests/crafted.py) holds the files that taught the budget (a 104-byte BigTIFF claiming
 2^44 entries, 600 chained IFDs of 65,535 entries), structures at each cap, truncated and random
 files, and 500 MB sparse files. Each file is checked `--runs` times; the table shows the worst
-time. `--before REV` also times formats.py as it was at git revision REV, each file in its own
+time. `--before REV` also times sniff.py as it was at git revision REV, each file in its own
 process with a 60 s limit (the old walker raised MemoryError or took seconds).
 Targets: <= 50 ms for any file up to 1 MB, and a small fraction of WatchdogSec (60 s) for any file.
 """
@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from tests import crafted  # noqa: E402
-from watcherd import formats  # noqa: E402
+from watcherd.core import sniff  # noqa: E402
 
 OLD_RUNNER = """
 import sys, time, types
@@ -42,8 +42,8 @@ print(f"{(time.perf_counter() - started) * 1000:.1f} ms ({outcome})")
 
 def outcome_of(path: Path) -> str:
     try:
-        return "complete" if formats._looks_complete(path) else "incomplete"
-    except formats.OverBudget:
+        return "complete" if sniff._looks_complete(path) else "incomplete"
+    except sniff.OverBudget:
         return "over budget: handed to the child"
     except Exception as exc:  # noqa: BLE001 - what looks_complete turns into "complete"
         return f"{type(exc).__name__}: handed to the child"
@@ -65,7 +65,11 @@ def before(rev: str, path: Path) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=20)
-    parser.add_argument("--before", metavar="REV", help="also time formats.py as of this git revision")
+    parser.add_argument(
+        "--before",
+        metavar="REV",
+        help="also time formats.py (its name before watcherd/core/sniff.py) as of this git revision",
+    )
     args = parser.parse_args()
     header = ["file", "size", "outcome", "worst", "median"] + (["before"] if args.before else [])
     print("| " + " | ".join(header) + " |")
@@ -77,7 +81,7 @@ def main() -> None:
             times = []
             for _ in range(args.runs):
                 started = time.perf_counter()
-                formats.looks_complete(path)
+                sniff.looks_complete(path)
                 times.append(time.perf_counter() - started)
             size = path.stat().st_size
             worst = max(times)

@@ -26,9 +26,9 @@ import numpy as np
 from harness import REPO, SAMPLES, machine, table
 from PIL import Image
 
-from watcherd import render
-from watcherd.engines import Line, Word, box_from_points
-from watcherd.pages import PDF_DPI, Document
+from watcherd.core.text import Line, Word, box_from_points
+from watcherd.ocr.child.decode import PDF_DPI, Document
+from watcherd.outputs import render
 
 NAMES = ["memo_en.png", "receipt_zh.jpg", "two_pages.tif", "two_pages.pdf"]
 
@@ -36,8 +36,8 @@ FIRST_USE = """
 import io, resource, time
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t0 = time.perf_counter()
-from watcherd import render
-from watcherd.engines import Line, box_from_rect
+from watcherd.outputs import render
+from watcherd.core.text import Line, box_from_rect
 t1 = time.perf_counter()
 render.warm_up()
 t2 = time.perf_counter()
@@ -159,7 +159,7 @@ def main() -> None:
     print(
         table(
             "First use in a fresh process (the child pays it once)",
-            ["import watcherd.render", "render.warm_up()", "first PDF after it", "peak RSS"],
+            ["import watcherd.outputs.render", "render.warm_up()", "first PDF after it", "peak RSS"],
             [
                 [
                     f"{imports_s:.2f} s",

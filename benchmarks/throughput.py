@@ -72,7 +72,7 @@ def direct(url: str, pages: int, concurrency: int, *, encode: bool = False) -> f
     request, or (`encode`) each page encoded as its request is built, as any client must."""
     import httpx
 
-    from watcherd.engines.openai import DEFAULT_PROMPT, data_url
+    from watcherd.ocr.engines.openai import DEFAULT_PROMPT, data_url
 
     image = page_image()
 
@@ -99,7 +99,7 @@ def direct(url: str, pages: int, concurrency: int, *, encode: bool = False) -> f
 
 
 def engine_batches(url: str, pages: int, concurrency: int) -> float:
-    from watcherd.engines.openai import OpenAiEngine
+    from watcherd.ocr.engines.openai import OpenAiEngine
 
     engine = OpenAiEngine(model="test-ocr", base_url=url, concurrency=concurrency)
     image = page_image()
@@ -257,8 +257,8 @@ def _rapidocr_process(pages: list[int], copies: int, threads: int | None, barrie
         os.environ["OMP_NUM_THREADS"] = os.environ["WATCHERD_OCR_THREADS"] = str(threads)
     import logging
 
-    from watcherd.engines.rapidocr import RapidOcrEngine
-    from watcherd.pages import Document
+    from watcherd.ocr.child.decode import Document
+    from watcherd.ocr.engines.rapidocr import RapidOcrEngine
 
     logging.getLogger("RapidOCR").setLevel(logging.WARNING)
 
@@ -314,7 +314,7 @@ def through_daemon_embedded(workers: int, copies: int) -> tuple[int, float]:
 
 
 def bench_embedded(copies: int, rounds: int) -> str:
-    from watcherd.workers import cores
+    from watcherd.ocr.workers import cores
 
     n = cores()
     runs: dict[str, Callable[[], float]] = {}

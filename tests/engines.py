@@ -162,7 +162,7 @@ class Misbehaving(Echo):
                 print("x" * 1023)  # 4 MB on stdout, as DeepSeek-OCR streams its text
             sys.stdout.flush()
         if image.width == CLOSE_PIPE_WIDTH:
-            os.close(int(sys.argv[2]))  # the child's end of the reply pipe (see watcherd.child.main)
+            os.close(int(sys.argv[2]))  # the child's end of the reply pipe (see watcherd.ocr.child.main.main)
         return super().ocr(image)
 
 
@@ -213,7 +213,7 @@ GARBAGE_MISSING_FIELDS = 59
 
 
 class Garbage(Echo):
-    """Writes to the protocol pipe itself (fd sys.argv[2], see watcherd.child.main), each trigger
+    """Writes to the protocol pipe itself (fd sys.argv[2], see watcherd.ocr.child.main.main), each trigger
     width its own way of breaking the framing or the messages."""
 
     def ocr(self, image: Image.Image) -> str:
@@ -259,7 +259,7 @@ class Lines(Echo):
     a line with a box that is not a number (NaN), which the child must drop, not choke on."""
 
     def ocr(self, image: Image.Image) -> Any:
-        from watcherd.engines import Line, PageText, Word, box_from_rect
+        from watcherd.core.text import Line, PageText, Word, box_from_rect
 
         w, h = image.size
         text = super().ocr(image)

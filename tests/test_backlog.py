@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from watcherd.backlog import Backlog
-from watcherd.spool import Job
+from watcherd.core.records import Job
+from watcherd.work.backlog import Backlog
 
 
 class Clock:

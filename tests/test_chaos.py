@@ -1,4 +1,4 @@
-"""Fault injection: each test injects a fault into the real daemon and checks DESIGN §1's
+"""Fault injection: each test injects a fault into the real daemon and checks design §1's
 invariants — one JSON per input, the original in exactly one place, the daemon alive (or cleanly
 restarted). Run alone with `make chaos`, which prints the table; CHAOS_ITERATIONS sets the kill -9
 loop's length (default 50).
@@ -18,7 +18,7 @@ import pytest
 
 from tests.conftest import Daemon, gone_or_zombie, make_image, wait_until
 from tests.engines import CHATTY_WIDTH, CLOSE_PIPE_WIDTH, MEMORY_ERROR_WIDTH
-from watcherd import safefs
+from watcherd.core import safefs
 
 pytestmark = pytest.mark.chaos
 

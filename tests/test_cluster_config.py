@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import run_watcherd
-from watcherd import settings
 from watcherd.cluster.app import map_path
+from watcherd.core import settings
 
 URL = "amqp://watcherd:s3cret@broker.example:5672/ocr"
 

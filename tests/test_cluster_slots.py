@@ -9,10 +9,10 @@ import pytest
 
 pytest.importorskip("celery")
 
-from watcherd import settings as settings_mod  # noqa: E402
 from watcherd.cluster.dispatcher import RemoteSlot, make_slots  # noqa: E402
-from watcherd.spool import Job  # noqa: E402
-from watcherd.supervisor import State  # noqa: E402
+from watcherd.core import settings as settings_mod  # noqa: E402
+from watcherd.core.records import Job  # noqa: E402
+from watcherd.ocr.supervisor import State  # noqa: E402
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, assert_config_error, make_image, run_watcherd
-from watcherd import settings
+from watcherd.core import settings
 
 
 def write(tmp_path: Path, text: str) -> Path:

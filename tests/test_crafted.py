@@ -1,5 +1,5 @@
 """Crafted bytes, names and engine output (issue 10): no file, name or reply can crash or stall
-the daemon, forge its logs or leave invalid UTF-8 in a JSON (DESIGN §9). Real daemons throughout."""
+the daemon, forge its logs or leave invalid UTF-8 in a JSON (design §9). Real daemons throughout."""
 
 from __future__ import annotations
 
@@ -169,7 +169,7 @@ def test_a_reload_whose_engine_imports_slowly_does_not_stop_the_loop(daemon_fact
 
 
 def test_the_one_decode_site_refuses_what_is_not_a_message() -> None:
-    from watcherd import protocol
+    from watcherd.ocr import protocol
 
     bad = {
         b"\xff\xfe": "not JSON",
@@ -194,7 +194,7 @@ def test_the_one_decode_site_refuses_what_is_not_a_message() -> None:
 def test_the_reader_returns_whole_frames_and_refuses_oversized_ones() -> None:
     import struct
 
-    from watcherd import protocol
+    from watcherd.ocr import protocol
 
     r, w = os.pipe()
     reader = protocol.Reader(r)

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import PATHS, Daemon, assert_config_error, gone_or_zombie, make_image, run_watcherd, wait_until
-from watcherd import dedupe, settings
+from watcherd.core import settings
+from watcherd.work import dedupe
 
 
 def counting(daemon_factory, tmp_path: Path, *, mode: object = "skip", delay_s: float = 0, **dedupe_extra) -> Daemon:

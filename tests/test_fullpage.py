@@ -10,8 +10,8 @@ import pytest
 
 from tests.conftest import cer
 from tests.pagegen import dense_page, turn_lines
-from watcherd.engines import EngineConfigError
-from watcherd.engines.rapidocr import RapidOcrEngine
+from watcherd.ocr.engines import EngineConfigError
+from watcherd.ocr.engines.rapidocr import RapidOcrEngine
 
 
 def test_a_dense_a4_page_is_read_whole_by_the_daemon(daemon_factory) -> None:

@@ -1,4 +1,4 @@
-"""Fuzzing the parent's readiness check (`formats.looks_complete`, DESIGN §9): random bytes,
+"""Fuzzing the parent's readiness check (`sniff.looks_complete`, design §9): random bytes,
 mutations of the real samples, and generated TIFF structures. No exception may escape and no
 call may take long. The bound asserted here is generous (1 s) so the test never flakes on a busy
 machine; benchmarks/readiness.py reports the real worst cases (milliseconds).
@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from tests import crafted
 from tests.conftest import SAMPLES
-from watcherd import formats
+from watcherd.core import sniff
 
 pytestmark = pytest.mark.fuzz
 
@@ -30,7 +30,7 @@ CALL_LIMIT_S = 1.0
 # What the inner walker may raise on hostile bytes; looks_complete turns these into "complete".
 # Anything else (MemoryError, OverflowError, IndexError...) is a finding even though looks_complete
 # would swallow it too: it means the walker did something the budget does not cover.
-EXPECTED = (formats.OverBudget, ValueError, struct.error)
+EXPECTED = (sniff.OverBudget, ValueError, struct.error)
 SAMPLE_BYTES = {p.name: p.read_bytes() for p in sorted(SAMPLES.glob("*")) if p.suffix in (".jpg", ".png", ".tif")}
 CRAFTED = {name: build() for name, build in crafted.CORPUS.items() if not name.endswith("-strips.tif")}
 SEEDS = {**SAMPLE_BYTES, **CRAFTED}
@@ -40,12 +40,12 @@ MAGICS = [b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"II*\x00", b"MM\x00*", b"II+\x
 def check(path: Path, data: bytes) -> None:
     path.write_bytes(data)
     started = time.perf_counter()
-    result = formats.looks_complete(path)
+    result = sniff.looks_complete(path)
     elapsed = time.perf_counter() - started
     assert isinstance(result, bool)
     assert elapsed < CALL_LIMIT_S, f"{elapsed:.2f} s on {data[:64]!r}... ({len(data)} bytes)"
     try:
-        formats._looks_complete(path)
+        sniff._looks_complete(path)
     except EXPECTED:
         pass
 
@@ -159,6 +159,6 @@ def test_the_crafted_corpus_stays_within_budget(tmp_path: Path) -> None:
     for name in crafted.names():
         path = crafted.write(tmp_path, name)
         started = time.perf_counter()
-        assert isinstance(formats.looks_complete(path), bool)
+        assert isinstance(sniff.looks_complete(path), bool)
         assert time.perf_counter() - started < CALL_LIMIT_S, name
         path.unlink()

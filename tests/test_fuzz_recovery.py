@@ -1,4 +1,4 @@
-"""Fuzzing the work-area recovery (`Spool.recover`, DESIGN §9): whatever lies in `pending/` —
+"""Fuzzing the work-area recovery (`Spool.recover`, design §9): whatever lies in `pending/` —
 random names, bytes, JSON, envelopes, records signed with the real key but with hostile fields,
 folders, FIFOs, links — recovery never raises, never hangs, and never touches a path outside
 the inbox and the configured folders. Signed records stand for the worst case (a key that leaked):
@@ -23,8 +23,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from watcherd import settings as settings_mod
-from watcherd.spool import Spool
+from watcherd.core import settings as settings_mod
+from watcherd.work.spool import Spool
 
 pytestmark = pytest.mark.fuzz
 

@@ -22,7 +22,7 @@ import psutil
 import pytest
 
 from tests.conftest import Daemon, assert_config_error, make_image, run_watcherd, wait_until
-from watcherd.spool import inbox_id
+from watcherd.core.records import inbox_id
 
 SECRET = "s3cret-do-not-log-4f1c"
 
@@ -476,8 +476,8 @@ def test_hook_entries_survive_kill_9_and_run_after_restart(daemon_factory: Any, 
 def test_a_publication_run_again_after_a_crash_enqueues_nothing_twice(tmp_path: Path) -> None:
     """Spool._publish calls the sink again when a crash came before the record was removed:
     the same record, status and finished_at name the same entry, which is written once."""
-    from watcherd import settings
-    from watcherd.handoff import Handoff
+    from watcherd.core import settings
+    from watcherd.handoff.relay import Handoff
 
     (tmp_path / "inbox").mkdir()
     paths = {k: str(tmp_path / k) for k in ("inbox", "outbox", "failed", "archive", "state")}

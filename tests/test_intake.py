@@ -9,11 +9,12 @@ import threading
 from pathlib import Path
 
 from tests.conftest import wait_until
-from watcherd import mounts
-from watcherd.intake import Intake, PathFilter
-from watcherd.poller import MTIME_GRANULARITY_S, Poller
-from watcherd.readiness import open_for_writing
-from watcherd.settings import WatchSettings
+from watcherd.core.settings import WatchSettings
+from watcherd.intake import mounts
+from watcherd.intake.filter import PathFilter
+from watcherd.intake.poller import MTIME_GRANULARITY_S, Poller
+from watcherd.intake.readiness import open_for_writing
+from watcherd.intake.watch import Intake
 
 MOUNTINFO = """\
 22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw

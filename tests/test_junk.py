@@ -1,6 +1,6 @@
 """Folder shapes and piles of junk against the real daemon (issue 10): a tree 1,100 levels deep,
 tens of thousands of empty folders or junk files moved in at once, and a subfolder swapped for a
-symlink (DESIGN §9). The daemon must stay up, keep its main loop turning (measured from outside
+symlink (design §9). The daemon must stay up, keep its main loop turning (measured from outside
 as the gaps between its WATCHDOG=1 pings on a real notify socket), never follow a link, and
 still serve a real scan dropped after the junk.
 
@@ -21,7 +21,7 @@ import pytest
 
 from tests.conftest import make_image, wait_until
 from tests.test_sdnotify import Receiver
-from watcherd.intake import MAX_DEPTH
+from watcherd.intake.filter import MAX_DEPTH
 
 DEPTH = 1100  # past Python's recursion limit (1,000): os.walk in 3.11 recursed once per level
 
@@ -83,7 +83,7 @@ def test_a_tree_too_deep_moved_in_while_running_does_not_leave_the_daemon_blind(
 
 
 def test_polling_never_follows_a_subfolder_swapped_for_a_symlink(tmp_path: Path, daemon_factory) -> None:
-    """DESIGN §9: a share user replaces a subfolder the poller knows with a symlink to a folder
+    """design §9: a share user replaces a subfolder the poller knows with a symlink to a folder
     outside the inbox. The poller stat'ed folders with os.stat, followed the link, and every
     file below it was claimed (moved out of its place) and OCR'd."""
     outside = tmp_path / "elsewhere"

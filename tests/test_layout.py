@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Daemon, make_image, run_watcherd, wait_until
-from watcherd import outputs, settings
+from watcherd.core import naming, settings
 
 
 def dated(document: dict) -> str:
@@ -127,9 +127,9 @@ def test_bad_layouts_exit_78_naming_the_key(tmp_path: Path, layout: str, words: 
 
 def test_place_is_a_pure_function() -> None:
     when = datetime(2026, 3, 7, 23, 59)
-    assert outputs.place("a/b.jpg", "mirror", when) == "a/b.jpg"
-    assert outputs.place("a/b.jpg", "{yyyy}/{mm}/{dd}/{rel}", when) == "2026/03/07/a/b.jpg"
-    assert outputs.place("a/b.jpg", "{yyyy}{mm}{dd}-{name}", when) == "20260307-b.jpg"
-    assert outputs.place("b.jpg", "in/{rel}", when) == "in/b.jpg"
+    assert naming.place("a/b.jpg", "mirror", when) == "a/b.jpg"
+    assert naming.place("a/b.jpg", "{yyyy}/{mm}/{dd}/{rel}", when) == "2026/03/07/a/b.jpg"
+    assert naming.place("a/b.jpg", "{yyyy}{mm}{dd}-{name}", when) == "20260307-b.jpg"
+    assert naming.place("b.jpg", "in/{rel}", when) == "in/b.jpg"
     assert settings.from_dict({"output": {"layout": "{yyyy}/{rel}"}}).output.layout == "{yyyy}/{rel}"
     assert settings.from_dict({}).output.layout == "mirror"

@@ -1,9 +1,10 @@
-"""The code stays ruff-clean, ruff-formatted and mypy-clean (STYLE.md)."""
+"""The code stays ruff-clean, ruff-formatted and mypy-clean, and the layers hold (docs/architecture.md)."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 from tests.conftest import REPO
 
@@ -23,4 +24,13 @@ def test_ruff_check_and_format() -> None:
 
 def test_mypy() -> None:
     result = run("mypy", "watcherd")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_layer_contracts_hold() -> None:
+    """pyproject.toml's [tool.importlinter]: stages import only the stages before them, only the
+    child imports the child, the engines and the renderer, and no modules import each other."""
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "lint-imports"), "--no-cache"], cwd=REPO, capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stdout + result.stderr

@@ -18,8 +18,8 @@ import pytest
 
 from tests.conftest import Daemon, make_image
 from tests.tiny_models import LOOP, build_deepseek_ocr2, build_fake_deepseek_ocr
-from watcherd.engines.common import RepetitionGuard, collapse_loop, strip_grounding, trailing_loop
-from watcherd.engines.deepseek_ocr import PRESETS, Resolution, resolve_preset
+from watcherd.ocr.engines.common import RepetitionGuard, collapse_loop, strip_grounding, trailing_loop
+from watcherd.ocr.engines.deepseek_ocr import PRESETS, Resolution, resolve_preset
 
 
 @pytest.fixture(scope="session")
@@ -85,7 +85,7 @@ def test_transformers_engine_defaults_and_guard(deepseek_ocr2: Path) -> None:
     import torch
     from PIL import Image
 
-    from watcherd.engines.transformers import TransformersEngine
+    from watcherd.ocr.engines.transformers import TransformersEngine
 
     engine = TransformersEngine(model=str(deepseek_ocr2), max_new_tokens=600, repeat_window=128)
     assert engine.prompt == "<image>\nFree OCR."
@@ -114,7 +114,7 @@ def test_a_batch_reads_each_page_as_it_is_read_alone(deepseek_ocr2: Path) -> Non
     padded) in one generate() give exactly the texts of one page at a time (greedy decoding)."""
     from PIL import Image
 
-    from watcherd.engines.transformers import TransformersEngine
+    from watcherd.ocr.engines.transformers import TransformersEngine
 
     engine = TransformersEngine(model=str(deepseek_ocr2), max_new_tokens=24)
     pages = [
@@ -130,7 +130,7 @@ def test_a_batch_reads_each_page_as_it_is_read_alone(deepseek_ocr2: Path) -> Non
 def test_a_prompt_without_the_image_placeholder_still_gets_the_page(deepseek_ocr2: Path) -> None:
     from PIL import Image
 
-    from watcherd.engines.transformers import TransformersEngine
+    from watcherd.ocr.engines.transformers import TransformersEngine
 
     engine = TransformersEngine(model=str(deepseek_ocr2), prompt="Free OCR.", max_new_tokens=4)
     inputs = engine._inputs([Image.new("RGB", (64, 48), "white")])
@@ -183,7 +183,7 @@ def test_fake_deepseek_ocr_v1_through_the_daemon(daemon_factory, tmp_path: Path,
 def test_deepseek_ocr_engine_bounds_tokens_and_collapses_an_exact_loop(tmp_path: Path, monkeypatch) -> None:
     from PIL import Image
 
-    from watcherd.engines.deepseek_ocr import DeepseekOcrEngine
+    from watcherd.ocr.engines.deepseek_ocr import DeepseekOcrEngine
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
@@ -210,7 +210,7 @@ def test_deepseek_ocr_engine_bounds_tokens_and_collapses_an_exact_loop(tmp_path:
 def test_deepseek_ocr_engine_fails_a_page_when_infer_returns_nothing(tmp_path: Path, monkeypatch) -> None:
     from PIL import Image
 
-    from watcherd.engines.deepseek_ocr import DeepseekOcrEngine
+    from watcherd.ocr.engines.deepseek_ocr import DeepseekOcrEngine
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))

@@ -15,8 +15,8 @@ from PIL import Image
 
 from tests.conftest import make_image, run_watcherd, wait_until
 from tests.openai_server import OcrServer, free_port
-from watcherd.engines import EngineConfigError, EngineUnavailable
-from watcherd.engines.openai import OpenAiEngine, data_url
+from watcherd.ocr.engines import EngineConfigError, EngineUnavailable
+from watcherd.ocr.engines.openai import OpenAiEngine, data_url
 
 KEY = "sk-test-9f8e7d6c5b4a"
 

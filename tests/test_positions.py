@@ -14,10 +14,11 @@ import pytest
 from PIL import Image
 
 from tests.conftest import SAMPLES, cer
-from watcherd.engines import Box, PageText, as_page
-from watcherd.engines.common import grounding_lines, strip_grounding
-from watcherd.orientation import OrientationDetector, box_to_original, upright
-from watcherd.pages import PDF_DPI, Document, InputError
+from watcherd.core.records import InputError
+from watcherd.core.text import Box, PageText, as_page
+from watcherd.ocr.child.decode import PDF_DPI, Document
+from watcherd.ocr.child.orientation import OrientationDetector, box_to_original, upright
+from watcherd.ocr.engines.common import grounding_lines, strip_grounding
 
 # Occulta: the glyphless font OCRmyPDF draws its invisible text with. It maps every code point, so
 # fpdf2 can write a Chinese text layer with it: exactly what a PDF OCR'd earlier carries. (This
@@ -63,7 +64,7 @@ def ink(image: Image.Image, region: tuple[float, ...] | None = None) -> tuple[in
 
 @pytest.fixture(scope="module")
 def engine() -> Any:
-    from watcherd.engines.rapidocr import RapidOcrEngine
+    from watcherd.ocr.engines.rapidocr import RapidOcrEngine
 
     return RapidOcrEngine()
 
@@ -176,7 +177,7 @@ def test_grounding_parser_skips_what_it_cannot_read() -> None:
 def test_deepseek_ocr_engine_keeps_the_text_and_adds_the_boxes(tmp_path: Path, monkeypatch) -> None:
     pytest.importorskip("transformers")
     from tests.tiny_models import build_fake_deepseek_ocr
-    from watcherd.engines.deepseek_ocr import DeepseekOcrEngine
+    from watcherd.ocr.engines.deepseek_ocr import DeepseekOcrEngine
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
@@ -195,7 +196,7 @@ def test_transformers_engine_with_a_grounding_prompt(tmp_path: Path) -> None:
     """The tiny random model writes no tags: the answer stays a str, the same text either way."""
     pytest.importorskip("transformers")
     from tests.tiny_models import build_deepseek_ocr2
-    from watcherd.engines.transformers import TransformersEngine
+    from watcherd.ocr.engines.transformers import TransformersEngine
 
     model = build_deepseek_ocr2(tmp_path / "tiny")
     engine = TransformersEngine(model=str(model), prompt="<image>\n<|grounding|>Free OCR.", max_new_tokens=12)
@@ -318,7 +319,7 @@ def test_text_layer_boxes_stay_on_the_full_resolution_grid_when_the_page_is_shru
 def test_text_layer_work_is_bounded() -> None:
     from fpdf import FPDF
 
-    from watcherd.pdftext import MAX_TEXT_CHARS
+    from watcherd.ocr.child.pdftext import MAX_TEXT_CHARS
 
     pdf = FPDF(unit="pt", format=(400, 300))
     pdf.add_page()

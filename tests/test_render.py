@@ -1,4 +1,4 @@
-"""The searchable PDF, hOCR and ALTO writers (`watcherd/render.py`) on the shared samples.
+"""The searchable PDF, hOCR and ALTO writers (`watcherd/outputs/render.py`) on the shared samples.
 
 Positions come from the real embedded engine (RapidOCR, called directly with word boxes); the PDF is
 read back with pypdfium2 (text, character boxes, renderings) and pikepdf (raw image streams), the
@@ -28,10 +28,10 @@ from PIL import Image, ImageOps
 
 from tests import conftest
 from tests.conftest import SAMPLES
-from watcherd import render
-from watcherd.engines import Line, Word, box_from_points, box_from_rect
-from watcherd.pages import PDF_DPI, Document
-from watcherd.render import RenderedPage
+from watcherd.core.text import Line, Word, box_from_points, box_from_rect
+from watcherd.ocr.child.decode import PDF_DPI, Document
+from watcherd.outputs import render
+from watcherd.outputs.render import RenderedPage
 
 DATA = Path(__file__).parent / "data"
 MAX_CER = 0.02
@@ -563,8 +563,8 @@ import io, sys
 started = []
 sys.addaudithook(lambda event, args: started.append((event, args)) if event in (
     "subprocess.Popen", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "os.forkpty") else None)
-from watcherd import render
-from watcherd.engines import Line, box_from_rect
+from watcherd.outputs import render
+from watcherd.core.text import Line, box_from_rect
 page = render.RenderedPage(1, 1000, 700, 300.0, (Line("收據 MEMO", box_from_rect(50, 50, 400, 90), 0.9),), "x")
 data = open(sys.argv[1], "rb").read()
 render.warm_up()

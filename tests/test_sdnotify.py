@@ -1,4 +1,4 @@
-"""watcherd.sdnotify against a real AF_UNIX datagram receiver (what systemd listens on)."""
+"""watcherd.daemon.sdnotify against a real AF_UNIX datagram receiver (what systemd listens on)."""
 
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 try:
-    from watcherd import sdnotify
+    from watcherd.daemon import sdnotify
 except ImportError:  # run from elsewhere than the repo root, package not installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from watcherd import sdnotify
+    from watcherd.daemon import sdnotify
 
 Notifier = sdnotify.Notifier
 

@@ -27,7 +27,7 @@ UNITS = [PLAIN, TEMPLATE]
 
 WATCHERD_BIN = "/opt/watcherd/venv/bin/watcherd"
 MAX_EXPOSURE = 2.0
-DAEMON_GRACE_S = 30  # the daemon's own SIGTERM grace period (DESIGN.md section 8)
+DAEMON_GRACE_S = 30  # the daemon's own SIGTERM grace period (docs/design.md §8)
 
 NVIDIA_DEVICES = [
     "/dev/nvidiactl",

@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import SAMPLES
-from watcherd import formats, outputs, readiness, safefs
-from watcherd.intake import PathFilter
-from watcherd.readiness import INCOMPLETE_GRACE, StabilityTracker
-from watcherd.settings import WatchSettings
+from watcherd.core import naming, safefs, sniff
+from watcherd.core.settings import WatchSettings
+from watcherd.intake import readiness
+from watcherd.intake.filter import PathFilter
+from watcherd.intake.readiness import INCOMPLETE_GRACE, StabilityTracker
 
 
 class FakeClock:
@@ -86,30 +87,30 @@ def test_completeness_follows_the_bytes_written(tmp_path: Path, name: str) -> No
     data = (SAMPLES / name).read_bytes()
     target = tmp_path / name
     target.write_bytes(b"")
-    assert not formats.looks_complete(target)
+    assert not sniff.looks_complete(target)
     for cut in (len(data) // 3, len(data) - 50):
         target.write_bytes(data[:cut])
-        assert not formats.looks_complete(target), cut
+        assert not sniff.looks_complete(target), cut
     target.write_bytes(data)
-    assert formats.looks_complete(target)
+    assert sniff.looks_complete(target)
 
 
 def test_unknown_content_counts_as_complete(tmp_path: Path) -> None:
     (tmp_path / "x.jpg").write_text("hello")
-    assert formats.looks_complete(tmp_path / "x.jpg")
-    assert formats.sniff(b"%PDF-1.7\n") == "pdf"
+    assert sniff.looks_complete(tmp_path / "x.jpg")
+    assert sniff.sniff(b"%PDF-1.7\n") == "pdf"
 
 
 def test_names_get_one_shared_suffix_and_fit_name_max(tmp_path: Path) -> None:
     out, arc = tmp_path / "out", tmp_path / "arc"
     targets = {"json": (out, ".json"), "original": (arc, "")}
-    first = outputs.choose_names("sub/a.jpg", targets=targets)
+    first = naming.choose_names("sub/a.jpg", targets=targets)
     assert first == {"json": out / "sub" / "a.jpg.json", "original": arc / "sub" / "a.jpg"}
     (arc / "sub").mkdir(parents=True)
     (arc / "sub" / "a.jpg").write_bytes(b"x")
-    assert outputs.choose_names("sub/a.jpg", targets=targets)["json"] == out / "sub" / "a_1.jpg.json"
+    assert naming.choose_names("sub/a.jpg", targets=targets)["json"] == out / "sub" / "a_1.jpg.json"
     long_name = "長" * 84 + ".jpg"  # 256 bytes
-    chosen = outputs.choose_names(long_name, targets=targets)
+    chosen = naming.choose_names(long_name, targets=targets)
     assert len(os.fsencode(chosen["json"].name)) <= 255 and chosen["json"].name.endswith(".jpg.json")
 
 
@@ -198,7 +199,7 @@ def test_the_parent_never_imports_torch_or_image_libraries() -> None:
     import sys
 
     code = (
-        "import sys, watcherd.cli, watcherd.service, watcherd.admin; "
+        "import sys, watcherd.cli, watcherd.daemon.service, watcherd.ops.report; "
         "print(sorted(m for m in ('torch', 'transformers', 'onnxruntime', 'rapidocr', 'numpy', 'PIL') "
         "if m in sys.modules))"
     )
@@ -237,7 +238,7 @@ def test_readiness_opens_files_below_the_inbox_without_following_a_swapped_folde
     (inbox / "sub" / "a.jpg").write_bytes(b"\xff\xd8\xff\xe0 ... \xff\xd9")
     (elsewhere / "a.jpg").write_bytes(b"\xff\xd8\xff\xe0 still being written")
     opener = readiness.opener_below(inbox)
-    assert formats.looks_complete(inbox / "sub" / "a.jpg", opener=opener)
+    assert sniff.looks_complete(inbox / "sub" / "a.jpg", opener=opener)
     os.rename(inbox / "sub", inbox / "sub.real")
     (inbox / "sub").symlink_to(elsewhere)
     with pytest.raises(safefs.Refused):
@@ -245,8 +246,8 @@ def test_readiness_opens_files_below_the_inbox_without_following_a_swapped_folde
     with pytest.raises(OSError):
         opener(tmp_path / "outside.jpg", os.O_RDONLY)
     # Followed, it would have said "incomplete" (no end marker); refused, the claim decides.
-    assert formats.looks_complete(inbox / "sub" / "a.jpg", opener=opener) is True
-    assert formats.looks_complete(elsewhere / "a.jpg") is False
+    assert sniff.looks_complete(inbox / "sub" / "a.jpg", opener=opener) is True
+    assert sniff.looks_complete(elsewhere / "a.jpg") is False
     previous = signal.signal(signal.SIGIO, signal.SIG_IGN)  # what Intake.start does: the probe runs
     try:
         tracker = StabilityTracker(0.0, root=inbox)

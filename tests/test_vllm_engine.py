@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 from tests.conftest import make_image
-from watcherd.engines import BUILTIN, EngineConfigError, resolve
-from watcherd.engines.vllm import VllmEngine, kv_cache_info, kv_usage_from_metrics
+from watcherd.ocr.engines import BUILTIN, EngineConfigError, resolve
+from watcherd.ocr.engines.vllm import VllmEngine, kv_cache_info, kv_usage_from_metrics
 
 
 def _cuda() -> bool:
@@ -37,7 +37,7 @@ needs_gpu_and_vllm = pytest.mark.skipif(
 
 
 def test_vllm_is_a_built_in_engine() -> None:
-    assert BUILTIN["vllm"] == "watcherd.engines.vllm:VllmEngine"
+    assert BUILTIN["vllm"] == "watcherd.ocr.engines.vllm:VllmEngine"
     assert resolve("vllm") is VllmEngine  # importing the module imports no vllm and no torch
 
 

@@ -12,8 +12,8 @@ import pytest
 
 from tests.conftest import gone_or_zombie, make_image, run_watcherd, wait_until
 from tests.test_config import GOOD, write
-from watcherd import workers
-from watcherd.settings import ConfigError, from_dict
+from watcherd.core.settings import ConfigError, from_dict
+from watcherd.ocr import workers
 
 
 def in_flight(daemon) -> list[dict[str, Any]]:  # type: ignore[no-untyped-def]

@@ -1,4 +1,4 @@
-"""Command line: `watcherd run | check | ocr FILE...` (DESIGN §4).
+"""Command line: `watcherd run | check | ocr FILE...` (design §4).
 
 Exit codes: 0 fine; 1 something failed (a file, a check, the engine at run time); 75 (EX_TEMPFAIL)
 another daemon holds the inbox, which a restart may clear; 78 (EX_CONFIG) the configuration is
@@ -21,13 +21,16 @@ import time
 from multiprocessing.connection import wait
 from pathlib import Path
 
-from . import __version__, admin, check, logs
-from . import settings as settings_mod
-from .documents import document_for, precheck
-from .outputs import now_iso, public_path
-from .settings import EX_CONFIG, EX_TEMPFAIL, ConfigError, Settings
-from .spool import Job, LockHeld
-from .supervisor import EngineLoadError, Outcome, Worker, probe_engine
+from watcherd import __version__
+from watcherd.core import logs
+from watcherd.core import settings as settings_mod
+from watcherd.core.naming import now_iso, public_path
+from watcherd.core.records import Job, Outcome
+from watcherd.core.settings import EX_CONFIG, EX_TEMPFAIL, ConfigError, Settings
+from watcherd.ocr.supervisor import EngineLoadError, Worker, probe_engine
+from watcherd.ops import check, report, retry
+from watcherd.outputs.documents import document_for, precheck
+from watcherd.work.spool import LockHeld
 
 log = logging.getLogger("watcherd")
 
@@ -79,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .service import Service
+    from watcherd.daemon.service import Service
 
     faulthandler.enable()  # systemd's watchdog SIGABRT then shows where the main loop was stuck
     settings = settings_mod.load(args.config)
@@ -122,7 +125,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     problem = probe_engine(settings.ocr)  # a bad ocr.engine is exit 78 before any broker traffic
     if problem is not None:
         raise ConfigError(problem, key="ocr.engine", source=settings.source)
-    from .cluster import worker
+    from watcherd.cluster import worker
 
     return worker.run(settings, name=args.name)
 
@@ -170,19 +173,19 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 3
     settings = settings_mod.load(explicit)
     settings.require_paths()
-    path = admin.status_file(settings)
-    status = admin.load_status(path)
+    path = report.status_file(settings)
+    status = report.load_status(path)
     if isinstance(status, str):
         print(f"watcherd: {logs.escape(status)}", file=sys.stderr)
         return 3
-    print(json.dumps(status, ensure_ascii=True, indent=2) if args.json else admin.format_status(status))
-    return admin.liveness(status)[1]
+    print(json.dumps(status, ensure_ascii=True, indent=2) if args.json else report.format_status(status))
+    return report.liveness(status)[1]
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
     settings = settings_mod.load(args.config)
     settings.require_paths()
-    moved = admin.retry(settings, args.pattern)
+    moved = retry.retry(settings, args.pattern)
     for original, back in moved:
         print(f"{logs.escape(original)} → inbox/{logs.escape(back)}")  # names from the inbox
     print(f"{len(moved)} file(s) back in the inbox")

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from kombu import Exchange, Queue
 
-from ..settings import ClusterSettings
+from watcherd.core.settings import ClusterSettings
 
 if TYPE_CHECKING:
     from celery import Celery

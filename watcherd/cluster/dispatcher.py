@@ -31,11 +31,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .. import logs
-from ..settings import ClusterSettings, Settings, mask_url
-from ..spool import Job, inbox_id
-from ..supervisor import InFlight, Outcome, State
-from . import app as app_mod
+from watcherd.cluster import app as app_mod
+from watcherd.core import logs
+from watcherd.core.records import Job, Outcome, inbox_id
+from watcherd.core.settings import ClusterSettings, Settings, mask_url
+from watcherd.ocr.supervisor import InFlight, State
 
 log = logging.getLogger("watcherd")
 

@@ -26,11 +26,11 @@ from multiprocessing.connection import wait
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .. import logs
-from ..settings import Settings, mask_url
-from ..spool import Job
-from ..supervisor import EngineLoadError, Outcome, Worker
-from . import app as app_mod
+from watcherd.cluster import app as app_mod
+from watcherd.core import logs
+from watcherd.core.records import Job, Outcome
+from watcherd.core.settings import Settings, mask_url
+from watcherd.ocr.supervisor import EngineLoadError, Worker
 
 if TYPE_CHECKING:
     from celery import Celery, Task
