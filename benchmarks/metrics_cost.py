@@ -27,6 +27,7 @@ sys.path.insert(0, str(REPO))
 
 from prometheus_client import generate_latest  # noqa: E402
 
+from watcherd.core import config_file
 from watcherd.core import settings as settings_mod  # noqa: E402
 from watcherd.core.naming import now_iso  # noqa: E402
 from watcherd.core.records import Job  # noqa: E402
@@ -93,7 +94,7 @@ def sweep(files: int) -> tuple[float, int]:
             path.write_bytes(b"x")
             if i % 2:
                 os.utime(path, (old, old))
-        s = settings_mod.from_dict(
+        s = config_file.from_dict(
             {
                 "paths": {k: str(root / k) for k in ("inbox", "outbox", "failed", "archive", "state")},
                 "retention": {"archive_days": 30, "age_from": "mtime"},

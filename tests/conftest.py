@@ -142,10 +142,10 @@ class Daemon:
     @property
     def status_path(self) -> Path:
         """Where `watcherd status` finds this daemon's status file (its state folder)."""
-        from watcherd.core import settings
+        from watcherd.core import config_file
         from watcherd.ops import report
 
-        return report.status_file(settings.load(self.config_path))
+        return report.status_file(config_file.load(self.config_path))
 
     def log(self) -> str:
         return self.log_path.read_bytes()[self._log_start :].decode("utf-8", "replace")

@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import run_watcherd
 from watcherd.cluster.app import map_path
-from watcherd.core import settings
+from watcherd.core import config_file, settings
 
 URL = "amqp://watcherd:s3cret@broker.example:5672/ocr"
 
@@ -42,7 +42,7 @@ def write(tmp_path: Path, text: str) -> Path:
 def test_bad_cluster_keys_name_the_key_and_exit_78(tmp_path: Path, extra: str, key: str, words: str) -> None:
     config = write(tmp_path, extra)
     with pytest.raises(settings.ConfigError) as caught:
-        settings.load(config)
+        config_file.load(config)
     assert caught.value.key == key and words in str(caught.value), str(caught.value)
     result = run_watcherd("check", "--config", str(config))
     assert result.returncode == 78 and key in result.stderr, result.stderr
@@ -52,8 +52,8 @@ def test_a_broker_password_never_reaches_a_message(tmp_path: Path) -> None:
     config = write(tmp_path, "cluster: {role: dispatcher, broker_url: 'http://u:s3cret@host/'}")
     result = run_watcherd("check", "--config", str(config))
     assert result.returncode == 78 and "s3cret" not in result.stderr and "u:***@" in result.stderr
-    assert settings.mask_url(URL) == "amqp://watcherd:***@broker.example:5672/ocr"
-    assert settings.mask_url("amqp://host//") == "amqp://host//"
+    assert settings.redact_url(URL) == "amqp://watcherd:***@broker.example:5672/ocr"
+    assert settings.redact_url("amqp://host//") == "amqp://host//"
 
 
 def test_roles_and_commands_must_agree(tmp_path: Path) -> None:
@@ -74,7 +74,7 @@ def test_a_worker_with_an_engine_it_cannot_import_exits_78_before_the_broker(tmp
 
 
 def test_defaults_are_standalone() -> None:
-    c = settings.from_dict({}).cluster
+    c = config_file.from_dict({}).cluster
     assert (c.role, c.queue, c.max_deliveries, c.path_map) == ("standalone", "watcherd", 3, {})
 
 

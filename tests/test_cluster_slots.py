@@ -10,14 +10,14 @@ import pytest
 pytest.importorskip("celery")
 
 from watcherd.cluster.dispatcher import RemoteSlot, make_slots  # noqa: E402
-from watcherd.core import settings as settings_mod  # noqa: E402
+from watcherd.core import config_file
 from watcherd.core.records import Job  # noqa: E402
 from watcherd.ocr.supervisor import State  # noqa: E402
 
 
 @pytest.fixture
 def slots(tmp_path: Path) -> list[RemoteSlot]:
-    settings = settings_mod.from_dict(
+    settings = config_file.from_dict(
         {
             "paths": {"inbox": str(tmp_path / "inbox"), "state": str(tmp_path / "state")},
             "cluster": {

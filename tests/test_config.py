@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, assert_config_error, make_image, run_watcherd
-from watcherd.core import settings
+from watcherd.core import config_file, settings
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -69,7 +69,7 @@ def test_ocr_timeout_from_the_environment_must_be_finite(tmp_path: Path, value: 
 )
 def test_non_finite_numbers_are_config_errors(section: str, key: str, value: object) -> None:
     with pytest.raises(settings.ConfigError, match=f"{section}.{key}: must be a finite number"):
-        settings.from_dict({section: {key: value}}, env={})
+        config_file.from_dict({section: {key: value}}, env={})
 
 
 def test_missing_paths_and_loops_are_refused(tmp_path: Path) -> None:
@@ -99,23 +99,23 @@ def test_config_from_environment_and_ocr_timeout_override(tmp_path: Path, monkey
     config = write(tmp_path, GOOD + "ocr: {timeout_s: 300}")
     monkeypatch.setenv("WATCHERD_CONFIG", str(config))
     monkeypatch.setenv("OCR_TIMEOUT", "42")
-    loaded = settings.load()
+    loaded = config_file.load()
     assert loaded.ocr.timeout_s == 42.0
     assert loaded.paths.inbox == tmp_path / "inbox"
     monkeypatch.setenv("OCR_TIMEOUT", "never")
     with pytest.raises(settings.ConfigError, match="OCR_TIMEOUT"):
-        settings.load()
+        config_file.load()
 
 
 def test_the_documented_example_config_is_complete_and_valid() -> None:
-    example = settings.load(REPO / "config" / "watcherd.yaml", env={})
+    example = config_file.load(REPO / "config" / "watcherd.yaml", env={})
     assert example == settings.Settings(
         paths=settings.PathsSettings(
             Path("/srv/ocr/inbox"),
             Path("/srv/ocr/outbox"),
             Path("/srv/ocr/failed"),
             Path("/srv/ocr/archive"),
-            state=settings.default_state_dir({}),
+            state=config_file.default_state_dir({}),
         ),
         source=example.source,
     ), "config/watcherd.yaml must list every key with its default"
@@ -145,17 +145,19 @@ def test_check_reports_the_gpu_guards(tmp_path: Path) -> None:
 
 def test_file_mode_takes_octal_bits_and_nothing_else() -> None:
     for value, bits in ((0o640, 0o640), ("0600", 0o600), ("644", 0o644)):
-        assert settings.from_dict({"output": {"file_mode": value}}, env={}).output.file_mode == bits
-    assert settings.from_dict({}, env={}).output.dir_mode == 0o750
+        assert config_file.from_dict({"output": {"file_mode": value}}, env={}).output.file_mode == bits
+    assert config_file.from_dict({}, env={}).output.dir_mode == 0o750
     for bad in (0o777, "rw-r-----", True, -1, 1.5):
         with pytest.raises(settings.ConfigError, match="output.file_mode"):
-            settings.from_dict({"output": {"file_mode": bad}}, env={})
+            config_file.from_dict({"output": {"file_mode": bad}}, env={})
 
 
 def test_the_state_folder_comes_from_systemd_and_never_from_the_inbox(tmp_path: Path) -> None:
-    assert settings.from_dict({}, env={"STATE_DIRECTORY": "/var/lib/watcherd"}).paths.state == Path("/var/lib/watcherd")
-    assert settings.from_dict({}, env={"XDG_STATE_HOME": "/x"}).paths.state == Path("/x/watcherd")
+    assert config_file.from_dict({}, env={"STATE_DIRECTORY": "/var/lib/watcherd"}).paths.state == Path(
+        "/var/lib/watcherd"
+    )
+    assert config_file.from_dict({}, env={"XDG_STATE_HOME": "/x"}).paths.state == Path("/x/watcherd")
     for key in ("state", "work"):
         inside = {"inbox": str(tmp_path), "outbox": "/o", "failed": "/f", "archive": "/a", key: str(tmp_path / "w")}
         with pytest.raises(settings.ConfigError, match=f"paths.{key}"):
-            settings.from_dict({"paths": inside}, env={}).require_paths()
+            config_file.from_dict({"paths": inside}, env={}).require_paths()

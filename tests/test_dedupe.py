@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import PATHS, Daemon, assert_config_error, gone_or_zombie, make_image, run_watcherd, wait_until
-from watcherd.core import settings
+from watcherd.core import config_file
 from watcherd.work import dedupe
 
 
@@ -32,7 +32,7 @@ def calls(daemon: Daemon) -> int:
 
 
 def index_of(daemon: Daemon) -> Path:
-    return dedupe.index_path(settings.load(daemon.config_path))
+    return dedupe.index_path(config_file.load(daemon.config_path))
 
 
 def test_the_same_bytes_three_times_are_ocrd_once(daemon_factory, tmp_path: Path) -> None:
@@ -250,7 +250,7 @@ def test_bad_dedupe_settings_exit_78(tmp_path: Path, extra: str, key: str, words
     [("skip", "skip", 90.0), (False, "off", 90.0), ({"mode": "skip", "keep_days": 7}, "skip", 7.0), (None, "off", 90)],
 )
 def test_dedupe_shorthand(raw: object, mode: str, keep_days: float) -> None:
-    s = settings.from_dict({} if raw is None else {"dedupe": raw})
+    s = config_file.from_dict({} if raw is None else {"dedupe": raw})
     assert (s.dedupe.mode, s.dedupe.keep_days) == (mode, keep_days)
 
 

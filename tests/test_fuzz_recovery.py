@@ -23,7 +23,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from watcherd.core import settings as settings_mod
+from watcherd.core import config_file
 from watcherd.work.spool import Spool
 
 pytestmark = pytest.mark.fuzz
@@ -116,7 +116,7 @@ def run_once(entries: list[tuple[str, str, Any]]) -> None:
         for root in ("outbox", "archive", "failed"):  # links planted in output folders: never followed
             (folders[root] / "a").symlink_to(folders["outside"])
         config = {k: str(v) for k, v in folders.items() if k != "outside"}
-        spool = Spool(settings_mod.from_dict({"paths": config}, env={}))
+        spool = Spool(config_file.from_dict({"paths": config}, env={}))
         spool.prepare()
         key = (folders["state"] / "record.key").read_bytes()
         pending = folders["inbox"] / ".watcherd" / "pending"

@@ -22,6 +22,7 @@ import psutil
 import pytest
 
 from tests.conftest import Daemon, assert_config_error, make_image, run_watcherd, wait_until
+from watcherd.core import config_file
 from watcherd.core.records import inbox_id
 
 SECRET = "s3cret-do-not-log-4f1c"
@@ -476,12 +477,11 @@ def test_hook_entries_survive_kill_9_and_run_after_restart(daemon_factory: Any, 
 def test_a_publication_run_again_after_a_crash_enqueues_nothing_twice(tmp_path: Path) -> None:
     """Spool._publish calls the sink again when a crash came before the record was removed:
     the same record, status and finished_at name the same entry, which is written once."""
-    from watcherd.core import settings
     from watcherd.handoff.relay import Handoff
 
     (tmp_path / "inbox").mkdir()
     paths = {k: str(tmp_path / k) for k in ("inbox", "outbox", "failed", "archive", "state")}
-    s = settings.from_dict({"paths": paths, "hooks": {"on_success": ["/bin/true", "{json}"]}})
+    s = config_file.from_dict({"paths": paths, "hooks": {"on_success": ["/bin/true", "{json}"]}})
     handoff = Handoff(s, wake=lambda: None)
     handoff.open()
     doc = {"status": "ok", "source": "a.png", "finished_at": "2026-11-29T10:00:00+00:00", "sha256": "ab"}

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Daemon, make_image, run_watcherd, wait_until
-from watcherd.core import naming, settings
+from watcherd.core import config_file, naming
 
 
 def dated(document: dict) -> str:
@@ -131,5 +131,5 @@ def test_place_is_a_pure_function() -> None:
     assert naming.place("a/b.jpg", "{yyyy}/{mm}/{dd}/{rel}", when) == "2026/03/07/a/b.jpg"
     assert naming.place("a/b.jpg", "{yyyy}{mm}{dd}-{name}", when) == "20260307-b.jpg"
     assert naming.place("b.jpg", "in/{rel}", when) == "in/b.jpg"
-    assert settings.from_dict({"output": {"layout": "{yyyy}/{rel}"}}).output.layout == "{yyyy}/{rel}"
-    assert settings.from_dict({}).output.layout == "mirror"
+    assert config_file.from_dict({"output": {"layout": "{yyyy}/{rel}"}}).output.layout == "{yyyy}/{rel}"
+    assert config_file.from_dict({}).output.layout == "mirror"

@@ -12,7 +12,8 @@ import pytest
 
 from tests.conftest import gone_or_zombie, make_image, run_watcherd, wait_until
 from tests.test_config import GOOD, write
-from watcherd.core.settings import ConfigError, from_dict
+from watcherd.core.config_file import from_dict
+from watcherd.core.settings import ConfigError
 from watcherd.ocr import workers
 
 

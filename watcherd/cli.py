@@ -22,7 +22,7 @@ from multiprocessing.connection import wait
 from pathlib import Path
 
 from watcherd import __version__
-from watcherd.core import logs
+from watcherd.core import config_file, logs
 from watcherd.core import settings as settings_mod
 from watcherd.core.naming import now_iso, public_path
 from watcherd.core.records import Job, Outcome
@@ -85,7 +85,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from watcherd.daemon.service import Service
 
     faulthandler.enable()  # systemd's watchdog SIGABRT then shows where the main loop was stuck
-    settings = settings_mod.load(args.config)
+    settings = config_file.load(args.config)
     logs.setup(settings.logging.level, settings.logging.target)
     if settings.cluster.role == "worker":
         raise ConfigError("is 'worker': start it with `watcherd worker`", key="cluster.role", source=settings.source)
@@ -111,7 +111,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     """A Celery worker on this host's GPU (README "Many hosts"); it needs no folders of its own."""
-    settings = settings_mod.load(args.config)
+    settings = config_file.load(args.config)
     logs.setup(settings.logging.level, settings.logging.target)
     if settings.cluster.role != "worker":
         raise ConfigError(
@@ -159,7 +159,7 @@ def _prepare_folders(settings: Settings) -> None:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    settings = settings_mod.load(args.config)
+    settings = config_file.load(args.config)
     settings.require_paths()
     return check.report(settings)
 
@@ -171,7 +171,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if not explicit and not settings_mod.DEFAULT_CONFIG.exists():
         print("watcherd: no configuration found: give --config", file=sys.stderr)
         return 3
-    settings = settings_mod.load(explicit)
+    settings = config_file.load(explicit)
     settings.require_paths()
     path = report.status_file(settings)
     status = report.load_status(path)
@@ -183,7 +183,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
-    settings = settings_mod.load(args.config)
+    settings = config_file.load(args.config)
     settings.require_paths()
     moved = retry.retry(settings, args.pattern)
     for original, back in moved:
@@ -195,9 +195,9 @@ def cmd_retry(args: argparse.Namespace) -> int:
 def cmd_ocr(args: argparse.Namespace) -> int:
     explicit = args.config or os.environ.get("WATCHERD_CONFIG")
     if explicit or settings_mod.DEFAULT_CONFIG.exists():
-        settings = settings_mod.load(explicit)
+        settings = config_file.load(explicit)
     else:
-        settings = settings_mod.from_dict({})
+        settings = config_file.from_dict({})
     if args.engine:
         settings = dataclasses.replace(settings, ocr=dataclasses.replace(settings.ocr, engine=args.engine))
     logs.setup("warning" if len(args.files) > 1 else settings.logging.level)

@@ -34,7 +34,7 @@ from typing import Any
 from watcherd.cluster import app as app_mod
 from watcherd.core import logs
 from watcherd.core.records import Job, Outcome, inbox_id
-from watcherd.core.settings import ClusterSettings, Settings, mask_url
+from watcherd.core.settings import ClusterSettings, Settings, redact_url
 from watcherd.ocr.supervisor import InFlight, State
 
 log = logging.getLogger("watcherd")
@@ -89,7 +89,7 @@ class Link:
             self._submitted.notify()
 
     def _run(self, role: str, session: Callable[[Any], None]) -> None:
-        where = mask_url(self.cluster.broker_url or "")
+        where = redact_url(self.cluster.broker_url or "")
         backoff = 0.5
         while not self._stop.is_set():
             try:
@@ -108,7 +108,9 @@ class Link:
         self._up[role] = True
         if self.connected:
             self.ever_connected = True
-            log.info("Connected to the broker %s (queue %s)", mask_url(self.cluster.broker_url or ""), self.queue.name)
+            log.info(
+                "Connected to the broker %s (queue %s)", redact_url(self.cluster.broker_url or ""), self.queue.name
+            )
             self.wake()
 
     def _consuming(self, conn: Any) -> None:
@@ -215,7 +217,7 @@ class Hub:
         now = time.time()
         return {
             "role": "dispatcher",
-            "broker": mask_url(self.cluster.broker_url or ""),
+            "broker": redact_url(self.cluster.broker_url or ""),
             "connected": self.link.connected,
             "queue": self.cluster.queue,
             "submitting": len(self.link.outgoing),

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from watcherd.cluster import app as app_mod
 from watcherd.core import logs
 from watcherd.core.records import Job, Outcome
-from watcherd.core.settings import Settings, mask_url
+from watcherd.core.settings import Settings, redact_url
 from watcherd.ocr.supervisor import EngineLoadError, Worker
 
 if TYPE_CHECKING:
@@ -234,7 +234,7 @@ def run(settings: Settings, *, name: str | None = None) -> int:
         "ready",
         f"watcherd worker {_Process.name}: {settings.ocr.engine} on "
         f"{'cpu' if device is None else f'GPU {device}'}; queue {settings.cluster.queue} at "
-        f"{mask_url(settings.cluster.broker_url or '')}",
+        f"{redact_url(settings.cluster.broker_url or '')}",
     )
     worker = app.Worker(
         hostname=f"watcherd@{_Process.name}",

@@ -20,8 +20,7 @@ from multiprocessing.connection import wait
 from typing import Any
 
 from watcherd import __version__
-from watcherd.core import logs, naming
-from watcherd.core import settings as settings_mod
+from watcherd.core import config_file, logs, naming
 from watcherd.core.records import Job, Outcome
 from watcherd.core.settings import ConfigError, Settings
 from watcherd.daemon.sdnotify import Notifier
@@ -558,7 +557,7 @@ class Service:
         self.notifier.reloading()
         old = self.settings
         try:
-            new = settings_mod.load(old.source)
+            new = config_file.load(old.source)
             new.require_paths()
         except ConfigError as exc:
             log.error("Reload failed, keeping the running configuration: %s", exc)
