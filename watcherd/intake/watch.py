@@ -35,7 +35,6 @@ compares signatures before claiming and OCRs a file again if it changed after th
 
 from __future__ import annotations
 
-import collections
 import errno
 import itertools
 import logging
@@ -58,6 +57,7 @@ from watcherd.intake import mounts
 from watcherd.intake.filter import MAX_DEPTH, Complaints, PathFilter
 from watcherd.intake.poller import Poller, claimable
 from watcherd.intake.readiness import TICK_BUDGET_S
+from watcherd.intake.scan import MAX_CANDIDATES_PER_TICK, Scan
 
 # watchdog holds an unmatched IN_MOVED_FROM for 0.5 s, hoping for its IN_MOVED_TO, and every later
 # event waits behind it. Each archived original leaves the watched tree that way (processing →
@@ -109,28 +109,6 @@ WATCHDOG_LOGGERS = ("watchdog.observers.inotify_c", "watchdog.observers.inotify"
 INOTIFY_LIMIT_ERRORS = (errno.ENOSPC, errno.EMFILE, errno.ENFILE, errno.ENOMEM)
 
 
-class _Listing:
-    """A folder a scan is listing: open, and resumable from one tick to the next."""
-
-    __slots__ = ("path", "depth", "fd", "entries", "claimable", "files")
-
-    def __init__(self, path: str, depth: int, fd: int, claimable: bool):
-        self.path = path
-        self.depth = depth
-        self.fd = fd
-        self.entries = os.scandir(fd)
-        self.claimable = claimable
-        self.files: list[str] = []  # wanted names found so far, handed on sorted when it is done
-
-    def close(self) -> None:
-        self.entries.close()
-        os.close(self.fd)
-
-
-DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
-MAX_CANDIDATES_PER_TICK = 2000  # the service lstats each one it is handed: bound that too
-
-
 class Intake:
     """Candidate paths from events, polling and scans; the service asks `drain()` for them.
 
@@ -138,16 +116,9 @@ class Intake:
     an operator can act on; both may change in `start()` if inotify fails, and later if
     watchdog's threads die (`drain` checks them every tick).
 
-    Scans (the startup scan, the periodic rescan, a folder that appeared) are resumable: `drain`
-    lists entries only for TICK_BUDGET_S of each tick and carries on in the next, so no folder
-    shape (300,000 folders moved in at once, a folder of 200,000 junk files) holds the main loop.
-    Events are served before scan work, so a scan dropped into the inbox is tracked at once even
-    while a big scan is in progress.
-
-    Scans never follow symlinks (design §9): a folder is opened with O_NOFOLLOW, a folder named
-    by an event is opened one component at a time from the inbox (openat, O_NOFOLLOW each), and a
-    subfolder is listed only if it is still the folder its parent's listing showed (same device
-    and inode, from an lstat relative to the parent's descriptor).
+    Scans (the startup scan, the periodic rescan, a folder that appeared) are `scan.Scan`'s:
+    resumable, a slice per tick. Events are served before scan work, so a scan dropped into the
+    inbox is tracked at once even while a big scan is in progress.
     """
 
     def __init__(
@@ -173,15 +144,7 @@ class Intake:
         self._overflow_times: list[float] = []
         self._wake = wake
         self.complaints = Complaints()
-        self._inbox = str(inbox)
-        # Scan work: folders still to list (path, depth, (st_dev, st_ino) or None for a scan's
-        # top), the same paths as a set (an event for a folder already queued adds nothing: one
-        # `mv` of 300,000 folders brings 300,000 folder events from watchdog), the listing in
-        # progress, and files found but not yet handed out.
-        self._to_list: list[tuple[str, int, tuple[int, int] | None]] = []
-        self._queued: set[str] = set()
-        self._listing: _Listing | None = None
-        self._found: collections.deque[Path] = collections.deque()
+        self._scan = Scan(inbox, self.filter, self.complaints)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -368,22 +331,11 @@ class Intake:
         self._rescan_requested.set()
         self._wake()
 
-    @property
-    def polled_folders(self) -> int:
-        return len(self._poller) if self._poller is not None else 0
-
     # -- candidates ------------------------------------------------------------------------
 
     def request_scan(self, top: Path | None = None) -> None:
         """Queue a scan of `top` (default: the whole inbox); `drain` does it, a slice per tick."""
-        path = str(top or self.inbox)
-        if path not in self._queued:
-            self._queued.add(path)
-            self._to_list.append((path, self._depth(path), None))
-
-    @property
-    def scanning(self) -> bool:
-        return bool(self._to_list or self._listing is not None or self._found)
+        self._scan.request(str(top or self.inbox))
 
     def drain(self, budget_s: float = TICK_BUDGET_S) -> list[Path]:
         """Candidate files from events, polling and scans since the last call, for about
@@ -394,12 +346,10 @@ class Intake:
         if self._rescan_requested.is_set():
             self._rescan_requested.clear()
             self.request_scan()
-        self._drain_events(deadline - (budget_s / 2 if self.scanning else 0.0))
-        self._scan_some(deadline)
-        out: list[Path] = []
-        while self._found and len(out) < MAX_CANDIDATES_PER_TICK:
-            out.append(self._found.popleft())
-        if self.scanning or not self._events.empty():
+        self._drain_events(deadline - (budget_s / 2 if self._scan.busy else 0.0))
+        self._scan.work(deadline)
+        out = self._scan.take(MAX_CANDIDATES_PER_TICK)
+        if self._scan.busy or not self._events.empty():
             self._wake()
         return out
 
@@ -416,113 +366,15 @@ class Intake:
                 continue
             if self.filter.wanted(rel):
                 if claimable(os.path.dirname(path), self.complaints):
-                    self._found.append(path)
+                    self._scan.found.append(path)
             elif (
                 self.watch.recursive
                 and len(rel) <= MAX_DEPTH
                 and not any(self.filter.ignored_component(p) for p in rel)
                 and _is_real_folder(path)
-                and not self._covered(str(path))
+                and not self._scan.covered(str(path))
             ):
                 self.request_scan(path)
-
-    def _covered(self, path: str) -> bool:
-        """Whether `path` or a folder above it waits to be listed (so `path` will be too)."""
-        while len(path) > len(self._inbox):
-            if path in self._queued:
-                return True
-            path = os.path.dirname(path)
-        return path in self._queued
-
-    def _scan_some(self, deadline: float) -> None:
-        """List folders until `deadline`; found files go to `_found`, subfolders to `_to_list`."""
-        n = 0
-        while True:
-            listing = self._listing
-            if listing is None:
-                if not self._to_list:
-                    return
-                listing = self._listing = self._open_next()
-                if listing is None:
-                    continue
-            try:
-                for entry in listing.entries:
-                    n += 1
-                    self._take(listing, entry)
-                    if n % 64 == 0 and time.perf_counter() > deadline:
-                        return
-            except OSError as exc:  # readdir failed midway (EIO on a share): hand on what was seen
-                self.complaints.problem("listing", listing.path, f"Cannot list {listing.path}: {exc.strerror}")
-            else:
-                self.complaints.fine("listing", listing.path)
-            self._listing = None
-            listing.close()
-            self._found.extend(Path(os.path.join(listing.path, name)) for name in sorted(listing.files))
-            if time.perf_counter() > deadline:
-                return
-
-    def _take(self, listing: _Listing, entry: os.DirEntry[str]) -> None:
-        name = entry.name
-        if self.filter.wanted_name(name, listing.depth):
-            if listing.claimable:
-                listing.files.append(name)
-            return
-        try:
-            if not entry.is_dir(follow_symlinks=False):
-                return
-            if not self.filter.descend(name, listing.depth, self.complaints, self.inbox):
-                return
-            st = entry.stat(follow_symlinks=False)  # fstatat on the parent's descriptor
-        except OSError:
-            return
-        child = os.path.join(listing.path, name)
-        if child not in self._queued:
-            self._queued.add(child)
-            self._to_list.append((child, listing.depth + 1, (st.st_dev, st.st_ino)))
-
-    def _open_next(self) -> _Listing | None:
-        path, depth, identity = self._to_list.pop()
-        self._queued.discard(path)
-        try:
-            if path == self._inbox:
-                fd = os.open(path, DIR_FLAGS)  # the configured inbox itself may be a symlink
-            elif identity is None:
-                fd = self._open_beneath(path)
-            else:
-                fd = os.open(path, DIR_FLAGS | os.O_NOFOLLOW)
-                st = os.fstat(fd)
-                if (st.st_dev, st.st_ino) != identity:
-                    # Not the folder its parent's listing showed: moved, or a folder above it was
-                    # swapped for a symlink. Whatever is there now brings its own event or rescan.
-                    os.close(fd)
-                    return None
-        except OSError as exc:
-            if exc.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):  # gone or not a folder now
-                self.complaints.problem(
-                    "listing", path, f"Cannot list {path}: {exc.strerror}; files in it are not seen until this is fixed"
-                )
-            return None
-        try:
-            return _Listing(path, depth, fd, claimable(path, self.complaints))
-        except OSError:
-            os.close(fd)
-            return None
-
-    def _open_beneath(self, path: str) -> int:
-        """Open a folder below the inbox one component at a time, refusing symlinks on the way."""
-        fd = os.open(self._inbox, DIR_FLAGS)
-        try:
-            for part in path[len(self._inbox) + 1 :].split(os.sep):
-                child = os.open(part, DIR_FLAGS | os.O_NOFOLLOW, dir_fd=fd)
-                os.close(fd)
-                fd = child
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
-
-    def _depth(self, path: str) -> int:
-        return 0 if path == self._inbox else path[len(self._inbox) + 1 :].count(os.sep) + 1
 
     def _rel_parts(self, path: Path) -> tuple[str, ...] | None:
         try:
