@@ -7,6 +7,7 @@ missing piece named ("no CUDA device" / "vllm not installed"); `scripts/gpu-chec
 from __future__ import annotations
 
 import importlib.util
+import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -14,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import make_image
+from tests.conftest import REPO, make_image
 from watcherd.ocr.engines import BUILTIN, EngineConfigError, resolve
 from watcherd.ocr.engines.vllm import VllmEngine, kv_cache_info, kv_usage_from_metrics
 
@@ -36,9 +37,16 @@ needs_gpu_and_vllm = pytest.mark.skipif(
 )
 
 
-def test_vllm_is_a_built_in_engine() -> None:
+def test_vllm_is_a_built_in_engine_whose_module_imports_neither_vllm_nor_torch() -> None:
     assert BUILTIN["vllm"] == "watcherd.ocr.engines.vllm:VllmEngine"
-    assert resolve("vllm") is VllmEngine  # importing the module imports no vllm and no torch
+    assert resolve("vllm") is VllmEngine
+    # In a fresh interpreter: this test module has imported torch already (_cuda, above).
+    code = (
+        "import sys; from watcherd.ocr.engines import resolve; resolve('vllm'); "
+        "print(sorted(m for m in ('torch', 'vllm') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 @pytest.mark.parametrize(

@@ -23,7 +23,6 @@ from __future__ import annotations
 import collections
 import logging
 import os
-import socket
 import threading
 import time
 import uuid
@@ -459,7 +458,3 @@ def make_slots(settings: Settings, *, wake: Callable[[], None]) -> list[RemoteSl
     hub = Hub(settings, wake=wake)
     hub.slots = [RemoteSlot(hub, i, settings=settings) for i in range(settings.cluster.max_in_flight)]
     return hub.slots
-
-
-def host_name() -> str:
-    return socket.gethostname()

@@ -56,10 +56,6 @@ class Handoff:
         self._arrived: collections.deque[tuple[str, str]] = collections.deque()  # (consumer, entry name)
         self._lock = threading.Lock()
 
-    @property
-    def enabled(self) -> bool:
-        return self.hooks is not None or self.webhook is not None
-
     def open(self) -> None:
         """Create the queue folders, load what a previous run left, start the webhook's thread.
         Each consumer's folder exists only while it is configured; entries left there by an earlier
