@@ -9,6 +9,7 @@ import pytest
 
 pytest.importorskip("celery")
 
+from watcherd.cluster import wire  # noqa: E402
 from watcherd.cluster.dispatcher import RemoteSlot, make_slots  # noqa: E402
 from watcherd.core import config_file
 from watcherd.core.records import Job  # noqa: E402
@@ -98,3 +99,35 @@ def test_a_deferral_is_not_an_attempt(slots, tmp_path: Path) -> None:
     reply(slot, "outcome", outcome={"ok": False, "deferred": True, "gpu_info_after": {"available": True, "free_mb": 9}})
     (outcome,) = slot.pump()
     assert outcome.deferred and j.attempts == 0 and slot.files_done == 0 and slot.ready
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        ["not", "a", "mapping"],
+        {"kind": "progress", "host": "gpu1"},  # no attempt id
+        {"kind": "reboot", "attempt": "x"},
+        {"kind": "progress", "attempt": "x", "page": "two"},
+        {"kind": "progress", "attempt": "x", "page": True},
+        {"kind": "outcome", "attempt": "x", "outcome": "done"},
+    ],
+)
+def test_a_message_no_worker_writes_is_dropped_and_the_loop_goes_on(slots, tmp_path: Path, body: object) -> None:
+    slot = slots[0]
+    slot.assign(job(tmp_path, "a.png"))
+    if isinstance(body, dict) and body.get("attempt") == "x":
+        body["attempt"] = slot.attempt  # even from the attempt's holder
+    slot.hub.link.incoming.append(("reply", body))
+    reply(slot, "outcome", outcome={"ok": True, "pages": [{"page": 1, "text": "a"}]})
+    (outcome,) = slot.pump()
+    assert outcome.ok and slot.hub.dropped == 1
+
+
+def test_a_task_is_read_back_as_it_was_written_and_a_foreign_one_is_refused(slots, tmp_path: Path) -> None:
+    slot = slots[0]
+    slot.assign(job(tmp_path, "a.png"))
+    (sent,) = slot.hub.link.outgoing
+    assert wire.Task.decode(sent).encode() == sent
+    for bad in ({**sent, "path": 7}, {**sent, "signature": [1, 2]}, {k: v for k, v in sent.items() if k != "reply_to"}):
+        with pytest.raises(wire.WireError):
+            wire.Task.decode(bad)

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from watcherd.cluster import app as app_mod
+from watcherd.cluster import wire
 from watcherd.core import logs
 from watcherd.core.records import Job, Outcome, inbox_id
 from watcherd.core.settings import ClusterSettings, Settings, redact_url
@@ -182,33 +183,38 @@ class Hub:
             self.link.stop()
 
     def route(self) -> None:
-        """Hand every reply that arrived to the slot whose attempt it is; drop the rest."""
+        """Hand every reply that arrived to the slot whose attempt it is; drop the rest, and any
+        message that is not one a worker or the broker writes (wire.py)."""
         while self.link.incoming:
             kind, body = self.link.incoming.popleft()
-            attempt = body.get("attempt")
-            slot = next((s for s in self.slots if s.attempt is not None and s.attempt == attempt), None)
-            if kind == "reply":
-                self._note_host(body)
+            try:
+                message: wire.Reply | wire.Dead = wire.decode_dead(body) if kind == "dead" else wire.decode_reply(body)
+            except wire.WireError as exc:
+                self.dropped += 1
+                log.warning("Dropping a message on the reply queue that is not a worker's reply: %s", exc)
+                continue
+            slot = next((s for s in self.slots if s.attempt is not None and s.attempt == message.attempt), None)
+            if isinstance(message, wire.Reply):
+                self._note_host(message)
             if slot is None:
                 self.dropped += 1
                 log.info(
                     "Dropping the %s for %s (attempt %s): not in flight any more (already published, "
                     "resubmitted, or from before a restart)",
-                    "dead-lettered task" if kind == "dead" else f"{body.get('kind')} reply",
-                    logs_safe(body.get("job")),
-                    logs_safe(attempt),
+                    "dead-lettered task" if isinstance(message, wire.Dead) else f"{message.kind} reply",
+                    logs.escape(str(message.job)),
+                    logs.escape(str(message.attempt)),
                 )
                 continue
-            slot.handle(kind, body)
+            slot.handle(message)
 
-    def _note_host(self, body: dict[str, Any]) -> None:
-        host = str(body.get("host") or "?")
-        info = self.hosts.setdefault(host, HostInfo(host))
+    def _note_host(self, reply: wire.Reply) -> None:
+        info = self.hosts.setdefault(reply.host, HostInfo(reply.host))
         info.last_heard = time.time()
-        if body.get("kind") == "started":
-            info.device = body.get("device")
-            info.busy_with = str(body.get("job"))
-        elif body.get("kind") == "outcome":
+        if reply.kind == "started":
+            info.device = reply.device
+            info.busy_with = str(reply.job)
+        elif reply.kind == "outcome":
             info.busy_with = None
             info.files_done += 1
 
@@ -233,10 +239,6 @@ class Hub:
                 for h in sorted(self.hosts.values(), key=lambda h: h.host)
             ],
         }
-
-
-def logs_safe(value: Any) -> str:
-    return repr(value) if not isinstance(value, str) else value
 
 
 class RemoteSlot:
@@ -301,25 +303,24 @@ class RemoteSlot:
         except OSError:
             signature = None
         ocr = self.settings.ocr
-        self.hub.link.submit(
-            {
-                "job": job.rel,
-                "attempt": self.attempt,
-                "path": app_mod.map_path(str(job.path), self.settings.cluster.path_map),
-                "signature": signature,
-                "received_at": job.received_at,
-                "reply_to": self.hub.link.replies.name,
-                "heartbeat_s": self.settings.cluster.progress_grace_s / 4,
-                "ocr": {"engine": ocr.engine, "model": ocr.model, "prompt": ocr.prompt},
-            }
+        task = wire.Task(
+            job=job.rel,
+            attempt=self.attempt,
+            path=app_mod.map_path(str(job.path), self.settings.cluster.path_map),
+            signature=signature,
+            received_at=job.received_at,
+            reply_to=self.hub.link.replies.name,
+            heartbeat_s=self.settings.cluster.progress_grace_s / 4,
+            ocr={"engine": ocr.engine, "model": ocr.model, "prompt": ocr.prompt},
         )
+        self.hub.link.submit(task.encode())
 
-    def handle(self, kind: str, body: dict[str, Any]) -> None:
+    def handle(self, message: wire.Reply | wire.Dead) -> None:
         flight = self.flight
         assert flight is not None
         job = flight.job
         self.last_word = self.clock()
-        if kind == "dead":
+        if isinstance(message, wire.Dead):
             hosts = self.hub.tried.pop(job.rel, [])
             self._done(
                 Outcome(
@@ -332,53 +333,51 @@ class RemoteSlot:
                 )
             )
             return
-        what = body.get("kind")
-        if what == "started":
-            self.host = str(body.get("host"))
-            self.device = body.get("device")
-            self.engine_name = body.get("engine") or self.engine_name
+        if message.kind == "started":
+            self.host = message.host
+            self.device = message.device
+            self.engine_name = message.engine or self.engine_name
             self.hub.tried.setdefault(job.rel, []).append(self.host)
             if len(self.hub.tried[job.rel]) > 1:
                 log.warning(
                     "%s started again on %s (after %s)", job.rel, self.host, ", ".join(self.hub.tried[job.rel][:-1])
                 )
-        elif what == "progress":
-            flight.current_page = int(body.get("page") or 0)
-            flight.page_count = int(body.get("pages") or 0)
-        elif what == "outcome":
-            self._done(self._outcome(job, body.get("outcome") or {}))
+        elif message.kind == "progress":
+            flight.current_page = message.page
+            flight.page_count = message.pages
+        elif message.kind == "outcome":
+            self._done(self._outcome(job, message.outcome or {}))
 
     def _outcome(self, job: Job, raw: dict[str, Any]) -> Outcome:
         hosts = self.hub.tried.pop(job.rel, [])
-        ino = raw.get("opened_ino")
-        if isinstance(ino, int) and job.identity is not None:
-            job.opened = (job.identity[0], ino)  # the service's tamper check compares inodes
-        detail = raw.get("detail")
-        if raw.get("code") == "child_crashed":
-            detail = f"{detail} on {', '.join(hosts) or self.host}"
-        pages = raw.get("pages") or []
-        if not _readable(pages):
-            # Only a holder of the attempt id (a random 128 bits, sent only in the task) can
-            # reply; still, a reply this loop cannot read must cost the file, never the loop.
+        try:
+            got = wire.decode_outcome(raw)
+        except wire.WireError:
+            # Only a holder of the attempt id can reply at all; still, a reply this loop cannot
+            # read must cost the file, never the loop.
             log.error("%s: malformed outcome from %s; failing the file", job.rel, self.host)
             return Outcome(job=job, ok=False, code="engine_error", detail=f"malformed reply from worker {self.host}")
-        deferred = bool(raw.get("deferred"))
-        if deferred:
+        if got.opened_ino is not None and job.identity is not None:
+            job.opened = (job.identity[0], got.opened_ino)  # the service's tamper check compares inodes
+        detail = got.detail
+        if got.code == "child_crashed":
+            detail = f"{detail} on {', '.join(hosts) or self.host}"
+        if got.deferred:
             job.attempts -= 1  # waiting for memory is not an attempt
             self.hub.tried[job.rel] = hosts
         return Outcome(
             job=job,
-            ok=bool(raw.get("ok")),
-            code=_text(raw.get("code")),
-            detail=_text(detail),
-            sha256=_text(raw.get("sha256")),
-            pages=pages,
-            processing_time=_number(raw.get("processing_time")),
-            gpu_info_before=_mapping(raw.get("gpu_info_before")),
-            gpu_info_after=_mapping(raw.get("gpu_info_after")),
-            engine=_text(raw.get("engine")),
-            model=_text(raw.get("model")),
-            deferred=deferred,
+            ok=got.ok,
+            code=got.code,
+            detail=detail,
+            sha256=got.sha256,
+            pages=got.pages,
+            processing_time=got.processing_time,
+            gpu_info_before=got.gpu_info_before,
+            gpu_info_after=got.gpu_info_after,
+            engine=got.engine,
+            model=got.model,
+            deferred=got.deferred,
         )
 
     def _done(self, outcome: Outcome) -> None:
@@ -436,22 +435,6 @@ class RemoteSlot:
         self.retired = True
         self.gone = True
         self.hub.release(self)
-
-
-def _readable(pages: Any) -> bool:
-    return isinstance(pages, list) and all(isinstance(p, dict) and isinstance(p.get("text"), str) for p in pages)
-
-
-def _text(value: Any) -> str | None:
-    return value if isinstance(value, str) else None
-
-
-def _number(value: Any) -> float:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
-
-
-def _mapping(value: Any) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {"available": False}
 
 
 def make_slots(settings: Settings, *, wake: Callable[[], None]) -> list[RemoteSlot]:

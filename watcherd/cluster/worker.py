@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from watcherd.cluster import app as app_mod
+from watcherd.cluster import wire
 from watcherd.core import logs
 from watcherd.core.records import Job, Outcome
 from watcherd.core.settings import Settings, redact_url
@@ -71,19 +72,18 @@ def _supervised() -> Worker:
 class Replies:
     """Messages to the dispatcher's reply queue for one attempt."""
 
-    def __init__(self, app: Celery, task: dict[str, Any]):
+    def __init__(self, app: Celery, task: wire.Task):
         self.app = app
-        self.reply_to = str(task["reply_to"])
-        self.base = {"attempt": task["attempt"], "job": task["job"], "host": _Process.name}
+        self.task = task
 
     def send(self, kind: str, *, must: bool = False, **fields: Any) -> None:
-        body = {**self.base, "kind": kind, **fields}
+        body = wire.encode_reply(self.task, _Process.name, kind, **fields)
         try:
             with self.app.producer_or_acquire() as producer:
                 producer.publish(
                     body,
                     exchange="",
-                    routing_key=self.reply_to,
+                    routing_key=self.task.reply_to,
                     serializer="json",
                     delivery_mode=2,
                     retry=True,
@@ -92,10 +92,10 @@ class Replies:
         except Exception as exc:  # progress is best effort; an outcome is retried until it goes (above)
             if must:
                 raise
-            log.warning("Cannot send %s for %s to the dispatcher: %s", kind, logs.escape(str(self.base["job"])), exc)
+            log.warning("Cannot send %s for %s to the dispatcher: %s", kind, logs.escape(self.task.job), exc)
 
 
-def _signature_problem(path: str, signature: Any) -> str | None:
+def _signature_problem(path: str, signature: list[int] | None) -> str | None:
     """The file as the dispatcher claimed it, or why not (wrong path_map, a stale NFS view)."""
     try:
         st = os.lstat(path)
@@ -112,29 +112,13 @@ def _signature_problem(path: str, signature: Any) -> str | None:
     return None
 
 
-def _outcome_json(outcome: Outcome) -> dict[str, Any]:
-    return {
-        "ok": outcome.ok,
-        "code": outcome.code,
-        "detail": outcome.detail,
-        "sha256": outcome.sha256,
-        "pages": outcome.pages,
-        "processing_time": outcome.processing_time,
-        "gpu_info_before": outcome.gpu_info_before,
-        "gpu_info_after": outcome.gpu_info_after,
-        "engine": outcome.engine,
-        "model": outcome.model,
-        "deferred": outcome.deferred,
-        "opened_ino": outcome.job.opened[1] if outcome.job.opened else None,
-    }
-
-
 def run_task(task: Task, **kwargs: Any) -> None:
     """One file: check it is the file claimed, OCR it with the supervised child, reply."""
-    replies = Replies(task.app, kwargs)
+    wanted = wire.Task.decode(kwargs)  # WireError: not a task the dispatcher writes; Celery records the failure
+    replies = Replies(task.app, wanted)
     settings = _Process.settings
     assert settings is not None
-    log.info("%s: attempt %s started on %s", logs.escape(str(kwargs.get("job"))), kwargs.get("attempt"), _Process.name)
+    log.info("%s: attempt %s started on %s", logs.escape(wanted.job), logs.escape(wanted.attempt), _Process.name)
     replies.send(
         "started",
         pid=os.getpid(),
@@ -142,20 +126,19 @@ def run_task(task: Task, **kwargs: Any) -> None:
         engine=settings.ocr.engine,
         redelivered=bool((task.request.delivery_info or {}).get("redelivered")),
     )
-    wanted = kwargs.get("ocr") or {}
-    if wanted.get("engine") not in (None, settings.ocr.engine):
+    if wanted.ocr.get("engine") not in (None, settings.ocr.engine):
         log.warning(
             "The dispatcher asks for engine %s; this worker runs %s (its own ocr.* settings decide)",
-            logs.escape(str(wanted.get("engine"))),
+            logs.escape(str(wanted.ocr.get("engine"))),
             settings.ocr.engine,
         )
-    problem = _signature_problem(str(kwargs["path"]), kwargs.get("signature"))
+    problem = _signature_problem(wanted.path, wanted.signature)
     if problem is not None:
         replies.send("outcome", must=True, outcome={"ok": False, "code": "unreadable", "detail": problem})
         return
-    job = Job(rel=str(kwargs["job"]), path=Path(str(kwargs["path"])), received_at=str(kwargs.get("received_at")))
-    outcome = _ocr(job, replies, heartbeat_s=float(kwargs.get("heartbeat_s") or 10.0))
-    replies.send("outcome", must=True, outcome=_outcome_json(outcome))
+    job = Job(rel=wanted.job, path=Path(wanted.path), received_at=wanted.received_at)
+    outcome = _ocr(job, replies, heartbeat_s=wanted.heartbeat_s)
+    replies.send("outcome", must=True, outcome=wire.encode_outcome(outcome))
 
 
 def _ocr(job: Job, replies: Replies, *, heartbeat_s: float) -> Outcome:
