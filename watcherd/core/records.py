@@ -7,7 +7,7 @@ import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 
 @dataclass
@@ -20,7 +20,7 @@ class Job:
     attempts: int = 0
     deferred_since: float | None = None  # monotonic time of the first deferral for GPU memory
     deferrals: int = 0
-    signature: tuple[int, int, int] | None = None  # (type, size, mtime) when claimed
+    signature: Signature | None = None  # (type, size, mtime) when claimed
     rereads: int = 0  # times it changed under us after the claim and was OCR'd again
     identity: tuple[int, int] | None = None  # (st_dev, st_ino) of what was claimed
     opened: tuple[int, int] | None = None  # (st_dev, st_ino) of what the child read
@@ -38,8 +38,24 @@ class Job:
         self.next_page, self.pages_done, self.turn_sha256, self.elapsed = 0, [], None, 0.0
 
 
-def signature(st: os.stat_result | None) -> tuple[int, int, int] | None:
+# What says a file is still the one seen: its type, size and mtime (what a writer changes).
+Signature = tuple[int, int, int]
+
+
+@overload
+def signature(st: os.stat_result) -> Signature: ...
+@overload
+def signature(st: None) -> None: ...
+def signature(st: os.stat_result | None) -> Signature | None:
     return None if st is None else (stat.S_IFMT(st.st_mode), st.st_size, st.st_mtime_ns)
+
+
+def signature_of(path: Path) -> Signature | None:
+    """`signature` of what is at `path` now (lstat: a symlink is never followed), None if nothing."""
+    try:
+        return signature(os.lstat(path))
+    except OSError:
+        return None
 
 
 def inbox_id(inbox: Path) -> str:

@@ -21,11 +21,11 @@ from typing import Any
 
 from watcherd import __version__
 from watcherd.core import config_file, logs, naming
-from watcherd.core.records import Job, Outcome
+from watcherd.core.records import Job, Outcome, signature_of
 from watcherd.core.settings import ConfigError, Settings
 from watcherd.daemon.sdnotify import Notifier
 from watcherd.handoff.relay import Handoff
-from watcherd.intake.readiness import TICK_BUDGET_S, StabilityTracker, signature_of
+from watcherd.intake.readiness import TICK_BUDGET_S, StabilityTracker
 from watcherd.intake.watch import Intake
 from watcherd.ocr import workers as workers_mod
 from watcherd.ocr.supervisor import EngineLoadError, EngineProbe, State, Worker

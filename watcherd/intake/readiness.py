@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from watcherd.core import safefs, sniff
+from watcherd.core.records import signature
 
 log = logging.getLogger("watcherd")
 
@@ -146,7 +147,7 @@ class StabilityTracker:
         except OSError:
             return
         now = self.clock()
-        tracked = _Tracked(_signature(st), now, now + self.settle_s)
+        tracked = _Tracked(signature(st), now, now + self.settle_s)
         self._files[path] = tracked
         self._arm(path, tracked)
 
@@ -203,9 +204,9 @@ class StabilityTracker:
         except OSError:
             del self._files[path]  # claimed, moved away or deleted
             return None
-        signature = _signature(st)
-        if signature != tracked.signature:
-            tracked.signature, tracked.quiet_since, tracked.due = signature, now, now + self.settle_s
+        seen = signature(st)
+        if seen != tracked.signature:
+            tracked.signature, tracked.quiet_since, tracked.due = seen, now, now + self.settle_s
             return None
         quiet = now - tracked.quiet_since
         if quiet < self.settle_s:
@@ -225,15 +226,4 @@ class StabilityTracker:
                 tracked.due = now + max(self.settle_s, 0.1)
                 return None
         del self._files[path]
-        return signature
-
-
-def _signature(st: os.stat_result) -> tuple[int, int, int]:
-    return (stat.S_IFMT(st.st_mode), st.st_size, st.st_mtime_ns)
-
-
-def signature_of(path: Path) -> tuple[int, int, int] | None:
-    try:
-        return _signature(os.lstat(path))
-    except OSError:
-        return None
+        return seen

@@ -20,9 +20,7 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from watcherd.core.records import Job
-
-Signature = tuple[int, int, int]
+from watcherd.core.records import Job, Signature
 
 
 class Backlog:

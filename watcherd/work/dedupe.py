@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from watcherd.core import safefs
-from watcherd.core.records import Job, Outcome, inbox_id, signature
+from watcherd.core.records import Job, Outcome, Signature, inbox_id, signature
 from watcherd.core.settings import ConfigError, Settings
 from watcherd.work.spool import Spool
 
@@ -88,7 +88,7 @@ class Hashed:
     (dev, inode) it had when read, so a file changed since is hashed again."""
 
     sha256: str | None
-    signature: tuple[int, int, int]
+    signature: Signature
     identity: tuple[int, int]
 
 
