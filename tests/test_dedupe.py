@@ -56,6 +56,8 @@ def test_the_same_bytes_three_times_are_ocrd_once(daemon_factory, tmp_path: Path
         assert "text" not in doc and "text_path" not in doc
         assert (daemon.archive / archived).read_bytes() == scan.read_bytes()
     assert not (daemon.outbox / "a_1.png.md").exists() and not (daemon.outbox / "renamed.png.md").exists()
+    # The line is logged once the publication has ended, just after the JSON appears.
+    wait_until(lambda: daemon.log().count("not OCR'd again") >= 2, 10, "both duplicates logged")
     assert daemon.log().count("not OCR'd again") == 2
 
     wait_until(lambda: json.loads(daemon.status_path.read_text())["counts"]["duplicate"] == 2, 10, "the status")
