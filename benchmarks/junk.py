@@ -1,4 +1,4 @@
-"""Junk benchmark: the real daemon against full-size piles of junk (issue 10), a table of numbers.
+"""Junk benchmark: the real daemon against full-size piles of junk, a table of numbers.
 
     .venv/bin/python benchmarks/junk.py                       # 300,000 folders, 200,000 files
     .venv/bin/python benchmarks/junk.py --folders 30000 --files 20000 --idle-s 10

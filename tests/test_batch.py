@@ -1,4 +1,4 @@
-"""Pages in flight (issue #14): an engine with `ocr_batch` gets up to `ocr.batch_pages` pages per
+"""Pages in flight: an engine with `ocr_batch` gets up to `ocr.batch_pages` pages per
 call, of one file and of the files queued behind it, under one deadline; a batch that runs over
 time, dies or fails is read again a page at a time (each file alone), so only a page that is too
 slow, deadly or unreadable on its own fails its file, and the others succeed."""

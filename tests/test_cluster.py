@@ -1,4 +1,4 @@
-"""Many hosts (issue #15): a dispatcher and two workers as real processes, on a private RabbitMQ
+"""Many hosts: a dispatcher and two workers as real processes, on a private RabbitMQ
 node started from Debian's `rabbitmq-server`, with the fake engines of tests/engines.py.
 
 Each test gets its own queue names on the shared node, so a message left over by one test never

