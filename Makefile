@@ -19,6 +19,10 @@ lint: setup-test
 docs: setup-test
 	.venv/bin/mkdocs serve
 
+# Units, contracts, engines and writers in-process: no real daemon or server (tests/conftest.py, `slow`).
+test-fast: setup-test
+	.venv/bin/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
 chaos: setup-test
 	.venv/bin/python -m pytest -m chaos -q $(PYTEST_ARGS)
 

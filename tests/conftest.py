@@ -241,3 +241,18 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:  # ty
     write("|---|---|---|---|---|---|")
     for row in rows:
         write("| " + " | ".join(str(c) for c in row) + " |")
+
+
+# Test modules whose every test runs a real server (RabbitMQ, Samba, journald, Prometheus).
+SERVER_MODULES = {"test_cluster", "test_shares", "test_systemd_integration", "test_metrics", "test_chaos"}
+
+
+def pytest_collection_modifyitems(config, items) -> None:  # type: ignore[no-untyped-def]
+    """`slow`: the tests that run a real daemon or server; `make test-fast` runs the rest (units,
+    contracts, engines and writers called in-process)."""
+    for item in items:
+        if (
+            "daemon_factory" in getattr(item, "fixturenames", ())
+            or item.module.__name__.split(".")[-1] in SERVER_MODULES
+        ):
+            item.add_marker(pytest.mark.slow)
