@@ -1,4 +1,4 @@
-"""The searchable PDF, hOCR and ALTO writers (`watcherd/outputs/render.py`) on the shared samples.
+"""The searchable PDF, hOCR and ALTO writers (`watcherd/outputs/render/`) on the shared samples.
 
 Positions come from the real embedded engine (RapidOCR, called directly with word boxes); the PDF is
 read back with pypdfium2 (text, character boxes, renderings) and pikepdf (raw image streams), the
