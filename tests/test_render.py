@@ -567,7 +567,6 @@ from watcherd.outputs import render
 from watcherd.core.text import Line, box_from_rect
 page = render.RenderedPage(1, 1000, 700, 300.0, (Line("收據 MEMO", box_from_rect(50, 50, 400, 90), 0.9),), "x")
 data = open(sys.argv[1], "rb").read()
-render.warm_up()
 render.write_pdf(io.BytesIO(), data=data, kind="jpeg", pages=[page])
 render.write_pdf(io.BytesIO(), data=data, kind="jpeg", pages=[page], pdfa=True)
 assert not started, started

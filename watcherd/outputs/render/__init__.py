@@ -22,7 +22,6 @@ from watcherd.outputs.render.hocr import hocr
 from watcherd.outputs.render.images import image_dpi
 from watcherd.outputs.render.layout import DEFAULT_DPI, RenderedPage, RenderError
 from watcherd.outputs.render.pdf import PdfaError, write_pdf
-from watcherd.outputs.render.textlayer import warm_up
 
 __all__ = [
     "ALTO_NS",
@@ -33,6 +32,5 @@ __all__ = [
     "alto",
     "hocr",
     "image_dpi",
-    "warm_up",
     "write_pdf",
 ]

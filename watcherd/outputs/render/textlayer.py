@@ -40,15 +40,6 @@ def text_layer(pages: Sequence[tuple[RenderedPage, float]]) -> bytes:
         return path.read_bytes()
 
 
-def warm_up() -> None:
-    """Import the PDF libraries and load the fonts now (0.6-1.5 s and about 80 MB here, once per
-    process), so that the child's first searchable PDF does not pay it inside a page's time."""
-    import pikepdf  # noqa: F401
-    from ocrmypdf.fpdf_renderer.renderer import Fpdf2MultiPageRenderer  # noqa: F401
-
-    _builtin_fonts()
-
-
 @functools.cache
 def _builtin_fonts() -> typing.Any:
     """OCRmyPDF's bundled fonts (no system font scan: the output is the same on every machine),
