@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
-SAMPLES = REPO.parent / "shared" / "samples"
+SAMPLES = REPO / "samples"
 
 
 def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:

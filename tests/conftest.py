@@ -21,7 +21,7 @@ import yaml
 from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
-SAMPLES = REPO.parent / "shared" / "samples"
+SAMPLES = REPO / "samples"
 
 
 def wait_until(condition: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:

@@ -28,9 +28,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import REPO, Daemon, make_image, wait_until
-
-SAMPLES = REPO.parent / "shared" / "samples"
+from tests.conftest import REPO, SAMPLES, Daemon, make_image, wait_until
 
 
 def need(tool: str, package: str) -> str:
