@@ -45,7 +45,7 @@ class Rabbit:
         (self.dir / "enabled_plugins").write_text("[].\n")
         (self.dir / "rabbitmq.conf").write_text(
             f"listeners.tcp.default = 127.0.0.1:{self.port}\n"
-            "consumer_timeout = 3600000\n"  # above the longest file (README: raise it in production)
+            "consumer_timeout = 3600000\n"  # above the longest file (docs/cluster.md: raise it in production)
             "log.console = false\n"
         )
         shutil.chown(self.dir, "rabbitmq", "rabbitmq")

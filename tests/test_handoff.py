@@ -1,4 +1,4 @@
-"""Hooks and the webhook (README, "Hooks" and "Webhook"), with real daemons, real hook processes
+"""Hooks and the webhook (docs/handoff.md), with real daemons, real hook processes
 and a real HTTP receiver on loopback."""
 
 from __future__ import annotations

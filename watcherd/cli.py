@@ -110,7 +110,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    """A Celery worker on this host's GPU (README "Many hosts"); it needs no folders of its own."""
+    """A Celery worker on this host's GPU (docs/cluster.md); it needs no folders of its own."""
     settings = config_file.load(args.config)
     logs.setup(settings.logging.level, settings.logging.target)
     if settings.cluster.role != "worker":

@@ -144,7 +144,7 @@ class LoggingSettings:
     target: Literal["auto", "journal", "stderr"] = "auto"
 
 
-# What a hook's argv may name (README, "Hooks"); the same values go in WATCHERD_<NAME> variables.
+# What a hook's argv may name (docs/handoff.md); the same values go in WATCHERD_<NAME> variables.
 HOOK_PLACEHOLDERS = ("json", "source", "original", "text", "pdf", "status", "error_code", "sha256")
 
 
@@ -168,7 +168,7 @@ class WebhookSettings:
 
 @dataclass(frozen=True)
 class MetricsSettings:
-    """Prometheus metrics (README "Metrics"); both ways out are off by default."""
+    """Prometheus metrics (docs/metrics.md); both ways out are off by default."""
 
     textfile: Path | None = None  # node_exporter's textfile collector: a .prom file, replaced atomically
     listen: str | None = None  # "127.0.0.1:9464": HTTP /metrics on that address
@@ -177,7 +177,7 @@ class MetricsSettings:
 
 @dataclass(frozen=True)
 class RetentionSettings:
-    """Removal of old originals from archive/ and failed/ (README "Retention"); 0 keeps forever."""
+    """Removal of old originals from archive/ and failed/ (docs/retention.md); 0 keeps forever."""
 
     archive_days: float = 0.0
     failed_days: float = 0.0
@@ -188,7 +188,7 @@ class RetentionSettings:
 
 @dataclass(frozen=True)
 class ClusterSettings:
-    """Many hosts (README "Many hosts"): a dispatcher sends claimed files to GPU workers through
+    """Many hosts (docs/cluster.md): a dispatcher sends claimed files to GPU workers through
     Celery on RabbitMQ. `standalone` is the single-host daemon."""
 
     role: Literal["standalone", "dispatcher", "worker"] = "standalone"

@@ -83,7 +83,7 @@ class Service:
         self._status_written = 0.0
 
     def _make_workers(self, settings: Settings) -> list[Worker]:
-        if settings.cluster.role == "dispatcher":  # remote slots with Worker's interface (README "Many hosts")
+        if settings.cluster.role == "dispatcher":  # remote slots with Worker's interface (docs/cluster.md)
             from watcherd.cluster.dispatcher import make_slots
 
             return make_slots(settings, wake=self._wake)  # type: ignore[return-value]

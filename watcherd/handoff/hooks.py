@@ -1,7 +1,7 @@
 """Hooks: a program the operator names (`hooks.on_success`, `hooks.on_failure`), run once per
 finished file after every output of it is durable.
 
-Contract (README, "Hooks"):
+Contract (docs/handoff.md):
 - argv only, never a shell; placeholders `{json}` `{source}` ... filled from the queue entry, the
   same values as WATCHERD_JSON, WATCHERD_SOURCE, ... in the environment. The program always comes
   from the configuration, never from an entry.

@@ -148,7 +148,7 @@ class Handoff:
 
 
 def hook_values(document: dict[str, Any], json_path: Path) -> dict[str, str]:
-    """The placeholders' values (README, "Hooks"); empty strings for what was not written."""
+    """The placeholders' values (docs/handoff.md); empty strings for what was not written."""
     return {
         "json": str(json_path),
         "source": str(document.get("source") or ""),

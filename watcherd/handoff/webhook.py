@@ -6,7 +6,7 @@ this thread never touches the work area. An entry is removed only when its deliv
 (delivered, refused for good, or given up), so kill -9 at any moment means one more delivery at
 the next start, with the same Idempotency-Key.
 
-What a receiver gets (README, "Webhook"): the published JSON as written (`Content-Type:
+What a receiver gets (docs/handoff.md): the published JSON as written (`Content-Type:
 application/json`), `Idempotency-Key` (stable per file and outcome), `X-Watcherd-Event: done |
 failed`, and with a secret `X-Watcherd-Signature: sha256=<hex HMAC-SHA256 of the body>`.
 

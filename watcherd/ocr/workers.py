@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-# `auto`: one child per this many cores. Measured with benchmarks/throughput.py (README,
+# `auto`: one child per this many cores. Measured with benchmarks/throughput.py (docs/cpu-workers.md,
 # "CPU workers"): on the 2-core build machine two single-threaded children beat one child with two
 # threads, because PP-OCR's small det/rec models parallelise poorly inside one page.
 AUTO_CORES_PER_WORKER = 1

@@ -1,6 +1,6 @@
 """Prometheus metrics: what the daemon has done (counters) and what it is doing (state gauges).
 
-Two ways out, both optional (README "Metrics"): `metrics.textfile`, a `.prom` file for
+Two ways out, both optional (docs/metrics.md): `metrics.textfile`, a `.prom` file for
 node_exporter's textfile collector, rewritten atomically every `metrics.interval_s` by a thread of
 its own (a slow or hung filesystem there must not hold the main loop), and `metrics.listen`,
 prometheus_client's HTTP server on its own thread. Everything lives in this module's own
@@ -138,7 +138,7 @@ class _StateCollector(Collector):
 
     @staticmethod
     def _workers(snap: Snapshot) -> Iterable[Any]:
-        """A dispatcher's per-worker series (README "Many hosts"): files each finished, whether it is
+        """A dispatcher's per-worker series (docs/cluster.md): files each finished, whether it is
         busy, and when it was last heard from (an alert on time() minus that finds a silent host)."""
         done = CounterMetricFamily(
             "watcherd_cluster_worker_files", "Files a worker host finished (from its replies)", labels=["worker"]

@@ -166,7 +166,7 @@ def format_status(status: dict[str, Any]) -> str:
         if isinstance(item, dict):
             lines.append(f"  {e(name)}: " + ", ".join(f"{e(v)} {e(k).replace('_', ' ')}" for k, v in item.items()))
     unavailable = status.get("engine_unavailable")
-    if isinstance(unavailable, dict):  # the engine's server is down: files wait (README, OpenAI-compatible servers)
+    if isinstance(unavailable, dict):  # the engine's server is down: files wait (docs/openai.md)
         lines.append(f"  OCR engine unavailable since {e(unavailable.get('since'))}: {e(unavailable.get('detail'))}")
     gpu = status.get("gpu")
     if isinstance(gpu, dict) and gpu.get("available"):
