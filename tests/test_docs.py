@@ -197,6 +197,12 @@ def test_the_architecture_page_says_which_layers_import_which() -> None:
         assert set(named) == imports[layer], layer
 
 
+def test_the_layout_page_names_every_module() -> None:
+    text = (DOCS / "layout.md").read_text()
+    unnamed = [m for m in modules() if not re.search(rf"\b{m.rsplit('.', 1)[1]}\b", text)]
+    assert not unnamed, "docs/layout.md says nothing of these"
+
+
 # -- every page -----------------------------------------------------------------------------
 
 
