@@ -14,7 +14,7 @@ lint: setup-test
 	.venv/bin/ruff check watcherd tests benchmarks
 	.venv/bin/ruff format --check watcherd tests benchmarks
 	.venv/bin/mypy watcherd
-	.venv/bin/mkdocs build --strict --quiet --site-dir build/site
+	NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs build --strict --quiet --site-dir build/site
 
 docs: setup-test
 	.venv/bin/mkdocs serve
