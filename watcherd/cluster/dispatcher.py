@@ -1,10 +1,9 @@
 """The dispatcher's side: remote slots in place of OCR children, and its one broker connection.
 
-`Service` drives children through a small interface (`supervisor.Worker`'s: state, ready,
-assign, pump, tick, next_wakeup, drained, stop, kill, flight, ...). For `cluster.role:
-dispatcher` it gets `RemoteSlot`s instead, `cluster.max_in_flight` of them, so intake, claiming,
-the pending records and publication stay exactly as on one host and the dispatcher stays the only
-writer of outbox/failed/archive.
+`Service` drives children through a small interface (`watcherd.work.slot.Slot`, which
+`supervisor.Worker` satisfies). For `cluster.role: dispatcher` it gets `RemoteSlot`s instead,
+`cluster.max_in_flight` of them, so intake, claiming, the pending records and publication stay
+exactly as on one host and the dispatcher stays the only writer of outbox/failed/archive.
 
 Everything that talks to RabbitMQ runs on the `Link`'s two threads: the main loop only appends
 submissions to a deque and reads replies from another, and the consuming thread wakes it
@@ -242,7 +241,7 @@ class Hub:
 
 
 class RemoteSlot:
-    """One file in flight on some worker: `supervisor.Worker`'s interface, backed by the broker.
+    """One file in flight on some worker: a `watcherd.work.slot.Slot`, backed by the broker.
 
     LOADING until the link first reaches the broker (READY=1 then), IDLE when free, BUSY with a
     file. `conn_in` is None: replies wake the loop through the service's own pipe."""
@@ -281,8 +280,9 @@ class RemoteSlot:
     def spawn(self) -> None:
         self.hub.start()
 
-    def assign(self, job: Job) -> bool:
+    def assign(self, *jobs: Job) -> bool:
         assert self.state == State.IDLE
+        (job,) = jobs  # room is 1
         job.attempts += 1
         self.flight = InFlight(job=job, request_id=0, started_at=self.clock())
         self.state = State.BUSY
@@ -437,7 +437,12 @@ class RemoteSlot:
         self.hub.release(self)
 
 
-def make_slots(settings: Settings, *, wake: Callable[[], None]) -> list[RemoteSlot]:
+def make_hub(settings: Settings, *, wake: Callable[[], None], clock: Callable[[], float] = time.monotonic) -> Hub:
+    """A hub and its `cluster.max_in_flight` slots (`hub.slots`)."""
     hub = Hub(settings, wake=wake)
-    hub.slots = [RemoteSlot(hub, i, settings=settings) for i in range(settings.cluster.max_in_flight)]
-    return hub.slots
+    hub.slots = [RemoteSlot(hub, i, settings=settings, clock=clock) for i in range(settings.cluster.max_in_flight)]
+    return hub
+
+
+def make_slots(settings: Settings, *, wake: Callable[[], None]) -> list[RemoteSlot]:
+    return make_hub(settings, wake=wake).slots
