@@ -46,10 +46,11 @@ log = logging.getLogger("watcherd")
 class Handoff:
     """The spool's after-publication sink, and the owner of the hook runner and the webhook."""
 
-    def __init__(self, settings: Settings, *, wake: Callable[[], None]):
+    def __init__(self, settings: Settings, *, wake: Callable[[], None], clock: Callable[[], float] = time.monotonic):
         assert settings.paths.inbox is not None
         self.settings = settings
         self.wake = wake
+        self.clock = clock  # the hook runner's, whose deadlines the loop sleeps until
         self.root = settings.state_dir / f"{inbox_id(settings.paths.inbox)}.handoff"
         self.hooks: HookRunner | None = None
         self.webhook: Webhook | None = None
@@ -81,7 +82,9 @@ class Handoff:
                 source=s.source,
             ) from None
         if hooks_on:
-            self.hooks = HookRunner(s.hooks, Mailbox(self.root / "hooks", "hook", key), wake=self.wake)
+            self.hooks = HookRunner(
+                s.hooks, Mailbox(self.root / "hooks", "hook", key), wake=self.wake, clock=self.clock
+            )
             self.hooks.open()
         if s.webhook.url is not None:
             self.webhook = Webhook(
