@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/metrics_cost.py [--queued 10000 100000] [--files 20000]
 
-- snapshot: `Service._snapshot` (run on the main loop about once a second) with N files ready,
+- snapshot: `Status.snapshot` (run on the main loop about once a second) with N files ready,
   N still settling and N/10 claimed, in ms per call (the median of 20);
 - scrape: rendering the whole registry (what /metrics and each textfile write do) after 10,000
   finished files, in ms;
@@ -31,7 +31,7 @@ from watcherd.core import config_file
 from watcherd.core import settings as settings_mod  # noqa: E402
 from watcherd.core.naming import now_iso  # noqa: E402
 from watcherd.core.records import Job  # noqa: E402
-from watcherd.daemon.service import Service  # noqa: E402
+from watcherd.daemon.status import Status  # noqa: E402
 from watcherd.intake.readiness import StabilityTracker  # noqa: E402
 from watcherd.ops.metrics import Metrics  # noqa: E402
 from watcherd.ops.retention import DAY_S, Retention  # noqa: E402
@@ -47,18 +47,19 @@ def snapshot_ms(n: int) -> float:
         backlog.add_ready(Path(f"/inbox/ready/{i}.png"), (0, i, i))
     backlog.add_claimed(Job(rel=f"c/{i}.png", path=Path(f"/w/{i}"), received_at=now_iso()) for i in range(n // 10))
     fake = types.SimpleNamespace(
+        clock=time.monotonic,
         backlog=backlog,
-        tracker=tracker,
-        workers=[],
-        retiring=[],
+        arrivals=types.SimpleNamespace(tracker=tracker),
+        pool=types.SimpleNamespace(all=list, remote_workers=dict),
         publisher=types.SimpleNamespace(held=[]),
-        is_ready=True,
-        gpu_by_device={},
+        handoff=types.SimpleNamespace(hooks=None, webhook=None),
+        settler=types.SimpleNamespace(gpu_by_device={}),
+        ready=True,
     )
     times = []
     for _ in range(20):
         start = time.perf_counter()
-        Service._snapshot(fake)  # type: ignore[arg-type]
+        Status.snapshot(fake)  # type: ignore[arg-type]
         times.append(time.perf_counter() - start)
     return statistics.median(times) * 1000
 
