@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -17,6 +18,8 @@ import psutil
 
 from tests.conftest import Daemon, cer, gone_or_zombie, make_image, run_watcherd, wait_until
 from tests.engines import HANG_WIDTH, SEGFAULT_WIDTH
+from watcherd.core import config_file
+from watcherd.daemon.service import STOP_GRACE_S, Service
 
 
 def test_samples_are_read_by_the_embedded_engine(daemon_factory, samples: Path) -> None:
@@ -244,12 +247,60 @@ def test_delete_on_success_removes_the_original_after_its_json(daemon_factory) -
     assert not daemon.archive.exists() or not any(daemon.archive.iterdir())
 
 
-def test_sigterm_while_a_file_is_in_the_child_returns_it_to_the_inbox(daemon_factory) -> None:
-    daemon = daemon_factory(ocr={"engine": "tests.engines:Slow", "timeout_s": 300})
-    daemon.start()
+class MovableClock:
+    """time.monotonic, moved on at will: a grace period passes without being waited out."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.monotonic() + self.offset
+
+
+def test_sigterm_while_a_file_is_in_the_child_returns_it_to_the_inbox(tmp_path: Path, caplog) -> None:
+    """The page outlasts the stop grace: its child is killed and the file goes back to the inbox,
+    never to failed. The daemon runs in this process on a clock the test moves past the grace;
+    the child, the signal and the folders are real."""
+    caplog.set_level(logging.INFO, logger="watcherd")
+    daemon = Daemon(tmp_path, ocr={"engine": "tests.engines:Slow", "timeout_s": 300})  # its config, not its process
+    settings = config_file.load(daemon.config_path)
+    settings.require_paths()
+    for folder in (daemon.outbox, daemon.failed, daemon.archive):
+        folder.mkdir()
+    daemon.state.mkdir(mode=0o700)
+    clock = MovableClock()
+    service = Service(settings, clock=clock)
     make_image(daemon.inbox / "busy.png")
-    wait_until(lambda: "busy.png: OCR started" in daemon.log(), 30)
-    assert daemon.stop(signal.SIGTERM, timeout=60) == 0  # after the 30 s grace for the page
+    children: list[int] = []
+    problems: list[BaseException] = []
+
+    def stop_past_the_grace() -> None:
+        try:
+            flights = wait_until(lambda: [(s.pid, f) for s in service.pool.active for f in s.flights], 30, "the child")
+            children.extend(pid for pid, _ in flights if pid is not None)
+        except BaseException as exc:  # still stop the daemon below, or run() never returns
+            problems.append(exc)
+        signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGTERM)
+        try:
+            wait_until(lambda: service.stopping_since is not None, 10, "the SIGTERM to be taken")
+        except BaseException as exc:
+            problems.append(exc)
+        clock.offset += STOP_GRACE_S
+
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGIO)}
+    driver = threading.Thread(target=stop_past_the_grace)
+    driver.start()
+    started = time.monotonic()
+    try:
+        assert service.run() == 0
+    finally:
+        driver.join()
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    assert not problems, problems
+    assert time.monotonic() - started < STOP_GRACE_S  # the grace was the clock's, not waited out
+    assert children and all(gone_or_zombie(pid) for pid in children)
+    assert f"killed by watcherd (stopping after the {STOP_GRACE_S:g} s grace)" in caplog.text
     assert (daemon.inbox / "busy.png").exists()
     assert daemon.results(daemon.failed) == [] and daemon.results() == []
 

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from watcherd.daemon.service import STOP_GRACE_S  # the daemon's own SIGTERM grace period (design §8)
+
 REPO = Path(__file__).resolve().parents[1]
 UNIT_DIR = REPO / "systemd"
 PLAIN = "watcherd.service"
@@ -27,7 +29,6 @@ UNITS = [PLAIN, TEMPLATE]
 
 WATCHERD_BIN = "/opt/watcherd/venv/bin/watcherd"
 MAX_EXPOSURE = 2.0
-DAEMON_GRACE_S = 30  # the daemon's own SIGTERM grace period (docs/design.md §8)
 
 NVIDIA_DEVICES = [
     "/dev/nvidiactl",
@@ -230,7 +231,7 @@ def test_service_lifecycle_directives(unit: Unit) -> None:
     assert unit.last(s, "KillMode") == "mixed"
     assert seconds(unit.last(s, "TimeoutStartSec") or "") == 900
     stop = seconds(unit.last(s, "TimeoutStopSec") or "")
-    assert stop == 60 and stop > DAEMON_GRACE_S
+    assert stop == 60 and stop > STOP_GRACE_S
     assert unit.last(s, "OOMPolicy") == "continue"
     assert any(v.startswith("/bin/kill -HUP $MAINPID") for v in unit.values(s, "ExecReload"))
 
