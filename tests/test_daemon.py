@@ -15,6 +15,7 @@ import zlib
 from pathlib import Path
 
 import psutil
+import pytest
 
 from tests.conftest import Daemon, cer, gone_or_zombie, make_image, run_watcherd, wait_until
 from tests.engines import HANG_WIDTH, SEGFAULT_WIDTH
@@ -257,6 +258,7 @@ class MovableClock:
         return time.monotonic() + self.offset
 
 
+@pytest.mark.slow  # a real daemon, if in this process (conftest marks those of daemon_factory)
 def test_sigterm_while_a_file_is_in_the_child_returns_it_to_the_inbox(tmp_path: Path, caplog) -> None:
     """The page outlasts the stop grace: its child is killed and the file goes back to the inbox,
     never to failed. The daemon runs in this process on a clock the test moves past the grace;
