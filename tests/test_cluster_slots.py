@@ -82,6 +82,24 @@ def test_a_malformed_outcome_fails_its_file_only(slots, tmp_path: Path) -> None:
     assert not outcome.ok and outcome.code == "engine_error"
 
 
+@pytest.mark.parametrize("code", ["no_such_code", None, 7])
+def test_a_failure_without_a_known_error_code_is_an_engine_error(slots, tmp_path: Path, code: object) -> None:
+    """The error document explains its code: one it cannot explain must not reach it."""
+    slot = slots[0]
+    slot.assign(job(tmp_path, "a.png"))
+    reply(slot, "outcome", outcome={"ok": False, "code": code, "detail": None})
+    (outcome,) = slot.pump()
+    assert not outcome.ok and outcome.code == "engine_error" and outcome.detail
+
+
+def test_a_known_failure_without_detail_still_says_something(slots, tmp_path: Path) -> None:
+    slot = slots[0]
+    slot.assign(job(tmp_path, "a.png"))
+    reply(slot, "outcome", outcome={"ok": False, "code": "unreadable", "detail": None})
+    (outcome,) = slot.pump()
+    assert outcome.code == "unreadable" and outcome.detail == "the worker gave no detail"
+
+
 def test_a_dead_lettered_file_is_child_crashed_naming_the_hosts(slots, tmp_path: Path) -> None:
     slot = slots[0]
     slot.assign(job(tmp_path, "poison.png"))

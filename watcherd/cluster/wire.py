@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, TypeGuard
 
 from watcherd.core.records import Outcome
+from watcherd.ocr.protocol import ERROR_CODES
 
 REPLY_KINDS = ("started", "progress", "outcome")
 MAX_FIELD_CHARS = 4096  # a host or engine name, a job's path: far below this; a flood is not
@@ -165,15 +166,23 @@ class OutcomeFields:
 
 
 def decode_outcome(raw: dict[str, Any]) -> OutcomeFields:
-    """Raises WireError when the pages cannot be published (that costs the file, not the loop)."""
+    """Raises WireError when the outcome cannot be published: pages that are not text, a failure
+    without one of watcherd's error codes (that costs the file, not the loop)."""
     pages = raw.get("pages") or []
     if not (isinstance(pages, list) and all(isinstance(p, dict) and isinstance(p.get("text"), str) for p in pages)):
         raise WireError("the outcome's pages are not pages of text")
+    ok, deferred = bool(raw.get("ok")), bool(raw.get("deferred"))
+    code, detail = _text(raw.get("code")), _text(raw.get("detail"))
+    if not ok and not deferred:
+        # The error document names the code and explains it: a code it cannot explain is not ours.
+        if code not in ERROR_CODES:
+            raise WireError(f"the outcome's error code {code!r} is not one of watcherd's")
+        detail = detail or "the worker gave no detail"
     ino = raw.get("opened_ino")
     return OutcomeFields(
-        ok=bool(raw.get("ok")),
-        code=_text(raw.get("code")),
-        detail=_text(raw.get("detail")),
+        ok=ok,
+        code=None if ok else code,
+        detail=detail,
         sha256=_text(raw.get("sha256")),
         pages=pages,
         processing_time=float(raw["processing_time"]) if _number(raw.get("processing_time")) else 0.0,
@@ -181,7 +190,7 @@ def decode_outcome(raw: dict[str, Any]) -> OutcomeFields:
         gpu_info_after=_mapping(raw.get("gpu_info_after")),
         engine=_text(raw.get("engine")),
         model=_text(raw.get("model")),
-        deferred=bool(raw.get("deferred")),
+        deferred=deferred,
         opened_ino=ino if _int(ino) else None,
     )
 
