@@ -40,6 +40,7 @@ from typing import Any
 from watcherd.core.records import Job, Outcome
 from watcherd.core.settings import GpuSettings, OcrSettings
 from watcherd.ocr import protocol
+from watcherd.ocr.framing import Reader
 
 log = logging.getLogger("watcherd")
 
@@ -229,7 +230,7 @@ class InFlight:
     job: Job
     request_id: int
     started_at: float  # when it was handed over
-    pages: list[dict[str, Any]] = field(default_factory=list)
+    pages: list[dict[str, Any]] = field(default_factory=list)  # `protocol.Page.record`s
     sha256: str | None = None
     current_page: int = 0
     page_count: int = 0
@@ -267,7 +268,7 @@ class Worker:
         self.on_event = on_event or (lambda *a, **k: None)
         self.clock = clock
         self.proc: subprocess.Popen[bytes] | None = None
-        self.conn_in: protocol.Reader | None = None  # child → parent (non-blocking, framed)
+        self.conn_in: Reader | None = None  # child → parent (non-blocking, framed)
         self.conn_out: Connection | None = None  # parent → child
         self._stacks: int | None = None  # read end of the pipe the child's faulthandler writes to
         self.state = State.STOPPED
@@ -391,7 +392,7 @@ class Worker:
         finally:
             for fd in (child_r, child_w, stacks_w):
                 os.close(fd)
-        self.conn_in = protocol.Reader(parent_r)
+        self.conn_in = Reader(parent_r)
         self.conn_out = Connection(parent_w, readable=False)
         self._stacks = stacks_r
         self.state = State.LOADING
@@ -427,7 +428,7 @@ class Worker:
         now = self.clock()
         if ask_exit and self.conn_out is not None:
             try:
-                self.conn_out.send_bytes(b'{"op": "exit"}')
+                self.conn_out.send_bytes(protocol.encode(protocol.ExitRequest()))
             except OSError:
                 ask_exit = False
         self._close_pipes()
@@ -507,22 +508,15 @@ class Worker:
             self._request_id += 1
             self.flights.append(InFlight(job=job, request_id=self._request_id, started_at=now))
             job.attempts += 1
-            files.append(
-                {
-                    "id": self._request_id,
-                    "path": str(job.path),
-                    "render": job.render,
-                    "first_page": job.next_page,
-                    # What earlier turns read: the PDF/hOCR/ALTO are written at the last turn.
-                    "earlier": job.pages_done if job.render else [],
-                }
-            )
+            # What earlier turns read: the PDF/hOCR/ALTO are written at the last turn.
+            earlier = job.pages_done if job.render else []
+            files.append(protocol.FileRequest(self._request_id, str(job.path), job.render, job.next_page, earlier))
         if idle:
             self.deadline = now + self.ocr.timeout_s  # opening the file counts too
             self.state = State.BUSY
-        request = {"op": "ocr", "files": files, "solo": any(j.solo for j in jobs), "turn_pages": self.ocr.turn_pages}
+        request = protocol.OcrRequest(tuple(files), any(j.solo for j in jobs), self.ocr.turn_pages)
         try:
-            self.conn_out.send_bytes(json.dumps(request, ensure_ascii=True).encode())
+            self.conn_out.send_bytes(protocol.encode(request))
         except OSError:
             for job in jobs:
                 job.attempts -= 1
@@ -538,7 +532,7 @@ class Worker:
         if self.dirty and self.state == State.IDLE and self.conn_out is not None:
             self.dirty = False
             try:
-                self.conn_out.send_bytes(b'{"op": "idle"}')
+                self.conn_out.send_bytes(protocol.encode(protocol.IdleRequest()))
             except OSError:
                 self._died()
 
@@ -609,23 +603,7 @@ class Worker:
             case protocol.Rendering():  # writing the PDF/hOCR/ALTO gets a page's time of its own
                 self.deadline = now + self.ocr.timeout_s
             case protocol.Page():
-                page: dict[str, Any] = {
-                    "page": message.page,
-                    "text": message.text,
-                    "processing_time": message.processing_time,
-                    "size": message.size,
-                    "resized_from": message.resized_from,
-                    "source": message.source,
-                }
-                if message.rotated is not None:
-                    page["rotated"] = message.rotated
-                if message.batch_pages > 1:
-                    page["batch_pages"], page["batch_time"] = message.batch_pages, message.batch_time
-                if message.replaced_characters:
-                    page["replaced_characters"] = message.replaced_characters
-                if message.lines is not None:
-                    page["lines"] = message.lines
-                flight.pages.append(page)
+                flight.pages.append(message.record)
             case protocol.Deferred():
                 job = flight.job
                 self._landed(flight, now)
