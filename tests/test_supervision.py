@@ -1,12 +1,45 @@
-"""The parent's side of the OCR child without a child: requests on the wire, page records."""
+"""The parent's side of the OCR child without a child: exit reasons, requests on the wire, page records."""
 
 from __future__ import annotations
 
 import json
+import signal
 
 import pytest
 
 from watcherd.ocr import protocol
+from watcherd.ocr.process import Exit, ExitReason
+
+
+@pytest.mark.parametrize(
+    ("reason", "sentence", "label"),
+    [
+        (ExitReason.of_status(-signal.SIGSEGV), "killed by SIGSEGV", "sigsegv"),
+        (ExitReason.of_status(-signal.SIGKILL), "killed by SIGKILL (perhaps out of memory?)", "sigkill"),
+        (ExitReason.of_status(-99), "killed by signal 99", "signal"),
+        (ExitReason.of_status(3), "exited with status 3", "exit"),
+        (ExitReason.of_status(0), "exited with status 0", "exit"),
+        (ExitReason.of_status(None), "unknown exit status", "exit"),
+        (ExitReason(Exit.TIMEOUT, "in/a b.pdf"), "killed by watcherd (page timeout on in/a b.pdf)", "timeout"),
+        (ExitReason(Exit.RECYCLED), "killed by watcherd (recycling)", "recycled"),
+        (ExitReason(Exit.STOPPED, "stopping"), "killed by watcherd (stopping)", "stopped"),
+        (
+            ExitReason(Exit.STOPPED, "stopping after the 10 s grace"),
+            "killed by watcherd (stopping after the 10 s grace)",
+            "stopped",
+        ),
+        (ExitReason(Exit.LOAD_FAILED), "killed by watcherd (engine load failed)", "load_failed"),
+        (
+            ExitReason(Exit.KILLED, "broke the protocol: not JSON"),
+            "killed by watcherd (broke the protocol: not JSON)",
+            "killed",
+        ),
+    ],
+)
+def test_an_exit_reason_gives_the_log_its_sentence_and_the_metric_its_label(
+    reason: ExitReason, sentence: str, label: str
+) -> None:
+    assert (str(reason), reason.label) == (sentence, label)
 
 
 def test_requests_are_written_as_the_child_reads_them() -> None:
