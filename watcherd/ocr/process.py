@@ -227,7 +227,7 @@ class _Dying:
 
 class Reaper:
     """The children let go and not yet reaped: each is polled, SIGKILLed once overdue, and its
-    end reported as a `child_exited` event."""
+    end reported as a `child_exited` event (the sentence, and `exit_reason`: the metric's label)."""
 
     def __init__(self, on_event: Callable[..., None], clock: Callable[[], float]):
         self.on_event = on_event
@@ -263,7 +263,13 @@ class Reaper:
             self.dying.remove(dying)
             launch.killpg(proc.pid)  # grandchildren the child left behind
             reason = dying.reason or ExitReason.of_status(returncode)
-            self.on_event("child_exited", f"OCR child {proc.pid} {reason}", child_pid=proc.pid, level=logging.INFO)
+            self.on_event(
+                "child_exited",
+                f"OCR child {proc.pid} {reason}",
+                child_pid=proc.pid,
+                exit_reason=reason.label,
+                level=logging.INFO,
+            )
 
     def wait_gone(self, wait_s: float) -> None:
         """At exit only: wait up to `wait_s` for the dying children, then kill and reap them."""
