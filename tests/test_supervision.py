@@ -114,3 +114,20 @@ def test_a_page_message_becomes_the_page_of_the_result_json_once() -> None:
         "resized_from": None,
         "source": "ocr",
     }
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"op": "ready", "pid": 1, "load_time": 1%s, "engine": null}',
+        b'{"op": "page", "id": 1, "page": 1, "text": "a", "processing_time": 1%s, "size": []}',
+        b'{"op": "page", "id": 1, "page": 1, "text": "a", "processing_time": 0, "size": [], "batch_pages": 2,'
+        b' "batch_time": 1%s}',
+        b'{"op": "page", "id": 1, "page": 1, "text": "a", "processing_time": 0, "size": [],'
+        b' "lines": [{"text": "a", "score": null, "box": [[1%s, 0], [1, 0], [1, 1], [0, 1]]}]}',
+    ],
+)
+def test_a_number_too_large_for_a_float_is_a_protocol_error(raw: bytes) -> None:
+    """Not an OverflowError in the parent's loop: the child is not trusted (design §9)."""
+    with pytest.raises(protocol.ProtocolError, match="too large"):
+        protocol.decode(raw % (b"0" * 400))

@@ -273,7 +273,10 @@ def decode(raw: bytes) -> Message:
             message = _clean(message)
         except RecursionError:
             raise ProtocolError("nested too deeply") from None
-    return _typed(op, message)
+    try:
+        return _typed(op, message)
+    except OverflowError:  # an integer too large for a float (10**400): float() and isfinite() raise
+        raise ProtocolError(f"{op}: a number too large for a float") from None
 
 
 def _typed(op: str, m: dict[str, Any]) -> Message:
