@@ -194,19 +194,19 @@ def test_the_one_decode_site_refuses_what_is_not_a_message() -> None:
 def test_the_reader_returns_whole_frames_and_refuses_oversized_ones() -> None:
     import struct
 
-    from watcherd.ocr import protocol
+    from watcherd.ocr import framing
 
     r, w = os.pipe()
-    reader = protocol.Reader(r)
+    reader = framing.Reader(r)
     try:
         os.write(w, struct.pack("!i", 5) + b"hel")
         assert reader.read() == ([], False)  # half a frame: nothing yet, and no waiting for the rest
         os.write(w, b"lo" + struct.pack("!i", 2) + b"ok")
         assert reader.read() == ([b"hello", b"ok"], False)
-        os.write(w, struct.pack("!iQ", -1, protocol.MAX_MESSAGE_BYTES + 1))
+        os.write(w, struct.pack("!iQ", -1, framing.MAX_MESSAGE_BYTES + 1))
         try:
             reader.read()
-        except protocol.ProtocolError as exc:
+        except framing.ProtocolError as exc:
             assert "cap" in str(exc)
         else:
             raise AssertionError("an oversized frame was accepted")

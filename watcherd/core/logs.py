@@ -84,6 +84,7 @@ FIELD_NAMES = {
     "pages": "WATCHERD_PAGES",
     "gpu_free_mb": "WATCHERD_GPU_FREE_MB",
     "child_pid": "WATCHERD_CHILD_PID",
+    "exit_reason": "WATCHERD_EXIT_REASON",
 }
 
 

@@ -1,14 +1,13 @@
-"""The messages between the parent and the OCR child: framing, size cap, one decode site.
+"""The messages between the parent and the OCR child, typed, with one decode site each way.
 
-Frames are multiprocessing's (`Connection.send_bytes`: a 4-byte big-endian length, or -1 and an
-8-byte length, then the bytes), so the child writes with a plain `Connection`. The parent does
-not read with one: `recv_bytes()` blocks until the whole frame is there, so a child that wrote a
-header claiming 60 MB and then hung would stall the main loop, timeout clock included. `Reader`
-reads what the pipe holds without blocking and returns complete frames.
+Child → parent messages are decoded by `decode` only; parent → child requests are encoded by
+`encode` only (in the parent) and decoded by `decode_request` (in the child).
+
+They travel as frames (`framing`: the parent's non-blocking `Reader`, the size cap).
 
 The child is not trusted either (it runs a model on hostile files, design §9): a frame over
 `MAX_MESSAGE_BYTES`, bytes that are not JSON, JSON that is not an object, an unknown `op` or a
-field missing or of the wrong type raise `ProtocolError`, which the supervisor treats like the
+field missing or of the wrong type raise `ProtocolError` (`framing`'s), which the supervisor treats like the
 child dying (the file retried once, then `child_crashed`), never as an exception in the parent.
 Strings that reach the parent are made valid UTF-8: an engine's text with a lone surrogate
 ("before \\udce9 after") once raised UnicodeEncodeError at publication, and at every restart.
@@ -18,11 +17,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import struct
 from dataclasses import dataclass, field
 from typing import Any
+
+from watcherd.ocr.framing import ProtocolError
 
 # design §5: every error JSON carries one of these; the child may report all but not_regular_file.
 ERROR_CODES = (
@@ -36,9 +35,6 @@ ERROR_CODES = (
     "not_regular_file",
 )
 
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # a page's text is kilobytes; a bug or an attack is not
-READ_CHUNK = 1024 * 1024
-READ_PER_CALL = 8 * 1024 * 1024  # then back to the loop; the pipe stays readable, so we come back
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _NUMBER = (int, float)
@@ -106,18 +102,28 @@ class Rendering:  # every page is read; the PDF/hOCR/ALTO are being written (the
 
 @dataclass(frozen=True)
 class Page:
+    """A page read. `record` is the page as the result JSON carries it, built once by `decode` and
+    handed on as it is (the document's `pages`, and the `earlier` of a long file's later turns):
+    page, text, processing_time, size, resized_from, source ("ocr", or "pdf_text": the PDF page's
+    own text layer, no OCR), then where they apply rotated (degrees the page was turned upright
+    before OCR), batch_pages and batch_time (pages OCR'd in the same engine call and its wall
+    time; processing_time is a share), replaced_characters (lone surrogates replaced, here or in
+    the child) and lines (checked: {text, score, box, words?}, boxes in the original's pixels)."""
+
     id: int
-    page: int
-    text: str
-    processing_time: float
-    size: list[Any]
-    resized_from: Any
-    replaced_characters: int  # lone surrogates replaced, here or in the child
-    lines: list[dict[str, Any]] | None = None  # checked: {text, score, box, words?}, boxes in the original's pixels
-    source: str = "ocr"  # or "pdf_text": the PDF page's own text layer, no OCR
-    rotated: int | None = None  # degrees the page was turned upright before OCR (auto_rotate)
-    batch_pages: int = 1  # pages OCR'd in the same engine call (ocr_batch); processing_time is a share
-    batch_time: float | None = None  # that call's wall time
+    record: dict[str, Any]
+
+    @property
+    def page(self) -> int:
+        return int(self.record["page"])
+
+    @property
+    def text(self) -> str:
+        return str(self.record["text"])
+
+    @property
+    def replaced_characters(self) -> int:
+        return int(self.record.get("replaced_characters", 0))
 
 
 @dataclass(frozen=True)
@@ -143,15 +149,81 @@ class Finished:  # `done` (ok) or `failed` (code, detail)
     next_page: int | None = None  # done with a turn of a long file: where the next turn starts (0-based)
 
 
-Message = Ready | LoadFailed | Cleared | Pages | PageStart | Rendering | Page | Deferred | Finished
+FileMessage = Pages | PageStart | Rendering | Page | Deferred | Finished  # about a file of a request (`id`)
+Message = Ready | LoadFailed | Cleared | FileMessage
+
+# -- the requests, parent → child: one dataclass each, written only by `encode` ------------------
+
+
+@dataclass(frozen=True)
+class FileRequest:
+    """A file of an `ocr` request, read from `first_page` (0-based: a later turn of a long file)."""
+
+    id: int
+    path: str
+    render: dict[str, Any]  # Job.render: the PDF/hOCR/ALTO to write to scratch files; {}: none
+    first_page: int = 0
+    earlier: list[dict[str, Any]] = field(default_factory=list)  # pages earlier turns read (`Page.record`s)
+
+
+@dataclass(frozen=True)
+class OcrRequest:
+    """Files to read: several only for an engine with ocr_batch (their pages share engine calls);
+    another may come while one is read, and joins it."""
+
+    files: tuple[FileRequest, ...]
+    solo: bool = False  # a page per engine call
+    turn_pages: int = 0  # a longer file is read this many pages at a time; 0: whole
+
+
+@dataclass(frozen=True)
+class IdleRequest:
+    """The queue is drained: clear the cache."""
+
+
+@dataclass(frozen=True)
+class ExitRequest:
+    """Exit (the parent SIGKILLs a child that does not)."""
+
+
+Request = OcrRequest | IdleRequest | ExitRequest
+
+
+def encode(request: Request) -> bytes:
+    """A request as one frame's bytes: JSON, ASCII only (a file name's surrogate escapes survive)."""
+    message: dict[str, Any]
+    if isinstance(request, OcrRequest):
+        files = [
+            {"id": f.id, "path": f.path, "render": f.render, "first_page": f.first_page, "earlier": f.earlier}
+            for f in request.files
+        ]
+        message = {"op": "ocr", "files": files, "solo": request.solo, "turn_pages": request.turn_pages}
+    else:
+        message = {"op": "idle" if isinstance(request, IdleRequest) else "exit"}
+    return json.dumps(message, ensure_ascii=True).encode()
+
+
+def decode_request(raw: bytes) -> Request:
+    """A request, in the child. The parent is trusted: optional fields default as `encode` would
+    write them; an unknown `op` raises ProtocolError, a missing id or path KeyError."""
+    message = json.loads(raw)
+    op = message.get("op")
+    if op == "idle":
+        return IdleRequest()
+    if op == "exit":
+        return ExitRequest()
+    if op != "ocr":
+        raise ProtocolError(f"unknown request {str(op)[:40]!r}")
+    files = tuple(
+        FileRequest(f["id"], f["path"], f.get("render") or {}, int(f.get("first_page") or 0), f.get("earlier") or [])
+        for f in message["files"]
+    )
+    return OcrRequest(files, bool(message.get("solo")), int(message.get("turn_pages") or 0))
+
 
 MAX_LINES = 100_000  # per page; a dense newspaper page has a few hundred
 MAX_WORDS = 10_000  # per line
 ROTATIONS = (0, 90, 180, 270)
-
-
-class ProtocolError(Exception):
-    """The child sent something that is not a message we know: treat it as a crash."""
 
 
 def valid_text(text: str) -> tuple[str, int]:
@@ -201,7 +273,10 @@ def decode(raw: bytes) -> Message:
             message = _clean(message)
         except RecursionError:
             raise ProtocolError("nested too deeply") from None
-    return _typed(op, message)
+    try:
+        return _typed(op, message)
+    except OverflowError:  # an integer too large for a float (10**400): float() and isfinite() raise
+        raise ProtocolError(f"{op}: a number too large for a float") from None
 
 
 def _typed(op: str, m: dict[str, Any]) -> Message:
@@ -224,23 +299,7 @@ def _typed(op: str, m: dict[str, Any]) -> Message:
     if op == "rendering":
         return Rendering(m["id"])
     if op == "page":
-        rotated = m.get("rotated")
-        if rotated is not None and rotated not in ROTATIONS:
-            raise ProtocolError(f"page: rotated is {str(rotated)[:20]!r}, not one of {ROTATIONS}")
-        return Page(
-            m["id"],
-            m["page"],
-            m["text"],
-            float(m["processing_time"]),
-            m["size"],
-            m.get("resized_from"),
-            _count(m.get("replaced_characters")),
-            None if m.get("lines") is None else _lines(m["lines"]),
-            "pdf_text" if m.get("source") == "pdf_text" else "ocr",
-            rotated,
-            max(1, _count(m.get("batch_pages"))),
-            float(m["batch_time"]) if _finite(m.get("batch_time")) else None,
-        )
+        return Page(m["id"], _page_record(m))
     if op == "deferred":
         reason = "engine_unavailable" if m.get("reason") == "engine_unavailable" else "vram"
         return Deferred(m["id"], m["gpu_info"], _str(m.get("sha256")), reason, _str(m.get("detail")))
@@ -256,6 +315,35 @@ def _typed(op: str, m: dict[str, Any]) -> Message:
         {k: v for k, v in _dict(m.get("render_errors")).items() if k in ("pdf", "hocr", "alto") and isinstance(v, str)},
         _count(m.get("next_page")) or None,
     )
+
+
+def _page_record(m: dict[str, Any]) -> dict[str, Any]:
+    """A checked `page` message as the page of the result JSON (`Page.record`), its keys in order."""
+    rotated = m.get("rotated")
+    if rotated is not None and rotated not in ROTATIONS:
+        raise ProtocolError(f"page: rotated is {str(rotated)[:20]!r}, not one of {ROTATIONS}")
+    processing_time = float(m["processing_time"])
+    lines = None if m.get("lines") is None else _lines(m["lines"])
+    record: dict[str, Any] = {
+        "page": m["page"],
+        "text": m["text"],
+        "processing_time": processing_time,
+        "size": m["size"],
+        "resized_from": m.get("resized_from"),
+        "source": "pdf_text" if m.get("source") == "pdf_text" else "ocr",
+    }
+    if rotated is not None:
+        record["rotated"] = rotated
+    batch_pages = max(1, _count(m.get("batch_pages")))
+    if batch_pages > 1:
+        record["batch_pages"] = batch_pages
+        record["batch_time"] = float(m["batch_time"]) if _finite(m.get("batch_time")) else None
+    replaced = _count(m.get("replaced_characters"))
+    if replaced:
+        record["replaced_characters"] = replaced
+    if lines is not None:
+        record["lines"] = lines
+    return record
 
 
 def _lines(value: Any) -> list[dict[str, Any]]:
@@ -311,59 +399,3 @@ def _dict(value: Any) -> dict[str, Any]:
 
 def _count(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
-
-
-class Reader:
-    """Complete frames from a non-blocking pipe, without ever waiting for the rest of one."""
-
-    def __init__(self, fd: int):
-        os.set_blocking(fd, False)
-        self.fd = fd
-        self.buffer = bytearray()
-        self.closed = False
-
-    def fileno(self) -> int:
-        return self.fd
-
-    def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            os.close(self.fd)
-
-    def read(self) -> tuple[list[bytes], bool]:
-        """(complete frames, end of file). Raises ProtocolError on an oversized frame."""
-        eof = False
-        taken = 0
-        while taken < READ_PER_CALL:
-            try:
-                chunk = os.read(self.fd, READ_CHUNK)
-            except BlockingIOError:
-                break
-            except OSError:
-                eof = True
-                break
-            if not chunk:
-                eof = True
-                break
-            self.buffer += chunk
-            taken += len(chunk)
-        return self._frames(), eof
-
-    def _frames(self) -> list[bytes]:
-        frames: list[bytes] = []
-        while True:
-            if len(self.buffer) < 4:
-                return frames
-            (size,) = struct.unpack("!i", self.buffer[:4])
-            start = 4
-            if size == -1:
-                if len(self.buffer) < 12:
-                    return frames
-                (size,) = struct.unpack("!Q", self.buffer[4:12])
-                start = 12
-            if size < 0 or size > MAX_MESSAGE_BYTES:
-                raise ProtocolError(f"a message of {size:,} bytes, over the {MAX_MESSAGE_BYTES:,}-byte cap")
-            if len(self.buffer) < start + size:
-                return frames
-            frames.append(bytes(self.buffer[start : start + size]))
-            del self.buffer[: start + size]

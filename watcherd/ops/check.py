@@ -20,7 +20,7 @@ from pathlib import Path
 
 from watcherd.core.settings import Settings
 from watcherd.intake import mounts
-from watcherd.ocr.supervisor import CHILD_PATH_SETUP, PACKAGE_ROOT, probe_engine
+from watcherd.ocr import launch
 
 
 def report(settings: Settings) -> int:
@@ -65,27 +65,19 @@ print(json.dumps(gpu.info() if torch.cuda.is_available() else {"available": Fals
 def gpu(settings: Settings) -> list[tuple[bool | None, str, str]]:
     """Each configured GPU, its free memory now, and whether the guards would let a page run.
 
-    Read in a throw-away process under `ocr.python` with CUDA_VISIBLE_DEVICES set as the child
-    will have it: the parent never imports torch.
+    Read in a throw-away process started as the child is (`launch`: under `ocr.python`, in "/",
+    with CUDA_VISIBLE_DEVICES set as the child will have it): the parent never imports torch.
     """
     if settings.ocr.devices is None and settings.ocr.engine == "rapidocr":
         return [(True, "gpu", "not used (rapidocr runs on the CPU)")]
     python = settings.ocr.python or sys.executable
     g = settings.gpu
     lines: list[tuple[bool | None, str, str]] = []
+    argv = launch.command(settings.ocr, f"{launch.CHILD_PATH_SETUP}\n{GPU_PROBE}")
     for device in settings.ocr.devices or (None,):
-        env = dict(os.environ)
-        if device is not None:
-            env["CUDA_VISIBLE_DEVICES"] = str(device)
         name = "gpu" if device is None else f"gpu {device}"
         try:
-            out = subprocess.run(
-                [python, "-c", f"{CHILD_PATH_SETUP}\n{GPU_PROBE}", PACKAGE_ROOT],
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=120,
-            )
+            out = launch.run(argv, timeout=120, env=launch.environment(device=device))
             info = json.loads(out.stdout.strip().splitlines()[-1])
         except (OSError, subprocess.TimeoutExpired, ValueError, IndexError) as exc:
             lines.append((False, name, f"cannot read GPU memory under {python}: {exc}"))
@@ -162,7 +154,7 @@ def watch(settings: Settings) -> list[tuple[bool | None, str, str]]:
 
 def engine(settings: Settings) -> tuple[bool, str, str]:
     python = settings.ocr.python or sys.executable
-    problem = probe_engine(settings.ocr)
+    problem = launch.probe_engine(settings.ocr)
     if problem is not None:
         return False, "ocr.engine", problem
     return True, "ocr.engine", f"{settings.ocr.engine} imports under {python}"

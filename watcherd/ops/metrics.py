@@ -63,30 +63,6 @@ class Snapshot:
         return max(0.0, (time.time() if now is None else now) - self.oldest_since)
 
 
-def exit_reason(message: str) -> str:
-    """The `reason` label of a `child_exited` event, from its message (supervisor.describe_exit and
-    the reasons Worker._release is given): timeout, recycled, stopped, load_failed, killed (by
-    watcherd, another reason), a signal's name in lower case (sigsegv, sigkill: the kernel's OOM
-    killer sends SIGKILL too), or exit (it exited by itself)."""
-    if "killed by watcherd (" in message:
-        why = message.split("killed by watcherd (", 1)[1]
-        for start, reason in (
-            ("page timeout", "timeout"),
-            ("recycling", "recycled"),
-            ("stopping", "stopped"),
-            ("engine load failed", "load_failed"),
-        ):
-            if why.startswith(start):
-                return reason
-        return "killed"
-    if "killed by " in message:
-        name = message.split("killed by ", 1)[1].split()[0]
-        if name == "signal":
-            return "signal"
-        return name.lower() if name.isalnum() else "signal"
-    return "exit"
-
-
 class _StateCollector(Collector):
     """The gauges that describe now, read from the current snapshot at collection time."""
 
@@ -216,8 +192,8 @@ class Metrics:
         def event(name: str, message: str, **fields: Any) -> None:
             if name == "child_started":
                 self.child_starts.inc()
-            elif name == "child_exited":
-                self.child_exits.labels(exit_reason(message)).inc()
+            elif name == "child_exited":  # how it ended, as process.ExitReason.label says
+                self.child_exits.labels(fields["exit_reason"]).inc()
             on_event(name, message, **fields)
 
         return event
