@@ -20,7 +20,7 @@ from typing import Any
 
 from watcherd.core.records import InputError
 from watcherd.core.text import as_page
-from watcherd.ocr import gpu
+from watcherd.ocr import gpu, protocol
 from watcherd.ocr.child.decode import Document, Page
 from watcherd.ocr.child.report import EngineError, File, Reporter, earlier_page
 from watcherd.ocr.engines import EngineUnavailable
@@ -44,7 +44,7 @@ class Batcher:
         *,
         batch_pages: int,
         send: Callable[..., None],
-        top_ups: Callable[[], Iterable[dict[str, Any]]],
+        top_ups: Callable[[], Iterable[protocol.FileRequest]],
     ):
         self.engine = engine
         self.orientation = orientation  # the page-orientation classifier, with ocr.auto_rotate
@@ -55,16 +55,16 @@ class Batcher:
         self.report = Reporter(send, memory_max_mb=spec.get("memory_max_mb"))
         self.files_done = 0
 
-    def ocr(self, request: dict[str, Any]) -> None:
+    def ocr(self, request: protocol.OcrRequest) -> None:
         """One `ocr` request: one file, or several when the engine reads pages in batches (the
         parent keeps about three batches' worth here, and more files join while it runs). Pages
         of the files share engine calls, `ocr.batch_pages` at a time, in the files' order: a batch
         may end one file and start the next, so a GPU is fed while one-page scans queue. Each file
         is read from `first_page`, at most `turn_pages` pages when it has more, and finished
         (rendered, `done`) as soon as its last page is read; a file that fails costs only itself."""
-        per_call = 1 if request.get("solo") else self.batch_pages
-        turn = int(request.get("turn_pages") or 0)
-        files = [f for f in (self._open(spec, per_call, turn) for spec in request["files"]) if f is not None]
+        per_call = 1 if request.solo else self.batch_pages
+        turn = request.turn_pages
+        files = [f for f in (self._open(spec, per_call, turn) for spec in request.files) if f is not None]
         ahead: _Prefetch | None = None  # the next batch, decoded while the engine reads this one
         while files:
             if ahead is not None:
@@ -141,11 +141,11 @@ class Batcher:
         next files arrive before the last batch ends), opened and added behind the others."""
         files += [f for f in (self._open(spec, per_call, turn) for spec in self.top_ups()) if f is not None]
 
-    def _open(self, spec: dict[str, Any], per_call: int, turn: int) -> File | None:
+    def _open(self, spec: protocol.FileRequest, per_call: int, turn: int) -> File | None:
         """Read a file of the request, hash it and count its pages (`pages`), or say why not (`failed`)."""
         sha256 = None
         try:
-            with open(spec["path"], "rb", opener=_open_nofollow) as f:
+            with open(spec.path, "rb", opener=_open_nofollow) as f:
                 # read(n) allocates n bytes first: ask for what the file holds (plus one, to see
                 # it grow past the limit), not for max_file_bytes, which RLIMIT_DATA may not allow.
                 st = os.fstat(f.fileno())
@@ -154,22 +154,20 @@ class Batcher:
                 raise InputError("too_large", f"larger than ocr.max_file_mb ({self.spec['max_file_mb']:g} MB)")
             sha256 = hashlib.sha256(data).hexdigest()
             document = Document(data, max_side_px=self.spec["max_side_px"], max_pages=self.spec["max_pages"])
-            render = spec.get("render") or {}
+            render = spec.render
             original = data if "pdf" in (render.get("formats") or {}) else None  # the PDF is built around it
             del data
             # The inode read: the parent checks it is the one it claimed (design §9).
             file = [st.st_dev, st.st_ino]
-            self.send("pages", id=spec["id"], count=len(document), sha256=sha256, kind=document.kind, file=file)
-            first = int(spec.get("first_page") or 0)
+            self.send("pages", id=spec.id, count=len(document), sha256=sha256, kind=document.kind, file=file)
+            first = spec.first_page
             stop = min(len(document), first + max(turn, per_call)) if turn else len(document)
-            opened = File(
-                spec["id"], spec["path"], render, document, sha256, original, first, first, stop, self.gpu_info()
-            )
+            opened = File(spec.id, spec.path, render, document, sha256, original, first, first, stop, self.gpu_info())
             if first:  # a later turn: what the earlier ones read, for the PDF/hOCR/ALTO
-                opened.rendered = [earlier_page(page, document) for page in spec.get("earlier") or []]
+                opened.rendered = [earlier_page(page, document) for page in spec.earlier]
             return opened
         except Exception as exc:  # noqa: BLE001 - a hostile file costs itself only (Reporter says how)
-            self.report.failed(spec["id"], exc, sha256)
+            self.report.failed(spec.id, exc, sha256)
             return None
 
     def _finished(self, f: File, ahead: _Prefetch | None) -> bool:

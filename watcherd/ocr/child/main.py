@@ -55,6 +55,7 @@ from collections.abc import Iterator
 from multiprocessing.connection import Connection
 from typing import Any
 
+from watcherd.ocr import protocol
 from watcherd.ocr.child.batch import Batcher
 from watcherd.ocr.engines import EngineConfigError, EngineNotFound, resolve
 
@@ -82,7 +83,7 @@ class Child:
         self.spec = spec
         self.engine: Any = None
         self.batcher: Batcher | None = None  # once the engine is loaded
-        self.later: collections.deque[dict[str, Any]] = collections.deque()  # read while busy, not `ocr`
+        self.later: collections.deque[protocol.Request] = collections.deque()  # read while busy, not `ocr`
 
     def send(self, op: str, **fields: Any) -> None:
         self.conn_out.send_bytes(json.dumps({"op": op, **fields}).encode())
@@ -142,29 +143,28 @@ class Child:
                 message = self.later.popleft()
             else:
                 try:
-                    message = json.loads(self.conn_in.recv_bytes())
+                    message = protocol.decode_request(self.conn_in.recv_bytes())
                 except EOFError:
                     return  # the parent closed the pipe: we are done
-            op = message["op"]
-            if op == "ocr":
+            if isinstance(message, protocol.OcrRequest):
                 self.batcher.ocr(message)
-            elif op == "idle":
+            elif isinstance(message, protocol.IdleRequest):
                 self.batcher.clear_cache()
-            elif op == "exit":
+            elif isinstance(message, protocol.ExitRequest):
                 return
 
-    def _top_ups(self) -> Iterator[dict[str, Any]]:
+    def _top_ups(self) -> Iterator[protocol.FileRequest]:
         """The files of the `ocr` requests the parent has sent while one is read, as they are
         read; any other message waits in `later` for the request loop."""
         while self.conn_in.poll():
             try:
-                message = json.loads(self.conn_in.recv_bytes())
+                message = protocol.decode_request(self.conn_in.recv_bytes())
             except EOFError:
                 return  # the parent is gone; serve() finds out next
-            if message["op"] != "ocr":
+            if not isinstance(message, protocol.OcrRequest):
                 self.later.append(message)
                 continue
-            yield from message["files"]
+            yield from message.files
 
 
 def _set_threads(threads: int | None) -> None:
