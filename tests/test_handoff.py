@@ -562,7 +562,7 @@ def test_credentials_in_the_webhook_url_are_never_logged(daemon_factory: Any) ->
     drop(d, "c.png")
     d.wait_json("c.png")
     wait_until(lambda: "c.png: webhook to" in d.log(), 20, "the refused connection")
-    assert f"webhook to http://127.0.0.1:{port}/in?… not delivered (ConnectError" in d.log()
+    assert f"webhook to http://user:***@127.0.0.1:{port}/in?… not delivered (ConnectError" in d.log()
     assert SECRET not in d.log() and SECRET not in d.status_path.read_text()
     assert d.stop() == 0
 

@@ -32,6 +32,7 @@ from typing import Any
 from watcherd.cluster import app as app_mod
 from watcherd.cluster import wire
 from watcherd.core import logs
+from watcherd.core.backoff import backoff_s
 from watcherd.core.records import Job, Outcome, inbox_id
 from watcherd.core.settings import ClusterSettings, Settings, redact_url
 from watcherd.ocr.supervisor import InFlight, State
@@ -89,19 +90,19 @@ class Link:
 
     def _run(self, role: str, session: Callable[[Any], None]) -> None:
         where = redact_url(self.cluster.broker_url or "")
-        backoff = 0.5
+        failures = 0
         while not self._stop.is_set():
             try:
                 with self.app.connection_for_write() as conn:
                     conn.ensure_connection(max_retries=1)
                     session(conn)
-                backoff = 0.5
+                failures = 0
             except Exception as exc:  # any broker or socket failure: reconnect (kombu raises many kinds)
-                if self._up[role] or backoff == 0.5:
+                failures += 1
+                if self._up[role] or failures == 1:
                     log.warning("Broker %s unreachable (%s: %s); retrying", where, role, exc)
                 self._up[role] = False
-                self._stop.wait(backoff)
-                backoff = min(RECONNECT_MAX_S, backoff * 2)
+                self._stop.wait(backoff_s(failures, first_s=0.5, most_s=RECONNECT_MAX_S))
 
     def _connected(self, role: str) -> None:
         self._up[role] = True

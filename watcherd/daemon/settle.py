@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from watcherd.core import logs, naming
+from watcherd.core.backoff import backoff_s
 from watcherd.core.records import Job, Outcome
 from watcherd.core.settings import Settings
 from watcherd.daemon.tally import Tally
@@ -117,9 +118,8 @@ class Settler:
         self._back_off(job)
 
     def _back_off(self, job: Job) -> None:
-        backoff = min(MAX_DEFER_BACKOFF_S, 2.0**job.deferrals * 0.5)
         job.deferrals += 1
-        self.backlog.defer(job, backoff)
+        self.backlog.defer(job, backoff_s(job.deferrals, first_s=0.5, most_s=MAX_DEFER_BACKOFF_S))
 
     def finish(self, outcome: Outcome) -> None:
         """Publish it, unless the bytes read were not the claimed file's final ones (read again)."""

@@ -17,7 +17,7 @@ signature, somewhere the operator did not configure). Given up after `webhook.ma
 error logged. TLS is verified (httpx's default, or `webhook.ca_file`).
 
 The secret is read once at start and never logged, put in the status file, or in a message; the
-URL is logged without user:password and query (`settings.redact_url`).
+URL is logged with its password as *** and its query as … (`settings.redact_url`).
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ import httpx
 
 from watcherd import __version__
 from watcherd.core import logs, safefs
+from watcherd.core.backoff import backoff_s
 from watcherd.core.settings import ConfigError, WebhookSettings, redact_url
 from watcherd.handoff.mailbox import BadEntry, Mailbox
 
@@ -207,7 +208,7 @@ class Webhook:
         return None
 
     def _retry(self, name: str, attempt: int, source: str, why: str, retry_after: str | None, created: float) -> float:
-        delay = min(MAX_BACKOFF_S, FIRST_BACKOFF_S * 2**attempt) * random.uniform(0.5, 1.0)
+        delay = backoff_s(attempt + 1, first_s=FIRST_BACKOFF_S, most_s=MAX_BACKOFF_S) * random.uniform(0.5, 1.0)
         asked = _retry_after_s(retry_after)
         if asked is not None:
             delay = min(MAX_BACKOFF_S, max(delay, asked))

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from watcherd.core.backoff import backoff_s
 from watcherd.core.records import Job, Outcome
 from watcherd.core.settings import GpuSettings, OcrSettings
 from watcherd.ocr import protocol
@@ -71,15 +72,15 @@ class _Backoff:
 
     def load_failed(self) -> float:
         self.load_failures += 1
-        return min(MAX_BACKOFF_S, 2.0 ** (self.load_failures - 1))
+        return backoff_s(self.load_failures, first_s=1.0, most_s=MAX_BACKOFF_S)
 
     def crashed(self) -> float:
         self.crashes += 1
-        return min(MAX_BACKOFF_S, 0.5 * (2 ** (self.crashes - 1)) - 0.5)
+        return backoff_s(self.crashes, first_s=0.5, most_s=MAX_BACKOFF_S + 0.5) - 0.5  # the first at once
 
     def server_unavailable(self) -> float:
         self.unavailable += 1
-        return min(MAX_UNAVAILABLE_PAUSE_S, 0.5 * 2 ** (self.unavailable - 1))
+        return backoff_s(self.unavailable, first_s=0.5, most_s=MAX_UNAVAILABLE_PAUSE_S)
 
 
 class Worker:
