@@ -483,3 +483,34 @@ def test_dispatcher_kill9_at_random_moments(cluster, request) -> None:
         f"restarted each time; {claimed} kills caught files claimed",
     )
     assert (lost, duplicated) == (0, 0), f"seed {seed}"
+
+
+def test_a_message_that_is_not_json_on_the_reply_queue_is_refused_and_files_still_publish(cluster) -> None:
+    """Anyone who can publish to the broker can put bytes on the reply queue. Unacknowledged, a
+    message the consumer cannot decode came back first after every reconnect, for ever, and no
+    later reply was read: each file was OCR'd, resubmitted every progress_grace_s, never published."""
+    from kombu import Connection
+
+    from watcherd.core.records import inbox_id
+
+    c = cluster(workers=1)
+    d = c.daemon
+    replies = f"{c.queue}.reply.{inbox_id(d.inbox)}"
+    with Connection(c.rabbit.url) as conn:
+        producer = conn.Producer()
+        producer.publish(b"\x80\x04not json", routing_key=replies, content_type="application/x-python-serialize")
+        producer.publish(b"{nor is this", routing_key=replies, content_type="application/json")
+        producer.publish({"kind": "started", "host": "forged", "device": "x" * 10_000}, routing_key=replies)
+    wait_until(lambda: "Refusing messages on the reply queue" in d.log(), 30, "the refusal")
+    name = drop(d, "after.png")
+    assert d.wait_json(name, d.outbox, timeout=60)["status"] == "ok"
+
+    def status() -> dict[str, Any] | None:  # written about once a second
+        doc = json.loads(run_watcherd("status", "--json", "--config", str(d.config_path)).stdout)
+        return doc if doc["cluster"]["refused_messages"] >= 3 else None
+
+    doc = wait_until(status, 15, "the status file to count the refused messages")
+    assert doc["cluster"]["refused_messages"] == 3
+    assert {w["host"] for w in doc["cluster"]["workers"]} == {"w1"}  # the forged host is not listed
+    assert d.log().count("Refusing messages on the reply queue") == 1  # said once, not per message
+    assert "unreachable" not in d.log()  # no reconnect loop

@@ -138,7 +138,7 @@ def test_a_message_no_worker_writes_is_dropped_and_the_loop_goes_on(slots, tmp_p
     slot.hub.link.incoming.append(("reply", body))
     reply(slot, "outcome", outcome={"ok": True, "pages": [{"page": 1, "text": "a"}]})
     (outcome,) = slot.pump()
-    assert outcome.ok and slot.hub.dropped == 1
+    assert outcome.ok and slot.hub.refused == 1 and slot.hub.dropped == 0
 
 
 def test_a_task_is_read_back_as_it_was_written_and_a_foreign_one_is_refused(slots, tmp_path: Path) -> None:
@@ -149,3 +149,28 @@ def test_a_task_is_read_back_as_it_was_written_and_a_foreign_one_is_refused(slot
     for bad in ({**sent, "path": 7}, {**sent, "signature": [1, 2]}, {k: v for k, v in sent.items() if k != "reply_to"}):
         with pytest.raises(wire.WireError):
             wire.Task.decode(bad)
+
+
+def test_only_a_reply_of_an_attempt_in_flight_names_a_host(slots, tmp_path: Path) -> None:
+    """Forged replies (no valid attempt) used to add a worker each: status and metrics grew
+    without bound. A real one names its host, with a bounded device name."""
+    slot = slots[0]
+    slot.assign(job(tmp_path, "a.png"))
+    for i in range(300):
+        slot.hub.link.incoming.append(("reply", {"attempt": f"forged{i}", "host": f"fake{i}", "kind": "started"}))
+    reply(slot, "started", device="x" * 10_000)
+    slot.pump()
+    assert set(slot.hub.hosts) == {"gpu1"} and slot.hub.hosts["gpu1"].device is None
+    assert slot.hub.dropped == 300
+
+
+def test_the_host_table_keeps_its_size_when_hosts_come_and_go(slots, tmp_path: Path) -> None:
+    from watcherd.cluster.dispatcher import MAX_HOSTS
+
+    slot = slots[0]
+    for i in range(MAX_HOSTS + 20):
+        slot.assign(job(tmp_path, f"f{i}.png"))
+        reply(slot, "started", host=f"h{i}")
+        reply(slot, "outcome", outcome={"ok": True, "pages": [{"page": 1, "text": "x"}]})
+        slot.pump()
+    assert len(slot.hub.hosts) == MAX_HOSTS and f"h{MAX_HOSTS + 19}" in slot.hub.hosts

@@ -19,10 +19,8 @@ claimed file still has the signature it had when it was read.
 
 from __future__ import annotations
 
-import collections
 import logging
 import os
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -31,126 +29,32 @@ from typing import Any
 
 from watcherd.cluster import app as app_mod
 from watcherd.cluster import wire
+from watcherd.cluster.link import Link
 from watcherd.core import logs
-from watcherd.core.backoff import backoff_s
-from watcherd.core.records import Job, Outcome, inbox_id
+from watcherd.core.records import Job, Outcome
 from watcherd.core.settings import ClusterSettings, Settings, redact_url
 from watcherd.ocr.supervisor import InFlight, State
 
 log = logging.getLogger("watcherd")
 
-RECONNECT_MAX_S = 10.0
-IDLE_WAIT_S = 1.0  # each link thread looks at its heartbeats this often when nothing happens
+MAX_HOSTS = 256  # worker hosts remembered for status and metrics; far more than a site runs
+REFUSAL_LOG_S = 60.0  # after the first refused message, at most one line this often
 
 
-class Link:
-    """The dispatcher's connections to RabbitMQ, each on its own thread (kombu connections are
-    not thread-safe): one consumes replies (it sleeps in the socket until a message comes), one
-    publishes submissions (it sleeps on a condition until the loop hands it one). Neither polls,
-    so a submission leaves at once and an idle dispatcher costs nothing."""
+class Complaint:
+    """A warning said at once, then at most once every REFUSAL_LOG_S with the count so far: a
+    publisher flooding the reply queue must not flood the journal too."""
 
-    def __init__(self, settings: Settings, *, wake: Callable[[], None]):
-        assert settings.paths.inbox is not None
-        self.cluster = settings.cluster
-        self.app = app_mod.make_app(settings.cluster)
-        self.queue = app_mod.task_queue(settings.cluster)
-        self.replies = app_mod.reply_queue(settings.cluster, inbox_id(settings.paths.inbox))
-        self.dead = app_mod.dead_queue(settings.cluster)
-        self.wake = wake
-        self.outgoing: collections.deque[dict[str, Any]] = collections.deque()
-        self.incoming: collections.deque[tuple[str, dict[str, Any]]] = collections.deque()
-        self._up = {"consume": False, "publish": False}
-        self.ever_connected = False
-        self._stop = threading.Event()
-        self._submitted = threading.Condition()
-        self._threads: list[threading.Thread] = []
+    def __init__(self, what: str, *, clock: Callable[[], float] = time.monotonic):
+        self.what = what
+        self.clock = clock
+        self.last_said: float | None = None
 
-    @property
-    def connected(self) -> bool:
-        return all(self._up.values())
-
-    def start(self) -> None:
-        if not self._threads:
-            for role, session in (("consume", self._consuming), ("publish", self._publishing)):
-                thread = threading.Thread(target=self._run, args=(role, session), name=f"broker-{role}", daemon=True)
-                self._threads.append(thread)
-                thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        with self._submitted:
-            self._submitted.notify_all()
-        for thread in self._threads:
-            thread.join(timeout=5.0)
-
-    def submit(self, task: dict[str, Any]) -> None:
-        with self._submitted:
-            self.outgoing.append(task)
-            self._submitted.notify()
-
-    def _run(self, role: str, session: Callable[[Any], None]) -> None:
-        where = redact_url(self.cluster.broker_url or "")
-        failures = 0
-        while not self._stop.is_set():
-            try:
-                with self.app.connection_for_write() as conn:
-                    conn.ensure_connection(max_retries=1)
-                    session(conn)
-                failures = 0
-            except Exception as exc:  # any broker or socket failure: reconnect (kombu raises many kinds)
-                failures += 1
-                if self._up[role] or failures == 1:
-                    log.warning("Broker %s unreachable (%s: %s); retrying", where, role, exc)
-                self._up[role] = False
-                self._stop.wait(backoff_s(failures, first_s=0.5, most_s=RECONNECT_MAX_S))
-
-    def _connected(self, role: str) -> None:
-        self._up[role] = True
-        if self.connected:
-            self.ever_connected = True
-            log.info(
-                "Connected to the broker %s (queue %s)", redact_url(self.cluster.broker_url or ""), self.queue.name
-            )
-            self.wake()
-
-    def _consuming(self, conn: Any) -> None:
-        channel = conn.default_channel
-        for queue in (self.queue, self.replies, self.dead):
-            queue(channel).declare()
-        with conn.Consumer([self.replies, self.dead], callbacks=[self._on_message], accept=["json"], channel=channel):
-            self._connected("consume")
-            while not self._stop.is_set():
-                try:
-                    conn.drain_events(timeout=IDLE_WAIT_S)
-                except TimeoutError:
-                    conn.heartbeat_check()
-
-    def _publishing(self, conn: Any) -> None:
-        producer = conn.Producer(conn.default_channel)
-        self._connected("publish")
-        while not self._stop.is_set():
-            with self._submitted:
-                if not self.outgoing:
-                    self._submitted.wait(IDLE_WAIT_S)
-            while self.outgoing:
-                task = self.outgoing[0]
-                self.app.send_task(app_mod.TASK_NAME, kwargs=task, queue=self.queue, producer=producer, retry=False)
-                self.outgoing.popleft()  # only once the broker confirmed it
-            try:
-                conn.drain_events(timeout=0.001)  # the broker's heartbeats (nothing else comes here)
-            except TimeoutError:
-                pass
-            conn.heartbeat_check()
-
-    def _on_message(self, body: Any, message: Any) -> None:
-        queue = message.delivery_info.get("routing_key")
-        if queue == self.dead.name or "x-death" in (message.headers or {}):
-            kwargs = body[1] if isinstance(body, list) and len(body) > 1 and isinstance(body[1], dict) else {}
-            self.incoming.append(("dead", kwargs))
-        elif isinstance(body, dict):
-            self.incoming.append(("reply", body))
-        message.ack()
-        self.wake()
+    def say(self, why: str, count: int) -> None:
+        now = self.clock()
+        if self.last_said is None or now - self.last_said >= REFUSAL_LOG_S:
+            self.last_said = now
+            log.warning("%s (%d so far): %s", self.what, count, logs.escape(why))
 
 
 @dataclass
@@ -173,7 +77,9 @@ class Hub:
         self.slots: list[RemoteSlot] = []
         self.hosts: dict[str, HostInfo] = {}
         self.tried: dict[str, list[str]] = {}  # job rel -> hosts it was started on (poison files)
-        self.dropped = 0
+        self.dropped = 0  # replies for attempts no longer in flight
+        self.refused = 0  # messages no worker writes (not JSON, not a reply)
+        self._refusals = Complaint("Refusing messages on the reply queue that are not a worker's reply")
 
     def start(self) -> None:
         self.link.start()
@@ -188,14 +94,14 @@ class Hub:
         while self.link.incoming:
             kind, body = self.link.incoming.popleft()
             try:
+                if kind == "undecodable":
+                    raise wire.WireError(f"not JSON ({body})")
                 message: wire.Reply | wire.Dead = wire.decode_dead(body) if kind == "dead" else wire.decode_reply(body)
             except wire.WireError as exc:
-                self.dropped += 1
-                log.warning("Dropping a message on the reply queue that is not a worker's reply: %s", exc)
+                self.refused += 1
+                self._refusals.say(str(exc), self.refused)
                 continue
             slot = next((s for s in self.slots if s.attempt is not None and s.attempt == message.attempt), None)
-            if isinstance(message, wire.Reply):
-                self._note_host(message)
             if slot is None:
                 self.dropped += 1
                 log.info(
@@ -206,9 +112,14 @@ class Hub:
                     logs.escape(str(message.attempt)),
                 )
                 continue
+            if isinstance(message, wire.Reply):
+                self._note_host(message)  # only a holder of an attempt in flight names a host
             slot.handle(message)
 
     def _note_host(self, reply: wire.Reply) -> None:
+        if reply.host not in self.hosts and len(self.hosts) >= MAX_HOSTS:
+            # The oldest silent host makes room: hosts come and go, the table must not grow.
+            del self.hosts[min(self.hosts.values(), key=lambda h: (h.busy_with is not None, h.last_heard)).host]
         info = self.hosts.setdefault(reply.host, HostInfo(reply.host))
         info.last_heard = time.time()
         if reply.kind == "started":
@@ -227,6 +138,7 @@ class Hub:
             "queue": self.cluster.queue,
             "submitting": len(self.link.outgoing),
             "dropped_replies": self.dropped,
+            "refused_messages": self.refused,
             "workers": [
                 {
                     "host": h.host,

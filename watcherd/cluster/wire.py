@@ -19,7 +19,8 @@ from watcherd.core.records import Outcome
 from watcherd.ocr.protocol import ERROR_CODES
 
 REPLY_KINDS = ("started", "progress", "outcome")
-MAX_FIELD_CHARS = 4096  # a host or engine name, a job's path: far below this; a flood is not
+MAX_FIELD_CHARS = 4096  # a job's path: far below this; a flood is not
+MAX_NAME_CHARS = 255  # a host, engine or device name
 
 
 class WireError(ValueError):
@@ -114,9 +115,9 @@ def decode_reply(body: Any) -> Reply:
         kind=kind,
         attempt=attempt,
         job=job if _short_str(job) else None,
-        host=host if _short_str(host) else "?",
-        device=body.get("device") if _scalar(body.get("device")) else None,
-        engine=engine if _short_str(engine) else None,
+        host=host if _name(host) else "?",
+        device=body.get("device") if _device(body.get("device")) else None,
+        engine=engine if _name(engine) else None,
         page=page,
         pages=pages,
         outcome=outcome if isinstance(outcome, dict) else None,
@@ -207,8 +208,12 @@ def _number(value: Any) -> TypeGuard[float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value  # not NaN
 
 
-def _scalar(value: Any) -> bool:
-    return value is None or _int(value) or _short_str(value)
+def _name(value: Any) -> TypeGuard[str]:
+    return isinstance(value, str) and 0 < len(value) <= MAX_NAME_CHARS
+
+
+def _device(value: Any) -> bool:
+    return value is None or _int(value) or _name(value)
 
 
 def _text(value: Any) -> str | None:
