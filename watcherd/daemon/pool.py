@@ -87,6 +87,9 @@ class Pool:
             for h in self.hub.hosts.values()
         }
 
+    def refused_messages(self) -> int:
+        return self.hub.refused if self.hub is not None else 0
+
     def cluster_status(self) -> dict[str, Any]:
         """The status file's `cluster` entry: {} on one host."""
         return {"cluster": self.hub.status()} if self.hub is not None else {}

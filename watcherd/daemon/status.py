@@ -149,6 +149,7 @@ class Status:
             gpu=dict(self.settler.gpu_by_device),
             **handoff_figures(self.handoff),
             workers=self.pool.remote_workers(),
+            refused_messages=self.pool.refused_messages(),
         )
 
     def write(self, *, stopping: bool, state: str | None = None) -> None:

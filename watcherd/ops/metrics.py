@@ -56,6 +56,7 @@ class Snapshot:
     handoff_backlog: Mapping[str, int] = dataclasses.field(default_factory=dict)
     # cluster.role: dispatcher: worker host → {"files_done", "busy", "last_heard" (epoch s)}
     workers: Mapping[str, Mapping[str, float]] = dataclasses.field(default_factory=dict)
+    refused_messages: int = 0  # cluster.role: dispatcher: messages on the reply queue no worker writes
 
     def oldest_age_s(self, now: float | None = None) -> float:
         if self.oldest_since is None:
@@ -125,6 +126,12 @@ class _StateCollector(Collector):
             "When the dispatcher last heard from a worker host (epoch seconds)",
             labels=["worker"],
         )
+        refused = CounterMetricFamily(
+            "watcherd_cluster_refused_messages",
+            "Messages on the reply queue that were not a worker's reply (not JSON, not well-formed), refused",
+        )
+        refused.add_metric([], snap.refused_messages)
+        yield refused
         for host, info in sorted(snap.workers.items()):
             done.add_metric([host], info["files_done"])
             busy.add_metric([host], info["busy"])
