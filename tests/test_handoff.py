@@ -594,3 +594,26 @@ def test_a_hook_running_at_a_normal_stop_is_killed_and_runs_at_the_next_start(
     ran = sorted(c["argv"][0] for c in calls(out))
     assert ran in (["s1.png", "s1.png", "s2.png"], ["s1.png", "s2.png", "s2.png"])  # the killed one once more
     assert d.stop() == 0
+
+
+def test_a_name_that_looks_like_an_option_stays_a_file_name_for_the_hook(daemon_factory: Any, tmp_path: Path) -> None:
+    """A share user names a folder like one of tar's options: with `{source}` passed as it was,
+    `tar -cf backup.tar "{source}"` ran the command hidden in the name as the daemon's user."""
+    import shutil
+    import tarfile
+
+    tar = shutil.which("tar")
+    assert tar is not None
+    home = tmp_path / "home"
+    home.mkdir()
+    backup = tmp_path / "backup.tar"
+    d = daemon_factory(hooks={"on_success": [tar, "-cf", str(backup), "-C", str(tmp_path / "archive"), "{source}"]})
+    d.start(env={"HOME": str(home)})
+    folder = "--use-compress-program=cd ~ && touch pwned #"
+    make_image(d.inbox / folder / "x.png")
+    d.wait_json(f"{folder}/x.png")
+    wait_until(lambda: "hook ended" in d.log() or "hook failed" in d.log(), 30, "the hook's outcome")
+    assert not (home / "pwned").exists(), "the name ran as a command"
+    assert "hook ended (exit code 0" in d.log(), d.log()
+    with tarfile.open(backup) as archive:
+        assert archive.getnames() == [f"./{folder}/x.png"]

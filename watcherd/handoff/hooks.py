@@ -161,7 +161,7 @@ class HookRunner:
         if not isinstance(values, dict) or set(values) != set(HOOK_PLACEHOLDERS):
             self.mailbox.set_aside(name, "its values are not the placeholders'")
             return
-        values = {k: str(v) for k, v in values.items()}
+        values = {k: not_an_option(str(v)) for k, v in values.items()}
         ok = values["status"] != "failed"
         template = self.settings.on_success if ok else self.settings.on_failure
         source = values["source"]
@@ -267,3 +267,11 @@ def _tail(output: IO[bytes]) -> str:
         output.close()
     text = data.decode("utf-8", "replace").strip()
     return ("…" + text if size > OUTPUT_TAIL_BYTES else text) if text else ""
+
+
+def not_an_option(value: str) -> str:
+    """A value as no program can take it for an option: `{source}` is the uploader's path below
+    the inbox, and a folder named `--use-compress-program=sh -c '...' #` made `tar` run a shell
+    command. A relative path that starts with `-` gets `./` in front (the same file); the other
+    placeholders are absolute paths or the daemon's own words and never start with `-`."""
+    return f"./{value}" if value.startswith("-") else value
