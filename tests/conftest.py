@@ -243,8 +243,16 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:  # ty
         write("| " + " | ".join(str(c) for c in row) + " |")
 
 
-# Test modules whose every test runs a real server (RabbitMQ, Samba, journald, Prometheus).
-SERVER_MODULES = {"test_cluster", "test_shares", "test_systemd_integration", "test_metrics", "test_chaos"}
+# Test modules whose tests run a real daemon or server of their own making (RabbitMQ, Samba,
+# journald, Prometheus; the daemon as another user in test_security).
+SERVER_MODULES = {
+    "test_cluster",
+    "test_shares",
+    "test_systemd_integration",
+    "test_metrics",
+    "test_chaos",
+    "test_security",
+}
 
 
 def pytest_collection_modifyitems(config, items) -> None:  # type: ignore[no-untyped-def]
