@@ -15,12 +15,11 @@ from typing import Any
 
 from watcherd.core import logs, naming
 from watcherd.core.backoff import backoff_s
-from watcherd.core.records import Job, Outcome
+from watcherd.core.records import Job, Outcome, signature
 from watcherd.core.settings import Settings
 from watcherd.daemon.tally import Tally
 from watcherd.outputs import documents
 from watcherd.outputs.publisher import Publisher
-from watcherd.work import spool as spool_mod
 from watcherd.work.backlog import Backlog
 from watcherd.work.dedupe import Dedupe
 from watcherd.work.spool import Spool
@@ -198,7 +197,7 @@ class Settler:
     def _changed_since_claim(self, job: Job) -> bool:
         """A writer on another host (SMB/NFS) may still hold the file and write on after the claim:
         the bytes OCR'd were not the final ones. OCR it again, up to MAX_REREADS times."""
-        now = spool_mod.signature(self.spool.lstat(job))
+        now = signature(self.spool.lstat(job))
         if job.signature is None or now is None or now == job.signature or job.rereads >= MAX_REREADS:
             return False
         job.rereads += 1
