@@ -92,6 +92,11 @@ class OcrSettings:
     turn_pages: int = 16  # a longer file is read this many pages at a time, other files between; 0: whole
     workers: WorkerCount = WorkerCount(1)  # CPU hosts: children OCRing at once (watcherd/ocr/workers.py)
 
+    @property
+    def max_file_bytes(self) -> int:
+        """`max_file_mb` in bytes: what every size check compares a file's size with."""
+        return int(self.max_file_mb * 1024 * 1024)
+
 
 @dataclass(frozen=True)
 class GpuSettings:

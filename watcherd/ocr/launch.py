@@ -88,7 +88,7 @@ def child_spec(ocr: OcrSettings, gpu: GpuSettings, *, device: int | None, thread
         "max_side_px": ocr.max_side_px,
         "max_pages": ocr.max_pages,
         "max_file_mb": ocr.max_file_mb,
-        "max_file_bytes": int(ocr.max_file_mb * 1024 * 1024),
+        "max_file_bytes": ocr.max_file_bytes,
         "memory_max_mb": ocr.memory_max_mb,
         "clear_cache_every": gpu.clear_cache_every,
         "min_free_mb": gpu.min_free_mb,

@@ -121,8 +121,7 @@ def precheck(job: Job, st: os.stat_result, settings: Settings) -> Outcome | None
             else ("FIFO" if stat.S_ISFIFO(st.st_mode) else "socket or device")
         )
         return Outcome(job=job, ok=False, code="not_regular_file", detail=f"{kind}, not followed")
-    limit = settings.ocr.max_file_mb * 1024 * 1024
-    if st.st_size > limit:
+    if st.st_size > settings.ocr.max_file_bytes:
         detail = f"{st.st_size / 1024 / 1024:.1f} MB, more than ocr.max_file_mb ({settings.ocr.max_file_mb:g})"
         return Outcome(job=job, ok=False, code="too_large", detail=detail)
     return None

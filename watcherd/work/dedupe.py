@@ -232,7 +232,7 @@ class Dedupe:
 
     def __init__(self, settings: Settings, spool: Spool, *, wake: Callable[[], None]):
         self.keep_days = settings.dedupe.keep_days
-        self.max_bytes = int(settings.ocr.max_file_mb * 1024 * 1024)
+        self.max_bytes = settings.ocr.max_file_bytes
         self.spool = spool
         self.wake = wake
         self.index = Index(index_path(settings), source=settings.source)
