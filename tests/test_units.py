@@ -12,6 +12,7 @@ import pytest
 
 from tests.conftest import SAMPLES
 from watcherd.core import naming, safefs, sniff
+from watcherd.core.moves import move
 from watcherd.core.settings import WatchSettings
 from watcherd.intake import readiness
 from watcherd.intake.filter import PathFilter
@@ -130,10 +131,10 @@ def test_move_is_safe_to_repeat(tmp_path: Path) -> None:
     (tmp_path / "a").write_bytes(b"data")
     (tmp_path / "c").write_bytes(b"different")
     with safefs.folder(tmp_path, []) as src, safefs.folder(tmp_path, ["b"]) as dst:
-        safefs.move(src, "a", dst, "a")
-        safefs.move(src, "a", dst, "a")  # repeated after a crash: nothing to do
+        move(src, "a", dst, "a")
+        move(src, "a", dst, "a")  # repeated after a crash: nothing to do
         with pytest.raises(FileExistsError):
-            safefs.move(src, "c", dst, "a")
+            move(src, "c", dst, "a")
     assert (tmp_path / "b" / "a").read_bytes() == b"data" and not (tmp_path / "a").exists()
 
 
@@ -166,7 +167,7 @@ def test_a_sparse_file_crosses_filesystems_as_a_sparse_file(tmp_path: Path) -> N
             f.seek(40 << 30)
             f.write(b"tail")
         with safefs.folder(tmp_path, []) as src, safefs.folder(other, []) as dst:
-            safefs.move(src, "sparse.tif", dst, "sparse.tif")
+            move(src, "sparse.tif", dst, "sparse.tif")
         moved = other / "sparse.tif"
         assert moved.stat().st_size == (40 << 30) + 4 and moved.stat().st_blocks * 512 < 1 << 20
         assert not sparse.exists() and [p.name for p in other.iterdir()] == ["sparse.tif"]
@@ -174,7 +175,7 @@ def test_a_sparse_file_crosses_filesystems_as_a_sparse_file(tmp_path: Path) -> N
         (tmp_path / "big").write_bytes(os.urandom(5 << 20))
         with safefs.folder(tmp_path, []) as src, safefs.folder(other, []) as dst:
             with pytest.raises(OSError) as caught:
-                safefs.move(src, "big", dst, "big")
+                move(src, "big", dst, "big")
         assert caught.value.errno == errno.ENOSPC and (tmp_path / "big").exists()
         assert [p.name for p in other.iterdir()] == ["sparse.tif"]
     finally:

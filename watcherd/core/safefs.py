@@ -11,6 +11,10 @@ followed; the final component of a rename, link or unlink is never followed by t
 
 The roots themselves (`paths.*` in the configuration) and the folders above them are the
 operator's: they are opened by path.
+
+Trees are walked with `walk` (every reader of a tree below a root uses it, and `remove`), and
+whatever is found where only our own things belong is moved out of the way with `set_aside`.
+Moving a file to another folder, across filesystems if need be, is `moves.move`.
 """
 
 from __future__ import annotations
@@ -21,13 +25,14 @@ import errno
 import os
 import secrets
 import stat
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 RENAME_NOREPLACE = 1
 NAME_MAX = 255
-COPY_CHUNK = 8 << 20
 
 
 class Refused(OSError):
@@ -56,17 +61,13 @@ def open_dir(root_fd: int, components: list[str] | tuple[str, ...], *, create: b
     try:
         for name in components:
             try:
-                nxt = os.open(name, DIR_FLAGS, dir_fd=fd)
+                nxt = _open_subdir(fd, name)
             except FileNotFoundError:
                 if not create:
                     raise
                 with contextlib.suppress(FileExistsError):  # made by someone else meanwhile: checked below
                     os.mkdir(name, mode, dir_fd=fd)
                 nxt = _open_subdir(fd, name)
-            except OSError as exc:
-                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                    raise Refused(errno.ELOOP, "a link or file where a folder was expected", name) from None
-                raise
             os.close(fd)
             fd = nxt
         return fd
@@ -224,184 +225,6 @@ def write_private(dir_fd: int, name: str, data: bytes, *, mode: int = 0o600, dur
             os.unlink(tmp, dir_fd=dir_fd)
 
 
-# -- moves ----------------------------------------------------------------------------------
-
-
-def move(src_fd: int, src: str, dst_fd: int, dst: str) -> None:
-    """Move `src` to `dst` without replacing anything; safe to repeat after a crash.
-
-    Same filesystem: one rename(2), never replacing. Across filesystems (EXDEV) only regular files
-    are copied: to a temp file beside `dst` (holes stay holes, free space checked first), fsync,
-    linked into place, then `src` is unlinked. Anything else across filesystems raises
-    `CrossDevice` for the caller to keep it where it is.
-    """
-    st = lstat_at(src_fd, src)
-    if st is None:
-        if exists_at(dst_fd, dst):
-            return  # done before a crash; this is the repeat
-        raise FileNotFoundError(errno.ENOENT, "no such file", src)
-    try:
-        rename_noreplace(src_fd, src, dst_fd, dst)
-    except FileExistsError:
-        if stat.S_ISREG(st.st_mode) and _same_file_content(src_fd, src, dst_fd, dst):
-            os.unlink(src, dir_fd=src_fd)  # a cross-filesystem move that crashed after the copy
-            os.fsync(src_fd)
-            return
-        raise
-    except OSError as exc:
-        if exc.errno != errno.EXDEV:
-            raise
-        if not stat.S_ISREG(st.st_mode):
-            raise CrossDevice(errno.EXDEV, "only regular files are copied across filesystems", src) from None
-        _copy_across(src_fd, src, dst_fd, dst)
-        os.unlink(src, dir_fd=src_fd)
-    os.fsync(dst_fd)
-    os.fsync(src_fd)
-
-
-class CrossDevice(OSError):
-    """A folder, link or special file cannot be moved to another filesystem with one rename."""
-
-
-def _copy_across(src_fd: int, src: str, dst_fd: int, dst: str) -> None:
-    fd_in = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=src_fd)
-    try:
-        st = os.fstat(fd_in)
-        if not stat.S_ISREG(st.st_mode):
-            raise CrossDevice(errno.EXDEV, "not a regular file", src)
-        need = st.st_blocks * 512
-        vfs = os.fstatvfs(dst_fd)
-        if need > vfs.f_bavail * vfs.f_frsize:
-            raise OSError(errno.ENOSPC, f"{need} bytes needed, {vfs.f_bavail * vfs.f_frsize} free", dst)
-        # A fixed temp name: a copy cut short by kill -9 is found and started over by the redo.
-        tmp = f".{os.fsdecode(os.fsencode(dst)[:200])}.watcherd-copy"
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp, dir_fd=dst_fd)
-        fd_out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dst_fd)
-        try:
-            try:
-                os.fchmod(fd_out, stat.S_IMODE(st.st_mode))
-                copy_data(fd_in, fd_out, st.st_size)
-                os.fsync(fd_out)
-            finally:
-                os.close(fd_out)
-            try:
-                os.link(tmp, dst, src_dir_fd=dst_fd, dst_dir_fd=dst_fd, follow_symlinks=False)
-            except OSError as exc:
-                if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
-                    raise
-                rename_noreplace(dst_fd, tmp, dst_fd, dst)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp, dir_fd=dst_fd)  # never leaves a partial copy behind
-        os.fsync(dst_fd)
-    finally:
-        os.close(fd_in)
-
-
-def copy_data(fd_in: int, fd_out: int, size: int) -> None:
-    """Copy the data regions of `fd_in` (SEEK_DATA/SEEK_HOLE): a 40 GiB sparse file with 4 KB of
-    data costs 4 KB of reads and writes, not 40 GiB."""
-    pos = 0
-    while pos < size:
-        try:
-            start = os.lseek(fd_in, pos, os.SEEK_DATA)
-        except OSError as exc:
-            if exc.errno == errno.ENXIO:
-                break  # only a hole is left
-            if exc.errno != errno.EINVAL:
-                raise
-            start = pos  # no SEEK_DATA here: copy everything
-        try:
-            end = os.lseek(fd_in, start, os.SEEK_HOLE)
-        except OSError:
-            end = size
-        while start < end:
-            chunk = os.pread(fd_in, min(COPY_CHUNK, end - start), start)
-            if not chunk:
-                break
-            view = memoryview(chunk)
-            while view:
-                written = os.pwrite(fd_out, view, start)
-                view, start = view[written:], start + written
-        pos = end
-    os.ftruncate(fd_out, size)
-
-
-def _same_file_content(a_fd: int, a: str, b_fd: int, b: str) -> bool:
-    sa, sb = lstat_at(a_fd, a), lstat_at(b_fd, b)
-    if sa is None or sb is None or not (stat.S_ISREG(sa.st_mode) and stat.S_ISREG(sb.st_mode)):
-        return False
-    if (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino) or sa.st_size != sb.st_size:
-        return False
-    fa = os.open(a, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=a_fd)
-    try:
-        fb = os.open(b, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=b_fd)
-        try:
-            while True:
-                ca, cb = os.read(fa, 1 << 20), os.read(fb, 1 << 20)
-                if ca != cb:
-                    return False
-                if not ca:
-                    return True
-        finally:
-            os.close(fb)
-    finally:
-        os.close(fa)
-
-
-def remove(dir_fd: int, name: str) -> None:
-    """Delete `name` (a file, a link, or a whole folder tree) without following any link; missing
-    is fine. Iterative with one descriptor open at a time, so a tree thousands of levels deep
-    costs neither recursion nor file descriptors."""
-    st = lstat_at(dir_fd, name)
-    if st is None:
-        return
-    if not stat.S_ISDIR(st.st_mode):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(name, dir_fd=dir_fd)
-        return
-    names = [name]  # the path from dir_fd down to the folder `fd` is open on
-    fd = _open_subdir(dir_fd, name)
-    try:
-        while True:
-            sub = None
-            with os.scandir(fd) as entries:
-                for entry in entries:
-                    if entry.is_dir(follow_symlinks=False):
-                        sub = entry.name
-                        break
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(entry.name, dir_fd=fd)
-            if sub is not None:
-                below = _open_subdir(fd, sub)
-                os.close(fd)
-                fd = below
-                names.append(sub)
-                continue
-            empty = names.pop()
-            up = os.open("..", DIR_FLAGS, dir_fd=fd) if names else os.dup(dir_fd)
-            os.close(fd)
-            fd = up
-            with contextlib.suppress(FileNotFoundError):
-                os.rmdir(empty, dir_fd=fd)
-            if not names:
-                return
-    finally:
-        os.close(fd)
-
-
-def prune(root_fd: int, components: list[str]) -> None:
-    """Remove the empty folders `components` below `root_fd`, deepest first (the processing area
-    grows them for nested files)."""
-    for depth in range(len(components), 0, -1):
-        try:
-            with folder(root_fd, components[: depth - 1]) as parent:
-                os.rmdir(components[depth - 1], dir_fd=parent)
-        except OSError:
-            return
-
-
 def key_file(dir_fd: int, name: str) -> bytes:
     """A 32-byte secret kept as `name` in `dir_fd` (the state folder): created once, owner-only,
     fsync'ed with its folder; never read through a link or from anything but a 32-byte file."""
@@ -420,3 +243,246 @@ def key_file(dir_fd: int, name: str) -> bytes:
         os.close(fd)
     os.fsync(dir_fd)
     return key
+
+
+def remove(dir_fd: int, name: str) -> None:
+    """Delete `name` (a file, a link, or a whole folder tree) without following any link; missing
+    is fine. A tree goes in one bottom-up `walk`, so one thousands of levels deep costs neither
+    recursion nor a descriptor per level."""
+    st = lstat_at(dir_fd, name)
+    if st is None:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name, dir_fd=dir_fd)
+        return
+    top = _open_subdir(dir_fd, name)
+    try:
+        for found in walk(top, bottom_up=True):
+            if found.leaving:
+                with contextlib.suppress(FileNotFoundError):
+                    os.rmdir(found.name, dir_fd=found.fd)
+                continue
+            for entry, is_folder in found.entries.items():
+                if not is_folder:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(entry, dir_fd=found.fd)
+    finally:
+        os.close(top)
+    with contextlib.suppress(FileNotFoundError):
+        os.rmdir(name, dir_fd=dir_fd)
+
+
+def prune(root_fd: int, components: list[str]) -> None:
+    """Remove the empty folders `components` below `root_fd`, deepest first (the processing area
+    grows them for nested files)."""
+    for depth in range(len(components), 0, -1):
+        try:
+            with folder(root_fd, components[: depth - 1]) as parent:
+                os.rmdir(components[depth - 1], dir_fd=parent)
+        except OSError:
+            return
+
+
+# -- walking a tree -------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class Folder:
+    """One visit of a `walk`. `fd` is open on the folder until the walk is asked for its next
+    visit; `entries` is every name in it, sorted, with whether it is a folder (a link never is, nor
+    an entry whose type cannot be read); `descend` is the subfolders entered next, in that order
+    (narrow it, or `skip()`); at `at_limit` (`max_depth`) none are. A `leaving` visit (`bottom_up`)
+    comes when all below the folder is done: `fd` is then its parent's, ready for an rmdir of
+    `name`, and `st` is still the folder's own fstat from when it was entered."""
+
+    name: str  # "" for the root
+    parent: Folder | None = field(repr=False)
+    fd: int
+    st: os.stat_result
+    entries: dict[str, bool]
+    descend: list[str]
+    depth: int
+    at_limit: bool
+    leaving: bool = False
+    come_back: bool = True
+
+    @property
+    def path(self) -> tuple[str, ...]:
+        """The names from the root down to this folder; () for the root."""
+        names, node = [], self
+        while node.parent is not None:
+            names.append(node.name)
+            node = node.parent
+        return tuple(reversed(names))
+
+    def skip(self) -> None:
+        """Enter nothing below this folder and, walking bottom-up, do not come back to it."""
+        self.descend = []
+        self.come_back = False
+
+
+def walk(
+    root: Path | str | int,
+    *,
+    max_depth: int | None = None,
+    bottom_up: bool = False,
+    on_error: Callable[[tuple[str, ...], OSError], None] | None = None,
+) -> Iterator[Folder]:
+    """Every folder below `root` (a trusted path, or a descriptor), the root first, depth first in
+    name order: iterative, by descriptor, never following a link, one descriptor at a time.
+
+    A folder is entered from its parent's descriptor with O_NOFOLLOW, and the walk climbs back up
+    through "..", checked to be the very folder it came down from (device and inode); where it is
+    not (a folder on the way was moved meanwhile) the folder is opened again from the root, one
+    component at a time. So the walk only stands in folders it entered from the root downwards,
+    and a tree thousands of levels deep costs neither recursion, nor a descriptor per level, nor a
+    way down from the root per folder. Below `max_depth` levels nothing is entered. A folder that
+    cannot be entered or listed (gone, a link now, unreadable) is left out with all below it, and
+    `on_error(path, exc)` is told (without `on_error`, the error is raised). `bottom_up` adds a
+    `leaving` visit for every folder below the root once all below it is done.
+    """
+    try:
+        place = _Place(os.dup(root) if isinstance(root, int) else open_root(root))
+    except OSError as exc:
+        _failed(on_error, (), exc)
+        return
+    todo: list[tuple[Folder | None, str] | Folder] = [(None, "")]
+    try:
+        while todo:
+            item = todo.pop()
+            if isinstance(item, Folder):  # all below it is done: stand in its parent
+                assert item.parent is not None
+                try:
+                    item.fd = place.go(item.parent)
+                except OSError as exc:
+                    _failed(on_error, item.parent.path, exc)
+                    continue
+                item.leaving = True
+                yield item
+                continue
+            parent, name = item
+            try:
+                fd = place.root_fd if parent is None else place.enter(parent, name)
+                st, entries = os.fstat(fd), _list(fd)
+            except OSError as exc:
+                _failed(on_error, () if parent is None else (*parent.path, name), exc)
+                continue
+            depth = 0 if parent is None else parent.depth + 1
+            at_limit = max_depth is not None and depth >= max_depth
+            visit = Folder(name, parent, fd, st, entries, [n for n, d in entries.items() if d], depth, at_limit)
+            place.arrived(visit)
+            yield visit
+            visit.entries = {}  # not kept while the walk is below it
+            if bottom_up and visit.come_back and parent is not None:
+                todo.append(visit)
+            if not at_limit:
+                todo.extend((visit, entry) for entry in reversed(visit.descend))
+    finally:
+        place.close()
+
+
+def _failed(on_error: Callable[[tuple[str, ...], OSError], None] | None, path: tuple[str, ...], exc: OSError) -> None:
+    if on_error is None:
+        raise exc
+    on_error(path, exc)
+
+
+def _list(fd: int) -> dict[str, bool]:
+    with os.scandir(fd) as it:
+        found = [(entry.name, _is_folder(entry)) for entry in it]
+    return dict(sorted(found))
+
+
+def _is_folder(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_dir(follow_symlinks=False)
+    except OSError:
+        return False  # its type cannot be read: not entered
+
+
+def _identity(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
+class _Place:
+    """Where a walk stands: one descriptor, `fd`, on the last of `chain`, the folders from the root
+    down to it (None: entered, not yet `arrived`) with their identities as they were entered."""
+
+    def __init__(self, root_fd: int):
+        self.root_fd = self.fd = root_fd
+        self.chain: list[tuple[Folder | None, tuple[int, int]]] = [(None, _identity(root_fd))]
+
+    def enter(self, parent: Folder, name: str) -> int:
+        self.go(parent)
+        self._set(_open_subdir(self.fd, name))
+        self.chain.append((None, _identity(self.fd)))
+        return self.fd
+
+    def arrived(self, folder: Folder) -> None:
+        self.chain[-1] = (folder, self.chain[-1][1])
+
+    def go(self, folder: Folder) -> int:
+        """Stand in `folder`: climb to it when it is above where we stand, else come down from the
+        root (also when a climb does not find the folder expected: a folder on the way moved)."""
+        while self.chain[-1][0] is not folder and len(self.chain) > 1 and self._up():
+            pass
+        if self.chain[-1][0] is not folder:
+            self._set(self.root_fd)
+            del self.chain[1:]
+            lineage, node = [], folder
+            while node.parent is not None:
+                lineage.append(node)
+                node = node.parent
+            for node in reversed(lineage):
+                self._set(_open_subdir(self.fd, node.name))
+                self.chain.append((node, _identity(self.fd)))
+        return self.fd
+
+    def _up(self) -> bool:
+        up = self.root_fd if len(self.chain) == 2 else os.open("..", DIR_FLAGS, dir_fd=self.fd)
+        if up != self.root_fd and _identity(up) != self.chain[-2][1]:
+            os.close(up)  # the folder we stand in was moved: ".." is not the one we came down from
+            return False
+        self._set(up)
+        self.chain.pop()
+        return True
+
+    def _set(self, fd: int) -> None:
+        if self.fd not in (fd, self.root_fd):
+            os.close(self.fd)
+        self.fd = fd
+
+    def close(self) -> None:
+        self._set(self.root_fd)
+        os.close(self.root_fd)
+
+
+# -- setting aside --------------------------------------------------------------------------
+
+
+def aside_stamp() -> str:
+    """The second something is set aside, and 6 random hex digits: never the same name twice."""
+    return f"{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}"
+
+
+def set_aside(
+    dir_fd: int, name: str, *, label: str, into: int | None = None, shown: str | None = None, stamp: str | None = None
+) -> str:
+    """Move `name` (a file, a link, a folder tree: anything) out of the way, never replacing
+    anything, and return its new name; it is kept for the operator to look at, never used.
+
+    In place (`into` None): renamed to `<name>.<label>-<stamp>`, beside where it lay (something in
+    the place of a folder or file of ours). Into the folder `into`: moved there as
+    `<label>-<stamp>-<shown>`, or `<stamp>-<shown>` without a label (a queue entry we did not
+    write); `shown` is the name cut as the caller needs it to fit (default: `name`). A `stamp`
+    from `aside_stamp()` shared by several calls keeps their names together.
+    """
+    stamp = stamp or aside_stamp()
+    if into is None:
+        new = f"{name}.{label}-{stamp}"
+    else:
+        new = f"{label}-{stamp}-{shown or name}" if label else f"{stamp}-{shown or name}"
+    rename_noreplace(dir_fd, name, dir_fd if into is None else into, new)
+    return new

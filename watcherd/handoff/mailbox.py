@@ -8,9 +8,7 @@ import json
 import logging
 import os
 import re
-import secrets
 import stat
-import time
 from pathlib import Path
 from typing import Any
 
@@ -121,12 +119,10 @@ class Mailbox:
 
     def set_aside(self, name: str, why: str, *, quietly: bool = False) -> None:
         aside_dir = self.folder.parent / "aside"
-        stamp = f"{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}"
-        new = f"{self.kind}-{stamp}-{name[:64]}"
         try:
             aside_dir.mkdir(mode=0o700, exist_ok=True)
             with safefs.folder(aside_dir, []) as dst:
-                os.rename(name, new, src_dir_fd=self.fd, dst_dir_fd=dst)
+                new = safefs.set_aside(self.fd, name, label=self.kind, into=dst, shown=name[:64])
         except OSError as exc:
             log.error("Cannot set aside %s in %s (%s); removing it", name, self.folder, exc)
             safefs.remove(self.fd, name)

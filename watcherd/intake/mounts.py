@@ -16,6 +16,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from watcherd.core import safefs
+
 # Filesystems whose content can change without this kernel seeing it (so without inotify events).
 # `fuse` and every `fuse.*` subtype are treated the same way: sshfs, rclone, s3fs, bindfs, gvfs
 # and the NTFS drivers all look alike from here, and polling a local FUSE mount costs little.
@@ -154,23 +156,16 @@ def inotify_limits(root: Path = INOTIFY_SYSCTL) -> dict[str, int | None]:
 def count_folders(top: Path, limit: int | None = None) -> int:
     """Folders below `top` (not counting `top`), never following symlinks; stops at `limit`.
 
-    Iterative on purpose: Python 3.11's `os.walk` recurses once per level, so a tree 1,100
-    folders deep (any share user can make one) raised RecursionError and watcherd exited at
-    every start. `limit` bounds the work on huge trees when only "more than N?" matters.
+    A `safefs.walk`: Python 3.11's `os.walk` recursed once per level, so a tree 1,100 folders deep
+    (any share user can make one) raised RecursionError and watcherd exited at every start.
+    `limit` bounds the work on huge trees when only "more than N?" matters. A folder that vanished
+    or cannot be listed is counted, not walked: it could not be watched either.
     """
-    count, stack = 0, [os.fspath(top)]
-    while stack and (limit is None or count < limit):
-        try:
-            with os.scandir(stack.pop()) as entries:
-                for entry in entries:
-                    try:
-                        if entry.is_dir(follow_symlinks=False):
-                            stack.append(entry.path)
-                            count += 1
-                    except OSError:
-                        continue
-        except OSError:
-            continue  # vanished or unreadable: not a folder we could watch either
+    count = 0
+    for folder in safefs.walk(top, on_error=lambda path, exc: None):
+        count += len(folder.descend)
+        if limit is not None and count >= limit:
+            break
     return count if limit is None else min(count, limit)
 
 

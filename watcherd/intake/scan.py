@@ -17,10 +17,10 @@ import os
 import time
 from pathlib import Path
 
+from watcherd.core import safefs
 from watcherd.intake.filter import Complaints, PathFilter
 from watcherd.intake.poller import claimable
 
-DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 MAX_CANDIDATES_PER_TICK = 2000  # the service lstats each one it is handed: bound that too
 
 
@@ -136,11 +136,11 @@ class Scan:
         self._queued.discard(path)
         try:
             if path == self._top:
-                fd = os.open(path, DIR_FLAGS)  # the configured inbox itself may be a symlink
+                fd = safefs.open_root(path)  # the configured inbox itself may be a symlink
             elif identity is None:
                 fd = self._open_beneath(path)
             else:
-                fd = os.open(path, DIR_FLAGS | os.O_NOFOLLOW)
+                fd = os.open(path, safefs.DIR_FLAGS)
                 st = os.fstat(fd)
                 if (st.st_dev, st.st_ino) != identity:
                     # Not the folder its parent's listing showed: moved, or a folder above it was
@@ -161,16 +161,11 @@ class Scan:
 
     def _open_beneath(self, path: str) -> int:
         """Open a folder below the inbox one component at a time, refusing symlinks on the way."""
-        fd = os.open(self._top, DIR_FLAGS)
+        top = safefs.open_root(self._top)
         try:
-            for part in path[len(self._top) + 1 :].split(os.sep):
-                child = os.open(part, DIR_FLAGS | os.O_NOFOLLOW, dir_fd=fd)
-                os.close(fd)
-                fd = child
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
+            return safefs.open_dir(top, path[len(self._top) + 1 :].split(os.sep))
+        finally:
+            os.close(top)
 
     def _depth(self, path: str) -> int:
         return 0 if path == self._top else path[len(self._top) + 1 :].count(os.sep) + 1

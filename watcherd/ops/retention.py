@@ -138,81 +138,68 @@ class Retention:
             return
         skip = self._skipped(root)
         try:
-            # Depth first, each folder visited twice: files first, then (its subfolders done) the
-            # folder itself, removed if empty. Only the path is kept, never a descriptor per level.
-            stack: list[tuple[list[str], float | None]] = [([], None)]
-            while stack and not self._stop.is_set():
-                components, mtime_before = stack.pop()
-                if mtime_before is not None:
-                    if components and mtime_before < prune_before and self._rmdir(root_fd, components):
+            # Files first, then (its subfolders done) the folder itself, removed if empty. A folder
+            # that vanished, or is a link now, is not followed (the walk tells nobody: no log).
+            for folder in safefs.walk(root_fd, max_depth=MAX_DEPTH, bottom_up=True, on_error=lambda path, exc: None):
+                if self._stop.is_set():
+                    break
+                if folder.leaving:
+                    if folder.st.st_mtime < prune_before and self._rmdir(folder.fd, folder.name):
                         result.pruned += 1
                     continue
+                if (folder.st.st_dev, folder.st.st_ino) in skip:
+                    folder.skip()
+                    continue
                 try:
-                    with safefs.folder(root_fd, components) as fd:
-                        st = os.fstat(fd)
-                        if (st.st_dev, st.st_ino) in skip:
-                            continue
-                        subfolders = self._sweep_folder(fd, key, components, cutoff, age_of, keep_json, result)
-                except OSError:  # vanished, or a link where a folder was: not followed
+                    self._sweep_folder(folder, key, cutoff, age_of, keep_json, result)
+                except OSError:
+                    folder.skip()
                     continue
-                stack.append((components, st.st_mtime))
-                if len(components) >= MAX_DEPTH:
-                    result.skipped_deep += len(subfolders)
-                    continue
-                stack.extend((components + [name], None) for name in sorted(subfolders, reverse=True))
+                folder.descend = [name for name in folder.descend if not name.startswith(".")]
+                if folder.at_limit:
+                    result.skipped_deep += len(folder.descend)
         finally:
             os.close(root_fd)
 
     def _sweep_folder(
         self,
-        fd: int,
+        folder: safefs.Folder,
         key: str,
-        components: list[str],
         cutoff: float,
         age_of: Callable[[os.stat_result], float],
         keep_json: bool,
         result: SweepResult,
-    ) -> list[str]:
-        """Unlink the old regular files in one folder; return its subfolders."""
-        subfolders = []
-        with os.scandir(fd) as entries:
-            names = [entry.name for entry in entries]
-        for name in names:
+    ) -> None:
+        """Unlink the old regular files in one folder."""
+        for name, is_folder in folder.entries.items():
             if name.startswith(".") or self._stop.is_set():
                 continue
-            st = safefs.lstat_at(fd, name)
-            if st is None:
-                continue
-            if stat.S_ISDIR(st.st_mode):
-                subfolders.append(name)
-                continue
-            if not stat.S_ISREG(st.st_mode) or (keep_json and name.endswith(".json")):
+            st = None if is_folder else safefs.lstat_at(folder.fd, name)
+            if st is None or not stat.S_ISREG(st.st_mode) or (keep_json and name.endswith(".json")):
                 continue
             when = age_of(st)
             if when >= cutoff:
                 continue
+            rel = "/".join([*folder.path, name])
             try:
-                os.unlink(name, dir_fd=fd)
+                os.unlink(name, dir_fd=folder.fd)
             except FileNotFoundError:
                 continue
             except OSError as exc:
-                log.warning("Retention: cannot remove %s/%s (%s)", key, "/".join([*components, name]), exc)
+                log.warning("Retention: cannot remove %s/%s (%s)", key, rel, exc)
                 continue
-            rel = "/".join([*components, name])
             result.removed.append(f"{key}/{rel}")
             logs.event(
                 "removed",
                 f"Retention: removed {key}/{rel} ({(self.clock() - when) / DAY_S:.1f} days old)",
                 source=rel,
             )
-        return subfolders
 
     @staticmethod
-    def _rmdir(root_fd: int, components: list[str]) -> bool:
+    def _rmdir(parent_fd: int, name: str) -> bool:
         """Remove the folder if it is empty (the kernel checks, atomically); never follows a link."""
         try:
-            with safefs.folder(root_fd, components[:-1]) as parent:
-                os.rmdir(components[-1], dir_fd=parent)
+            os.rmdir(name, dir_fd=parent_fd)
         except OSError:
             return False
         return True

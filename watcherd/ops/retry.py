@@ -11,6 +11,7 @@ from datetime import datetime
 from pathlib import Path
 
 from watcherd.core import naming, safefs
+from watcherd.core.moves import move
 from watcherd.core.settings import Settings
 from watcherd.ops.report import STATUS_MAX_BYTES
 
@@ -43,43 +44,38 @@ def retry(settings: Settings, pattern: str = "*") -> list[tuple[str, str]]:
                     n += 1
                     back = naming.with_suffix_number(naming.fit_name(inbox_name, extra=8), n)
                 # The original first: a crash here leaves a duplicate record, never a lost file.
-                safefs.move(src, name, dst, back)
+                move(src, name, dst, back)
             with safefs.folder(failed, [".retried", *folders], create=True, mode=0o750) as aside:
-                safefs.move(src, f"{name}.json", aside, f"{naming.fit_name(name, extra=22)}.{stamp}.json")
+                move(src, f"{name}.json", aside, f"{naming.fit_name(name, extra=22)}.{stamp}.json")
         moved.append((rel, "/".join((*inbox_folders, back))))
     return moved
 
 
 def _failed_originals(failed: Path) -> list[tuple[str, str]]:
     """(path below `failed`, path below the inbox it came from) of the failed originals watcherd
-    itself put in `failed`, walked by descriptor."""
+    itself put in `failed`, walked by descriptor (`safefs.walk`)."""
     found = []
-    stack: list[list[str]] = [[]]
-    while stack:
-        folders = stack.pop()
+    for folder in safefs.walk(failed, on_error=lambda path, exc: None):
+        entries = folder.entries
         try:
-            with safefs.folder(failed, folders) as fd, os.scandir(fd) as it:
-                entries = {e.name: e.is_dir(follow_symlinks=False) for e in it}
-                names = sorted(entries)
-                for name in names:
-                    if name.startswith(".") or not name.endswith(".json") or entries[name]:
-                        continue
-                    original = name[: -len(".json")]
-                    if original not in entries or entries[original]:
-                        continue
-                    st = safefs.lstat_at(fd, original)
-                    if st is None or not stat.S_ISREG(st.st_mode):
-                        continue
-                    rel = "/".join([*folders, original])
-                    source = _error_source(fd, name, failed / rel, fallback=rel)
-                    if source is not None:
-                        found.append((rel, source))
+            for name, is_folder in entries.items():
+                if name.startswith(".") or not name.endswith(".json") or is_folder:
+                    continue
+                original = name[: -len(".json")]
+                if original not in entries or entries[original]:
+                    continue
+                st = safefs.lstat_at(folder.fd, original)
+                if st is None or not stat.S_ISREG(st.st_mode):
+                    continue
+                rel = "/".join([*folder.path, original])
+                source = _error_source(folder.fd, name, failed / rel, fallback=rel)
+                if source is not None:
+                    found.append((rel, source))
         except OSError:
+            folder.skip()
             continue
-        claimed_folders = {n[: -len(".json")] for n in names if n.endswith(".json")}
-        for name in reversed(names):
-            if entries[name] and not name.startswith(".") and name not in claimed_folders:
-                stack.append([*folders, name])
+        claimed_folders = {n[: -len(".json")] for n in entries if n.endswith(".json")}
+        folder.descend = [n for n in folder.descend if not n.startswith(".") and n not in claimed_folders]
     return found
 
 

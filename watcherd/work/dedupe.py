@@ -34,7 +34,6 @@ import concurrent.futures
 import hashlib
 import logging
 import os
-import secrets
 import sqlite3
 import stat
 import time
@@ -189,12 +188,12 @@ class Index:
             raise BadIndex(f"{kind} (uid {st.st_uid})")
 
     def _set_aside(self, why: str) -> None:
-        stamp = f"{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}"
+        stamp = safefs.aside_stamp()  # one for the database and its journals: they stay together
         with safefs.folder(self.path.parent, []) as fd:
             for suffix in ("", "-wal", "-shm", "-journal"):
                 name = self.path.name + suffix
                 if safefs.lstat_at(fd, name) is not None:
-                    os.rename(name, f"{name}.bad-{stamp}", src_dir_fd=fd, dst_dir_fd=fd)
+                    safefs.set_aside(fd, name, label="bad", stamp=stamp)
         log.error(
             "The duplicate index %s is not one watcherd can use (%s): set aside as %s.bad-%s; starting an "
             "empty one (copies of files finished before are OCR'd again, never taken for duplicates wrongly)",

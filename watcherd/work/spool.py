@@ -40,14 +40,13 @@ import json
 import logging
 import os
 import re
-import secrets
 import stat
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from watcherd.core import naming, safefs, sealed
+from watcherd.core.moves import move
 from watcherd.core.naming import dumps, now_iso, public_path
 from watcherd.core.records import Job, inbox_id, signature
 from watcherd.core.settings import RENDERED, ConfigError, Settings
@@ -192,8 +191,7 @@ class WorkArea:
 
     @staticmethod
     def _set_aside(parent: int, name: str, st: os.stat_result) -> None:
-        aside = f"{name}.untrusted-{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}"
-        os.rename(name, aside, src_dir_fd=parent, dst_dir_fd=parent)
+        aside = safefs.set_aside(parent, name, label="untrusted")
         log.error(
             "Found %s at %s, where the work area belongs: set aside as %s, not used",
             _describe(st),
@@ -405,38 +403,34 @@ class Spool:
         return self._claimed()
 
     def _claimed(self) -> list[Job]:
-        """Every claimed entry in processing/, walked iteratively by descriptor, never following
-        a link (a link found there is a claim itself and fails as not_regular_file)."""
+        """Every claimed entry in processing/, found by `safefs.walk`; a link found there is a
+        claim itself and fails as not_regular_file."""
         jobs = []
-        stack: list[tuple[str, ...]] = [()]
-        while stack:
-            folders = stack.pop()
-            try:
-                with safefs.folder(self.area.fd("processing"), list(folders)) as fd, os.scandir(fd) as it:
-                    entries = sorted((e.name, e.is_dir(follow_symlinks=False)) for e in it)
-            except OSError as exc:
-                log.error("Cannot list %s: %s", "/".join(folders), exc)
-                continue
-            subdirs = []
-            for name, is_dir in entries:
-                if is_dir and not matches_include(name, self.settings.watch.include):
-                    subdirs.append((*folders, name))
+        include = self.settings.watch.include
+        for folder in safefs.walk(self.area.fd("processing"), on_error=_cannot_list):
+            folder.descend, here = [], folder.path
+            for name, is_folder in folder.entries.items():
+                if is_folder and not matches_include(name, include):
+                    folder.descend.append(name)
                     continue
-                rel = "/".join((*folders, name))
-                job = Job(rel=rel, path=self.processing / rel, received_at=now_iso())
-                st = self.lstat(job)
-                job.identity = None if st is None else (st.st_dev, st.st_ino)
-                jobs.append(job)
-            stack.extend(reversed(subdirs))
+                rel = "/".join((*here, name))
+                try:
+                    st = safefs.lstat_at(folder.fd, name)
+                except OSError:
+                    st = None
+                identity = None if st is None else (st.st_dev, st.st_ino)
+                jobs.append(Job(rel=rel, path=self.processing / rel, received_at=now_iso(), identity=identity))
         return jobs
 
     def _quarantine(self, name: str, why: str, *, quietly: bool = False) -> None:
-        aside = f"{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}-{naming.fit_name(name, extra=24)}"
+        pending = self.area.fd("pending")
         try:
-            os.rename(name, aside, src_dir_fd=self.area.fd("pending"), dst_dir_fd=self.area.fd("quarantine"))
+            safefs.set_aside(
+                pending, name, label="", into=self.area.fd("quarantine"), shown=naming.fit_name(name, extra=24)
+            )
         except OSError as exc:
             log.error("Cannot quarantine %s: %s; removing it", name, exc)
-            safefs.remove(self.area.fd("pending"), name)
+            safefs.remove(pending, name)
             return
         if not quietly:
             log.error(
@@ -615,7 +609,7 @@ class Spool:
             root, (*folders, name) = names[fmt]
             with safefs.folder(root, folders, create=True, mode=dir_mode) as dst:
                 try:
-                    safefs.move(self._render_fd, scratch, dst, name)
+                    move(self._render_fd, scratch, dst, name)
                     _set_mode(dst, name, mode)
                 except FileNotFoundError:
                     log.warning("%s: its %s was lost before publication (state folder cleared?)", record["rel"], fmt)
@@ -624,7 +618,7 @@ class Spool:
                 root, (*folders, name) = names["original"]
                 with safefs.folder(root, folders, create=True, mode=dir_mode) as dst:
                     try:
-                        safefs.move(src, claimed_name, dst, name)
+                        move(src, claimed_name, dst, name)
                     except FileNotFoundError:  # neither here nor there: waiting cannot bring it back
                         log.warning("%s vanished from the work area; its JSON is published", record["rel"])
             else:
@@ -649,6 +643,10 @@ class Spool:
                     os.unlink(companion, dir_fd=fd)
         except OSError:
             pass  # no such companion possible (`._` + a 254-byte name is too long), gone, or a link on the way
+
+
+def _cannot_list(path: tuple[str, ...], exc: OSError) -> None:
+    log.error("Cannot list %s: %s", "/".join(path), exc)
 
 
 def _scratch(rel: str, fmt: str) -> str:
