@@ -475,7 +475,7 @@ def test_hook_entries_survive_kill_9_and_run_after_restart(daemon_factory: Any, 
 
 
 def test_a_publication_run_again_after_a_crash_enqueues_nothing_twice(tmp_path: Path) -> None:
-    """Spool._publish calls the sink again when a crash came before the record was removed:
+    """Publication._publish calls the sink again when a crash came before the record was removed:
     the same record, status and finished_at name the same entry, which is written once."""
     from watcherd.handoff.relay import Handoff
 
