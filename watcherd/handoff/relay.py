@@ -1,7 +1,7 @@
 """Hand-off of finished files: the durable queues that feed hooks (`hooks.py`) and the webhook
 (`webhook.py`), and the sink the spool calls at the end of every publication.
 
-`Handoff.published` is called by `Spool._publish` after every output of a file is durable and
+`Handoff.published` is called by `Publication._publish` after every output of a file is durable and
 before its publication record is removed. It writes one entry per configured consumer (a hook
 job, a webhook delivery), durably, under a name derived from the record's name, the status and
 `finished_at`, so a crash followed by a re-run of the publication finds the entry already there

@@ -190,7 +190,7 @@ def check_inbox(inbox: Path) -> list[Check]:
 
     Probes with a real file, because on shares the mode bits lie (ACLs, root_squash, Samba
     `force user`, read-only exports): what counts is whether rename(2) works. The work area is not
-    touched here: `spool.WorkArea` opens it, and sets aside whatever share users put in its place.
+    touched here: `work.area.WorkArea` opens it, and sets aside whatever share users put in its place.
     """
     key = "paths.inbox"
     if not inbox.is_dir():
