@@ -477,9 +477,7 @@ def test_dispatcher_kill9_at_random_moments(cluster, request) -> None:
         request,
         f"dispatcher kill -9 at random moments, two workers busy (seed {seed})",
         CHAOS_ITERATIONS,
-        len(names),
-        lost,
-        duplicated,
+        (len(names), lost, duplicated),
         f"restarted each time; {claimed} kills caught files claimed",
     )
     assert (lost, duplicated) == (0, 0), f"seed {seed}"
