@@ -71,7 +71,7 @@ class HostInfo:
 class Hub:
     """What the slots share: the link, routing of replies by attempt id, and what is known of workers."""
 
-    def __init__(self, settings: Settings, *, wake: Callable[[], None]):
+    def __init__(self, settings: Settings, *, wake: Callable[[], None], clock: Callable[[], float] = time.monotonic):
         self.cluster: ClusterSettings = settings.cluster
         self.link = Link(settings, wake=wake)
         self.slots: list[RemoteSlot] = []
@@ -79,7 +79,7 @@ class Hub:
         self.tried: dict[str, list[str]] = {}  # job rel -> hosts it was started on (poison files)
         self.dropped = 0  # replies for attempts no longer in flight
         self.refused = 0  # messages no worker writes (not JSON, not a reply)
-        self._refusals = Complaint("Refusing messages on the reply queue that are not a worker's reply")
+        self._refusals = Complaint("Refusing messages on the reply queue that are not a worker's reply", clock=clock)
 
     def start(self) -> None:
         self.link.start()
@@ -352,7 +352,7 @@ class RemoteSlot:
 
 def make_hub(settings: Settings, *, wake: Callable[[], None], clock: Callable[[], float] = time.monotonic) -> Hub:
     """A hub and its `cluster.max_in_flight` slots (`hub.slots`)."""
-    hub = Hub(settings, wake=wake)
+    hub = Hub(settings, wake=wake, clock=clock)
     hub.slots = [RemoteSlot(hub, i, settings=settings, clock=clock) for i in range(settings.cluster.max_in_flight)]
     return hub
 
